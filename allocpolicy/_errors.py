@@ -1,0 +1,141 @@
+"""The exceptions of allocpolicy.
+
+::
+
+    AllocPolicyError
+     ├── AllocError          (also a MemoryError)  an allocation was refused
+     ├── PolicyError         (also a ValueError)   a policy file or mapping is wrong
+     ├── UnknownScopeError   (also a LookupError)  a scope name the policy does not declare
+     └── RuntimeLoadError    (also an OSError)     the native library cannot be used
+
+``AllocError`` subclasses ``MemoryError`` so that existing ``except MemoryError``
+handlers keep working; ``PolicyError`` subclasses ``ValueError`` because it is
+bad input.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AllocPolicyError",
+    "AllocError",
+    "PolicyError",
+    "PolicyProblem",
+    "UnknownScopeError",
+    "RuntimeLoadError",
+]
+
+from dataclasses import dataclass
+
+#: Reasons an allocation can be refused, as carried by :attr:`AllocError.reason`.
+REASONS = ("budget", "oom", "injected", "forbidden")
+
+
+class AllocPolicyError(Exception):
+    """Base class of every exception raised by allocpolicy."""
+
+
+class AllocError(AllocPolicyError, MemoryError):
+    """An allocation was refused by the runtime's policy.
+
+    Raised at a task boundary (:func:`allocpolicy.task`) in place of the
+    ``MemoryError`` that the refused allocation caused.
+
+    Attributes:
+        scope: name of the scope whose limit refused the allocation (the
+            innermost scope for reasons other than ``"budget"``).
+        size: bytes requested by the refused allocation.
+        budget: the limit that refused it, in bytes (``None`` if none applied).
+        live: bytes live under that limit when it refused.
+        reason: ``"budget"``, ``"oom"``, ``"injected"`` or ``"forbidden"``.
+        limit: which limit refused: ``"budget"`` (the instance's own),
+            ``"total_budget"``, ``"process"``, or ``None``.
+        task: name of the task boundary that converted the error.
+    """
+
+    def __init__(
+        self,
+        *,
+        scope: str,
+        size: int,
+        budget: int | None,
+        live: int,
+        reason: str,
+        limit: str | None = None,
+        task: str | None = None,
+    ) -> None:
+        self.scope = scope
+        self.size = size
+        self.budget = budget
+        self.live = live
+        self.reason = reason
+        self.limit = limit
+        self.task = task
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        text = f"allocation of {self.size} bytes refused in scope {self.scope!r} ({self.reason}"
+        if self.budget is not None:
+            what = {"total_budget": "total_budget", "process": "process budget"}.get(
+                self.limit or "", "budget"
+            )
+            text += f": {what} {self.budget} bytes, {self.live} live"
+        return text + ")"
+
+    def __reduce__(self):
+        # Keyword-only __init__: pickling (multiprocessing, concurrent.futures)
+        # needs to rebuild from the attributes.
+        return _rebuild_alloc_error, (
+            self.scope,
+            self.size,
+            self.budget,
+            self.live,
+            self.reason,
+            self.limit,
+            self.task,
+        )
+
+
+def _rebuild_alloc_error(scope, size, budget, live, reason, limit, task):
+    return AllocError(
+        scope=scope, size=size, budget=budget, live=live, reason=reason, limit=limit, task=task
+    )
+
+
+@dataclass(frozen=True)
+class PolicyProblem:
+    """One mistake in a policy: where it is and what was expected."""
+
+    source: str  #: the file path, or a description such as ``"<configure>"``
+    table: str  #: dotted TOML table, e.g. ``"scopes.request"`` (``""`` for the top level)
+    key: str | None  #: the offending key, if the mistake is about one key
+    message: str
+
+    def __str__(self) -> str:
+        where = f"[{self.table}]" if self.table else "top level"
+        if self.key is not None:
+            where += f" key {self.key!r}"
+        return f"{self.source}: {where}: {self.message}"
+
+
+class PolicyError(AllocPolicyError, ValueError):
+    """A policy could not be loaded; :attr:`problems` lists every mistake found."""
+
+    def __init__(self, problems: list[PolicyProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class UnknownScopeError(AllocPolicyError, LookupError):
+    """A scope name that the active policy does not declare."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = list(known)
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"scope {name!r} is not declared in the active policy (declared scopes: {listed})"
+        )
+
+
+class RuntimeLoadError(AllocPolicyError, OSError):
+    """The native runtime library is missing or does not match this package."""

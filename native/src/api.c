@@ -1,0 +1,106 @@
+/*
+ * api.c - version and statistics entry points of the C ABI.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <string.h>
+
+#include "internal.h"
+
+uint64_t ap__foreign_frees(void);
+uint64_t ap__arenas_live(void);
+int ap__arena_hook_installed(void);
+void *ap__malloc_here(size_t);
+
+int ap_abi_version(void) { return AP_ABI_VERSION; }
+
+/* Our own malloc is the process's malloc exactly when we were preloaded (or
+ * linked first); dlopen()ed copies never win the lookup. */
+int ap_is_preloaded(void) {
+    return dlsym(RTLD_DEFAULT, "malloc") == (void *)&ap__malloc_here;
+}
+
+/* Copy `full` into the caller's struct, no further than the size it knows. */
+static ap_status copy_out(void *out, const void *full, size_t full_size) {
+    uint32_t size;
+    memcpy(&size, out, sizeof size);
+    if (size < sizeof(uint32_t))
+        return AP_EINVAL;
+    size_t n = size < full_size ? size : full_size;
+    memcpy(out, full, n);
+    memcpy(out, &size, sizeof size);
+    return AP_OK;
+}
+
+ap_status ap_get_scope_stats(uint32_t id, ap_scope_stats *out) {
+    if (!out)
+        return AP_EINVAL;
+    if (id >= atomic_load(&ap__nscopes))
+        return AP_ENOENT;
+    const ap__scope *sc = &ap__scopes[id];
+    /* The process scope's counters are those of the root instance. */
+    const ap__counters *c = id == AP_SCOPE_PROCESS ? &ap__instances[0].c : &sc->total;
+    ap_scope_stats s = {
+        .size = sizeof s,
+        .mode = atomic_load(&sc->mode),
+        .budget = atomic_load(&sc->budget),
+        .total_budget = atomic_load(&sc->total_budget),
+        .live = atomic_load(&c->live),
+        .peak = atomic_load(&c->peak),
+        .allocations = atomic_load(&c->allocations),
+        .violations = atomic_load(&c->violations),
+        .instances = id == AP_SCOPE_PROCESS ? 1 : atomic_load(&sc->instances),
+        .active = id == AP_SCOPE_PROCESS ? 1 : atomic_load(&sc->active),
+        .escaped = atomic_load(&sc->escaped),
+        .grace_bytes = atomic_load(&sc->grace_bytes),
+        .max_instance_peak = id == AP_SCOPE_PROCESS ? atomic_load(&c->peak)
+                                                    : atomic_load(&sc->max_instance_peak),
+    };
+    memcpy(s.name, sc->name, sizeof s.name);
+    return copy_out(out, &s, sizeof s);
+}
+
+ap_status ap_get_instance_stats(uint32_t id, ap_instance_stats *out) {
+    if (!out)
+        return AP_EINVAL;
+    if (id >= AP_MAX_INSTANCES)
+        return AP_ENOENT;
+    const ap__instance *in = &ap__instances[id];
+    uint32_t state = atomic_load(&in->state);
+    if (state == 0 && id != AP_INSTANCE_PROCESS)
+        return AP_ENOENT;
+    ap_instance_stats s = {
+        .size = sizeof s,
+        .scope = in->scope,
+        .parent = in->parent,
+        .ended = state == 2,
+        .budget = id == AP_INSTANCE_PROCESS ? atomic_load(&ap__scopes[0].budget) : in->budget,
+        .live = atomic_load(&in->c.live),
+        .peak = atomic_load(&in->c.peak),
+        .allocations = atomic_load(&in->c.allocations),
+        .violations = atomic_load(&in->c.violations),
+        .escaped = atomic_load(&in->escaped),
+    };
+    return copy_out(out, &s, sizeof s);
+}
+
+ap_status ap_get_process_stats(ap_process_stats *out) {
+    if (!out)
+        return AP_EINVAL;
+    const ap__counters *c = &ap__instances[0].c;
+    ap_process_stats s = {
+        .size = sizeof s,
+        .preloaded = (uint32_t)ap_is_preloaded(),
+        .budget = atomic_load(&ap__scopes[0].budget),
+        .live = atomic_load(&c->live),
+        .peak = atomic_load(&c->peak),
+        .allocations = atomic_load(&c->allocations),
+        .violations = atomic_load(&c->violations),
+        .arenas_live = ap__arenas_live(),
+        .foreign_frees = ap__foreign_frees(),
+        .scopes = atomic_load(&ap__nscopes),
+        .arena_hook = (uint32_t)ap__arena_hook_installed(),
+        .grace = atomic_load(&ap__settings.grace),
+    };
+    return copy_out(out, &s, sizeof s);
+}

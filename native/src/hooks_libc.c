@@ -1,0 +1,258 @@
+/*
+ * hooks_libc.c - the malloc family, exported for LD_PRELOAD.
+ *
+ * Every hook has the same shape: decide (ap__charge, which is the whole fast
+ * path), call the backend, write the header, or undo the charge when the
+ * backend fails. Frees read the header, credit the instance named in it, then
+ * call the backend. The entry points all funnel into alloc_block() and
+ * release_block(), so alignment and failure handling live in one place.
+ *
+ * Semantics follow glibc where the standards leave room: realloc(p, 0) frees
+ * and returns NULL; memalign/aligned_alloc round an alignment that is not a
+ * power of two up to the next one; posix_memalign rejects it with EINVAL.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define AP__EXPORT __attribute__((visibility("default")))
+#define AP__MAX_REQUEST (AP__SIZE_MASK - (UINT64_C(1) << 32))
+
+static _Atomic uint64_t foreign_frees;
+
+uint64_t ap__foreign_frees(void) { return atomic_load_explicit(&foreign_frees, memory_order_relaxed); }
+
+static inline void write_header(void *user, uint64_t size, uint32_t offset) {
+    ap__header *h = ap__header_of(user);
+    h->size_tag = size | ap__tag(user) << 48;
+    h->instance = ap__tls.cur;
+    h->offset = offset;
+}
+
+/* 1 if `p` carries our header; blocks from the bootstrap pool do too. */
+static inline int is_ours(void *p) {
+    return (ap__header_of(p)->size_tag >> 48) == ap__tag(p);
+}
+
+static inline uint64_t block_size(void *p) { return ap__header_of(p)->size_tag & AP__SIZE_MASK; }
+
+static AP__NOINLINE void *refuse(void) {
+    errno = ENOMEM;
+    return NULL;
+}
+
+/* Backend call for a block of `size` user bytes aligned to `align` (> 16 only
+ * for the memalign family). Returns the user pointer. */
+static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
+    void *base;
+    if (AP__LIKELY(align <= AP__HEADER_SIZE)) {
+        *offset = AP__HEADER_SIZE;
+        base = zero ? ap__next.calloc(1, size + AP__HEADER_SIZE)
+                    : ap__next.malloc(size + AP__HEADER_SIZE);
+    } else {
+        /* The header sits just below the aligned user pointer, so the
+         * smallest offset that keeps the alignment is the alignment itself. */
+        *offset = (uint32_t)align;
+        if (ap__next.posix_memalign(&base, align, size + align) != 0)
+            base = NULL;
+        else if (zero)
+            memset((char *)base + align, 0, size);
+    }
+    return base ? (char *)base + *offset : NULL;
+}
+
+static inline void *alloc_block(uint64_t size, size_t align, int zero) {
+    if (AP__UNLIKELY(size > AP__MAX_REQUEST || align > (UINT64_C(1) << 31)))
+        return refuse();
+    if (AP__UNLIKELY(!ap__charge(size, AP_DOMAIN_LIBC)))
+        return refuse();
+    uint32_t offset;
+    void *user = backend_block(size, align, zero, &offset);
+    if (AP__UNLIKELY(!user)) {
+        ap__credit(ap__tls.cur, size);
+        ap__backend_failed(size, AP_DOMAIN_LIBC);
+        return refuse();
+    }
+    write_header(user, size, offset);
+    return user;
+}
+
+static inline void release_block(void *p) {
+    if (AP__UNLIKELY(ap__pool_owns(p)))
+        return;
+    if (AP__UNLIKELY(!is_ours(p))) {
+        /* Not handed out by us (e.g. allocated before an interposer chain
+         * changed). Give it to the backend untouched. */
+        atomic_fetch_add_explicit(&foreign_frees, 1, memory_order_relaxed);
+        ap__next.free(p);
+        return;
+    }
+    ap__header *h = ap__header_of(p);
+    uint64_t size = h->size_tag & AP__SIZE_MASK;
+    uint32_t instance = h->instance;
+    void *base = (char *)p - h->offset;
+    /* Clear the tag so a double free is passed on as foreign (and caught by
+     * the backend) instead of being credited twice. Read everything needed
+     * from the header first: after the backend free, another thread may own
+     * these bytes. */
+    h->size_tag = 0;
+    ap__credit(instance, size);
+    ap__next.free(base);
+}
+
+AP__EXPORT void *malloc(size_t size) { return alloc_block(size, 0, 0); }
+
+/* Our malloc under a name no one can interpose, for ap_is_preloaded(). */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmissing-attributes"
+extern void *ap__malloc_here(size_t) __attribute__((alias("malloc"), visibility("hidden")));
+#pragma GCC diagnostic pop
+
+AP__EXPORT void free(void *p) {
+    if (AP__LIKELY(p != NULL))
+        release_block(p);
+}
+
+AP__EXPORT void *calloc(size_t n, size_t m) {
+    size_t total;
+    if (__builtin_mul_overflow(n, m, &total))
+        return refuse();
+    return alloc_block(total, 0, 1);
+}
+
+/* Round an alignment up as glibc's memalign does; 0 when it cannot be met. */
+static inline size_t fit_alignment(size_t align) {
+    if (align <= AP__HEADER_SIZE)
+        return AP__HEADER_SIZE;
+    if (align & (align - 1)) {
+        if (align > ((size_t)1 << 62))
+            return 0;
+        align = (size_t)1 << (64 - __builtin_clzl(align));
+    }
+    return align;
+}
+
+AP__EXPORT void *memalign(size_t align, size_t size) {
+    align = fit_alignment(align);
+    if (!align) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return alloc_block(size, align, 0);
+}
+
+AP__EXPORT void *aligned_alloc(size_t align, size_t size) { return memalign(align, size); }
+
+AP__EXPORT int posix_memalign(void **out, size_t align, size_t size) {
+    if (align % sizeof(void *) != 0 || (align & (align - 1)) != 0 || align == 0)
+        return EINVAL;
+    int saved = errno; /* posix_memalign reports through its result only */
+    void *p = alloc_block(size, align, 0);
+    errno = saved;
+    if (!p)
+        return ENOMEM;
+    *out = p;
+    return 0;
+}
+
+static inline size_t page_size(void) {
+    static _Atomic size_t cached;
+    size_t ps = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (!ps) {
+        ps = (size_t)sysconf(_SC_PAGESIZE);
+        atomic_store_explicit(&cached, ps, memory_order_relaxed);
+    }
+    return ps;
+}
+
+AP__EXPORT void *valloc(size_t size) { return alloc_block(size, page_size(), 0); }
+
+AP__EXPORT void *pvalloc(size_t size) {
+    size_t ps = page_size();
+    size_t rounded;
+    if (__builtin_add_overflow(size, ps - 1, &rounded))
+        return refuse();
+    return alloc_block(rounded & ~(ps - 1), ps, 0);
+}
+
+/*
+ * realloc: decide first, then let the backend move the block. When the block
+ * belongs to the calling thread's instance only the growth is charged;
+ * otherwise the new block is charged in full to the caller's instance and the
+ * old size credited to its owner, exactly as a malloc + free would be. On any
+ * failure the old block is untouched and still accounted where it was.
+ */
+AP__EXPORT void *realloc(void *p, size_t size) {
+    if (!p)
+        return malloc(size);
+    if (size == 0) {
+        free(p);
+        return NULL;
+    }
+    if (AP__UNLIKELY(ap__pool_owns(p) || !is_ours(p))) {
+        if (!ap__pool_owns(p))
+            return ap__next.realloc(p, size);
+        void *q = malloc(size);
+        if (q) {
+            uint64_t old = block_size(p);
+            memcpy(q, p, old < size ? old : size);
+        }
+        return q;
+    }
+    ap__header *h = ap__header_of(p);
+    uint64_t old = h->size_tag & AP__SIZE_MASK;
+    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE)) {
+        /* Aligned blocks: realloc promises malloc's alignment only. */
+        void *q = malloc(size);
+        if (q) {
+            memcpy(q, p, old < size ? old : size);
+            free(p);
+        }
+        return q;
+    }
+    if (AP__UNLIKELY(size > AP__MAX_REQUEST))
+        return refuse();
+    uint32_t owner = h->instance;
+    int same = owner == ap__tls.cur;
+    uint64_t charged = same ? (size > old ? size - old : 0) : size;
+    if (charged && !ap__charge(charged, AP_DOMAIN_LIBC))
+        return refuse();
+    void *nb = ap__next.realloc((char *)p - AP__HEADER_SIZE, size + AP__HEADER_SIZE);
+    if (AP__UNLIKELY(!nb)) {
+        if (charged)
+            ap__credit(ap__tls.cur, charged);
+        ap__backend_failed(size, AP_DOMAIN_LIBC);
+        return refuse();
+    }
+    if (same) {
+        if (old > size)
+            ap__credit(owner, old - size);
+    } else {
+        ap__credit(owner, old);
+    }
+    void *user = (char *)nb + AP__HEADER_SIZE;
+    write_header(user, size, AP__HEADER_SIZE);
+    return user;
+}
+
+AP__EXPORT void *reallocarray(void *p, size_t n, size_t m) {
+    size_t total;
+    if (__builtin_mul_overflow(n, m, &total))
+        return refuse();
+    return realloc(p, total);
+}
+
+AP__EXPORT size_t malloc_usable_size(void *p) {
+    if (!p)
+        return 0;
+    if (ap__pool_owns(p))
+        return block_size(p);
+    if (!is_ours(p))
+        return ap__next.malloc_usable_size(p);
+    ap__header *h = ap__header_of(p);
+    size_t usable = ap__next.malloc_usable_size((char *)p - h->offset);
+    return usable > h->offset ? usable - h->offset : 0;
+}

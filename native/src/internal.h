@@ -1,0 +1,200 @@
+/*
+ * internal.h - shared state of the runtime. Nothing here is part of the ABI.
+ *
+ * Naming: `ap_` is public (allocpolicy.h), `ap__` internal functions, `AP__`
+ * internal macros.
+ */
+#ifndef ALLOCPOLICY_INTERNAL_H
+#define ALLOCPOLICY_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "allocpolicy.h"
+
+#define AP__LIKELY(x) __builtin_expect(!!(x), 1)
+#define AP__UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define AP__NOINLINE __attribute__((noinline))
+#define AP__HIDDEN __attribute__((visibility("hidden")))
+#define AP__CACHELINE 64
+
+/*
+ * Thread-local state lives in the static TLS block (initial-exec): the hooks
+ * touch it on every allocation, and the general-dynamic model would call
+ * __tls_get_addr, which may itself allocate the first time a thread touches a
+ * dlopen()ed module's TLS.
+ */
+#define AP__TLS __thread __attribute__((tls_model("initial-exec")))
+
+/* ---- Block header ---------------------------------------------------------
+ *
+ * Every block the runtime hands out is preceded by this header, so a free knows
+ * its size and the instance to credit (semantics 2) without a lookup table.
+ * 16 bytes keep glibc's 16-byte alignment for plain malloc; aligned blocks put
+ * the header in the padding in front of the aligned address.
+ */
+typedef struct {
+    uint64_t size_tag; /* low 48 bits: requested size; high 16: check tag */
+    uint32_t instance; /* instance charged */
+    uint32_t offset;   /* user pointer - backend pointer */
+} ap__header;
+
+#define AP__HEADER_SIZE 16u
+#define AP__SIZE_MASK ((UINT64_C(1) << 48) - 1)
+
+/* The tag mixes the user address in, so a stray pointer rarely passes. */
+static inline uint64_t ap__tag(const void *user) {
+    return ((((uintptr_t)user >> 4) ^ 0xA11Cu) & 0xFFFFu);
+}
+
+static inline ap__header *ap__header_of(void *user) {
+    return (ap__header *)((char *)user - AP__HEADER_SIZE);
+}
+
+/* ---- Scopes and instances -------------------------------------------------- */
+
+typedef struct {
+    _Atomic int64_t live;
+    _Atomic int64_t peak;
+    _Atomic uint64_t allocations;
+    _Atomic uint64_t violations;
+} ap__counters;
+
+typedef struct {
+    char name[AP_SCOPE_NAME_MAX];
+    _Atomic uint32_t mode;          /* ap_mode */
+    _Atomic int64_t budget;         /* per instance, 0 = none */
+    _Atomic int64_t total_budget;   /* across live instances, 0 = none */
+    /* Written on slow paths only; own cache line so readers of the settings
+     * above are not disturbed. */
+    _Alignas(AP__CACHELINE) ap__counters total;
+    _Atomic uint64_t instances;
+    _Atomic uint64_t active;
+    _Atomic int64_t escaped;
+    _Atomic int64_t grace_bytes;
+    _Atomic int64_t max_instance_peak;
+} ap__scope;
+
+enum { AP__INST_FREE = 0, AP__INST_ACTIVE = 1, AP__INST_ENDED = 2 };
+
+typedef struct {
+    _Alignas(AP__CACHELINE) ap__counters c;
+    _Atomic uint32_t state;   /* AP__INST_* */
+    _Atomic uint32_t inside;  /* threads that have it on their stack, and holds */
+    _Atomic uint32_t children; /* child instances not yet reclaimed */
+    uint32_t scope;
+    uint32_t parent;          /* enclosing instance, AP_INSTANCE_PROCESS at the root */
+    int64_t budget;           /* copied from the scope when entered */
+    uint32_t counts_scope;    /* 0 when an ancestor is of the same scope */
+    _Atomic int64_t escaped;
+    _Atomic uint32_t next_free; /* free-list link */
+} ap__instance;
+
+extern ap__scope ap__scopes[AP_MAX_SCOPES];
+extern _Atomic uint32_t ap__nscopes;
+extern ap__instance ap__instances[AP_MAX_INSTANCES];
+
+/* Process-level settings, from the policy. */
+typedef struct {
+    _Atomic int64_t grace;   /* unwind grace, bytes per thread and instance */
+    _Atomic int report_fd;
+} ap__settings_t;
+extern ap__settings_t ap__settings;
+
+/* ---- Per-thread state ----------------------------------------------------------
+ *
+ * `pend` is the thread's unpublished net allocation against its innermost
+ * instance (and so the whole chain above it). The fast path only touches this
+ * structure; it is published to the shared counters when a budget could be
+ * crossed, when it grows past a bound, when the thread changes instance and
+ * when the thread exits.
+ */
+typedef struct {
+    uint32_t cur;            /* innermost instance */
+    uint32_t depth;
+    int64_t pend;            /* unpublished net bytes */
+    uint64_t pend_n;         /* unpublished allocation count */
+    int64_t allow;           /* bytes the fast path may still add to pend */
+    uint32_t stack[AP_MAX_DEPTH];
+    uint32_t grace_inst;     /* instance whose grace is in use, or UINT32_MAX */
+    int64_t grace_left;
+    uint32_t registered;     /* thread-exit destructor registered */
+    uint32_t in_report;
+    ap_violation last;       /* last violation on this thread */
+} ap__tls_t;
+
+extern AP__TLS ap__tls_t ap__tls;
+
+/* ---- Accounting (scope.c) -------------------------------------------------- */
+
+/* Decision for `size` bytes in the calling thread's innermost instance.
+ * Returns 1 to grant (already accounted), 0 to refuse (violation recorded, or
+ * the process aborted in abort mode). */
+AP__HIDDEN int ap__charge_slow(uint64_t size, ap_domain domain);
+
+/* The fast path of the decision, inlined into every hook. */
+static inline int ap__charge(uint64_t size, ap_domain domain) {
+    ap__tls_t *t = &ap__tls;
+    if (AP__LIKELY((int64_t)size <= t->allow)) {
+        t->allow -= (int64_t)size;
+        t->pend += (int64_t)size;
+        t->pend_n++;
+        return 1;
+    }
+    return ap__charge_slow(size, domain);
+}
+
+AP__HIDDEN void ap__credit_slow(uint32_t instance, uint64_t size);
+
+/* Credit a freed block to the instance that made it (semantics 2). */
+static inline void ap__credit(uint32_t instance, uint64_t size) {
+    ap__tls_t *t = &ap__tls;
+    if (AP__LIKELY(instance == t->cur && t->pend > -(int64_t)(1 << 20))) {
+        t->pend -= (int64_t)size;
+        t->allow += (int64_t)size;
+        return;
+    }
+    ap__credit_slow(instance, size);
+}
+
+/* Undo a charge that the backend could not satisfy; records an OOM violation. */
+AP__HIDDEN int ap__backend_failed(uint64_t size, ap_domain domain);
+
+AP__HIDDEN void ap__publish(ap__tls_t *t);
+AP__HIDDEN void ap__threads_init(void);
+
+/* ---- Reports (report.c) ------------------------------------------------------ */
+
+AP__HIDDEN void ap__report_denial(const ap_violation *v, const char *mode_word);
+__attribute__((noreturn)) AP__HIDDEN void ap__abort_with(const ap_violation *v);
+
+/* ---- Policy (policy.c) ----------------------------------------------------------- */
+
+AP__HIDDEN void ap__policy_from_environment(void);
+
+/* ---- Backend (bootstrap.c) --------------------------------------------------------- */
+
+/* The next allocator in the chain, generated from one list. */
+#define AP__BACKEND_FUNCTIONS(X)                                      \
+    X(malloc, void *, (size_t))                                       \
+    X(free, void, (void *))                                           \
+    X(calloc, void *, (size_t, size_t))                               \
+    X(realloc, void *, (void *, size_t))                              \
+    X(posix_memalign, int, (void **, size_t, size_t))                 \
+    X(malloc_usable_size, size_t, (void *))
+
+typedef struct {
+#define AP__X(name, ret, args) ret(*name) args;
+    AP__BACKEND_FUNCTIONS(AP__X)
+#undef AP__X
+} ap__backend_t;
+
+extern ap__backend_t ap__next;
+extern _Atomic int ap__ready;
+
+AP__HIDDEN void ap__bootstrap(void);
+AP__HIDDEN void *ap__pool_alloc(size_t size, size_t align);
+AP__HIDDEN int ap__pool_owns(const void *p);
+
+#endif /* ALLOCPOLICY_INTERNAL_H */

@@ -1,0 +1,535 @@
+/*
+ * scope.c - scope instances, the per-thread scope stack, accounting and the
+ * allocation decision.
+ *
+ * Accounting model
+ *   Every instance has shared counters (live, peak, allocations, violations),
+ *   and each allocation is charged to the thread's innermost instance and, by
+ *   the parent links, to every enclosing instance up to the process root; an
+ *   instance that is the outermost of its scope on the chain is also summed
+ *   into the scope's total (for `total_budget`).
+ *
+ *   Writing those shared counters on every allocation would put one contended
+ *   cache line on the hot path of every thread in a scope. Instead each thread
+ *   batches: `pend` accumulates its net allocation against its innermost
+ *   instance, and `allow` is how much more it may add before one of the limits
+ *   on its chain could be crossed. Only when a request does not fit `allow`
+ *   (or the batch grows past `slack`) does the slow path publish and re-check
+ *   with atomics. With one thread in an instance the check is exact; with N
+ *   threads, live may pass a budget by at most (N-1) x slack, and slack is at
+ *   most 1/32 of the tightest budget on the chain (and at most 256 KiB).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define AP__SLACK_MAX ((int64_t)256 * 1024)
+#define AP__SLACK_MIN ((int64_t)4 * 1024)
+#define AP__NO_INSTANCE UINT32_MAX
+
+ap__scope ap__scopes[AP_MAX_SCOPES] = {[0] = {.name = "process"}};
+_Atomic uint32_t ap__nscopes = 1;
+/* Zero-initialised (so it costs no file size and only the pages touched):
+ * instance 0 is the process root, whose fields are never read for its state,
+ * owners or parent (every walk stops at it). */
+ap__instance ap__instances[AP_MAX_INSTANCES];
+ap__settings_t ap__settings = {.grace = (int64_t)4 << 20, .report_fd = 2};
+
+AP__TLS ap__tls_t ap__tls = {.grace_inst = AP__NO_INSTANCE};
+
+/* Instance ids never used yet start at `fresh`; reclaimed ones go on a
+ * lock-free stack whose head packs (ABA tag << 32 | id + 1). */
+static _Atomic uint32_t fresh = 1;
+static _Atomic uint64_t free_head;
+
+static pthread_key_t thread_exit_key;
+
+/* ---- Limits of one chain --------------------------------------------------- */
+
+static inline int64_t instance_limit(uint32_t id) {
+    if (id == AP_INSTANCE_PROCESS)
+        return atomic_load_explicit(&ap__scopes[0].budget, memory_order_relaxed);
+    return ap__instances[id].budget;
+}
+
+static inline void raise_peak(_Atomic int64_t *peak, int64_t value) {
+    int64_t seen = atomic_load_explicit(peak, memory_order_relaxed);
+    while (value > seen &&
+           !atomic_compare_exchange_weak_explicit(peak, &seen, value, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+    }
+}
+
+/* Add `delta` bytes and `count` allocations to one set of counters. */
+static inline int64_t counters_add(ap__counters *c, int64_t delta, uint64_t count) {
+    int64_t now = atomic_fetch_add_explicit(&c->live, delta, memory_order_relaxed) + delta;
+    if (count)
+        atomic_fetch_add_explicit(&c->allocations, count, memory_order_relaxed);
+    if (delta > 0)
+        raise_peak(&c->peak, now);
+    return now;
+}
+
+static void try_reclaim(uint32_t id);
+
+/*
+ * Apply `delta` bytes to every level of the chain starting at `id`, unchecked.
+ * Used for publishing batches (already granted) and for frees.
+ */
+static void chain_apply(uint32_t id, int64_t delta, uint64_t count) {
+    for (;;) {
+        ap__instance *in = &ap__instances[id];
+        int64_t now = counters_add(&in->c, delta, count);
+        if (in->counts_scope)
+            counters_add(&ap__scopes[in->scope].total, delta, count);
+        if (id == AP_INSTANCE_PROCESS)
+            return;
+        if (delta < 0 && now == 0 &&
+            atomic_load_explicit(&in->state, memory_order_acquire) == AP__INST_ENDED)
+            try_reclaim(id);
+        id = in->parent;
+    }
+}
+
+typedef struct {
+    uint32_t limit;     /* ap_limit that refused, AP_LIMIT_NONE if granted */
+    uint32_t instance;  /* instance owning that limit */
+    int64_t budget;
+    int64_t live;       /* live before the refused request */
+    int64_t headroom;   /* smallest remaining room over the chain */
+    int64_t slack;      /* batch bound derived from the tightest budget */
+} chain_result;
+
+static inline void note_room(chain_result *r, int64_t limit, int64_t now) {
+    if (!limit)
+        return;
+    int64_t room = limit - now;
+    if (room < r->headroom)
+        r->headroom = room;
+    int64_t s = limit / 32;
+    if (s < r->slack)
+        r->slack = s;
+}
+
+/*
+ * Try to charge `size` bytes to every level of the chain. Each level is added
+ * optimistically and checked; on the first level over its limit, the levels
+ * already added are taken back, so a refused request leaves no trace in the
+ * counters (semantics 3) beyond a brief overshoot others may observe.
+ */
+static int chain_try_charge(uint32_t start, int64_t size, chain_result *r) {
+    _Atomic int64_t *undo[2 * (AP_MAX_DEPTH + 2)];
+    int n = 0;
+    r->limit = AP_LIMIT_NONE;
+    r->headroom = INT64_MAX;
+    r->slack = AP__SLACK_MAX;
+    for (uint32_t id = start;;) {
+        ap__instance *in = &ap__instances[id];
+        int64_t lim = instance_limit(id);
+        int64_t now = atomic_fetch_add_explicit(&in->c.live, size, memory_order_relaxed) + size;
+        undo[n++] = &in->c.live;
+        if (lim && now > lim) {
+            r->limit = id == AP_INSTANCE_PROCESS ? AP_LIMIT_PROCESS : AP_LIMIT_INSTANCE;
+            r->instance = id;
+            r->budget = lim;
+            r->live = now - size;
+            goto refused;
+        }
+        note_room(r, lim, now);
+        if (in->counts_scope) {
+            ap__scope *sc = &ap__scopes[in->scope];
+            int64_t tot = atomic_load_explicit(&sc->total_budget, memory_order_relaxed);
+            now = atomic_fetch_add_explicit(&sc->total.live, size, memory_order_relaxed) + size;
+            undo[n++] = &sc->total.live;
+            if (tot && now > tot) {
+                r->limit = AP_LIMIT_TOTAL;
+                r->instance = id;
+                r->budget = tot;
+                r->live = now - size;
+                goto refused;
+            }
+            note_room(r, tot, now);
+        }
+        if (id == AP_INSTANCE_PROCESS)
+            break;
+        id = in->parent;
+    }
+    /* Granted: the bytes are in; now peaks and counts. */
+    for (uint32_t id = start;;) {
+        ap__instance *in = &ap__instances[id];
+        atomic_fetch_add_explicit(&in->c.allocations, 1, memory_order_relaxed);
+        raise_peak(&in->c.peak, atomic_load_explicit(&in->c.live, memory_order_relaxed));
+        if (in->counts_scope) {
+            ap__counters *tc = &ap__scopes[in->scope].total;
+            atomic_fetch_add_explicit(&tc->allocations, 1, memory_order_relaxed);
+            raise_peak(&tc->peak, atomic_load_explicit(&tc->live, memory_order_relaxed));
+        }
+        if (id == AP_INSTANCE_PROCESS)
+            break;
+        id = in->parent;
+    }
+    return 1;
+refused:
+    while (n--)
+        atomic_fetch_sub_explicit(undo[n], size, memory_order_relaxed);
+    return 0;
+}
+
+/* ---- Per-thread batching ----------------------------------------------------- */
+
+static void thread_exit(void *unused) {
+    (void)unused;
+    ap__tls_t *t = &ap__tls;
+    ap__publish(t);
+    /* Later destructors may allocate again; they run through the slow path,
+     * which registers this destructor anew (glibc repeats destructor rounds). */
+    t->registered = 0;
+    t->allow = 0;
+}
+
+void ap__threads_init(void) {
+    /* pthread_key_create allocates nothing; done at bootstrap so the key gets a
+     * low index, whose pthread_setspecific storage is static. */
+    pthread_key_create(&thread_exit_key, thread_exit);
+}
+
+static inline void register_thread(ap__tls_t *t) {
+    /* The key exists once bootstrap resolved the backend; allocations made
+     * while resolving are registered on a later slow path. */
+    if (AP__UNLIKELY(!t->registered) && atomic_load_explicit(&ap__ready, memory_order_acquire) == 2) {
+        t->registered = 1;
+        pthread_setspecific(thread_exit_key, (void *)1);
+    }
+}
+
+void ap__publish(ap__tls_t *t) {
+    if (t->pend || t->pend_n) {
+        int64_t pend = t->pend;
+        uint64_t n = t->pend_n;
+        t->pend = 0;
+        t->pend_n = 0;
+        chain_apply(t->cur, pend, n);
+    }
+}
+
+/* ---- The decision ---------------------------------------------------------- */
+
+static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size,
+                   const chain_result *r) {
+    ap_violation *v = &t->last;
+    ap__instance *cur = &ap__instances[t->cur];
+    v->size = sizeof *v;
+    v->reason = reason;
+    v->seq++;
+    v->domain = domain;
+    v->requested = size;
+    if (r && r->limit != AP_LIMIT_NONE) {
+        v->limit = r->limit;
+        v->instance = r->instance;
+        v->scope = ap__instances[r->instance].scope;
+        v->budget = r->budget;
+        v->live = r->live;
+    } else {
+        v->limit = AP_LIMIT_NONE;
+        v->instance = t->cur;
+        v->scope = cur->scope;
+        v->budget = instance_limit(t->cur);
+        v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + t->pend;
+    }
+    atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
+    if (t->cur != AP_INSTANCE_PROCESS) {
+        atomic_fetch_add_explicit(&ap__scopes[cur->scope].total.violations, 1,
+                                  memory_order_relaxed);
+        atomic_fetch_add_explicit(&ap__instances[0].c.violations, 1, memory_order_relaxed);
+    }
+}
+
+static inline uint32_t current_mode(const ap__tls_t *t) {
+    return atomic_load_explicit(&ap__scopes[ap__instances[t->cur].scope].mode,
+                                memory_order_relaxed);
+}
+
+/* Recompute how much the fast path may take before the next check. */
+static inline void set_allow(ap__tls_t *t, const chain_result *r) {
+    int64_t a = r->slack < AP__SLACK_MIN ? AP__SLACK_MIN : r->slack;
+    if (r->headroom < a)
+        a = r->headroom;
+    t->allow = a > 0 ? a : 0;
+}
+
+/*
+ * Grant without checking budgets: fallible scopes, and the unwind grace. The
+ * bytes still go to every level so the books stay exact.
+ */
+static void charge_unchecked(ap__tls_t *t, int64_t size) {
+    chain_apply(t->cur, size, 1);
+    t->allow = 0;
+}
+
+AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
+    ap__tls_t *t = &ap__tls;
+    register_thread(t);
+    ap__publish(t);
+    if (size > (uint64_t)INT64_MAX / 2) {
+        record(t, AP_REASON_OOM, domain, size, NULL);
+        t->allow = 0;
+        return 0;
+    }
+    chain_result r;
+    if (AP__LIKELY(chain_try_charge(t->cur, (int64_t)size, &r))) {
+        set_allow(t, &r);
+        return 1;
+    }
+    t->allow = 0;
+    uint32_t mode = current_mode(t);
+    if (mode == AP_MODE_FALLIBLE) {
+        /* Budgets bind fallible scopes only at explicit fallible call sites. */
+        charge_unchecked(t, (int64_t)size);
+        return 1;
+    }
+    if (mode == AP_MODE_RAISE && t->grace_inst == t->cur && t->grace_left >= (int64_t)size) {
+        /* The scope already refused once on this thread: it is unwinding (or
+         * its code caught the MemoryError). Let the unwind, the scope exit and
+         * the AllocError construction allocate, within a bounded allowance. */
+        t->grace_left -= (int64_t)size;
+        atomic_fetch_add_explicit(&ap__scopes[ap__instances[t->cur].scope].grace_bytes,
+                                  (int64_t)size, memory_order_relaxed);
+        charge_unchecked(t, (int64_t)size);
+        return 1;
+    }
+    record(t, AP_REASON_BUDGET, domain, size, &r);
+    if (mode == AP_MODE_ABORT)
+        ap__abort_with(&t->last);
+    if (t->grace_inst != t->cur) {
+        t->grace_inst = t->cur;
+        t->grace_left = atomic_load_explicit(&ap__settings.grace, memory_order_relaxed);
+    }
+    return 0;
+}
+
+int ap__backend_failed(uint64_t size, ap_domain domain) {
+    ap__tls_t *t = &ap__tls;
+    record(t, AP_REASON_OOM, domain, size, NULL);
+    uint32_t mode = current_mode(t);
+    /* A real out-of-memory is not something a fallible scope asked to see. */
+    if (mode == AP_MODE_ABORT || mode == AP_MODE_FALLIBLE)
+        ap__abort_with(&t->last);
+    return 0;
+}
+
+AP__NOINLINE void ap__credit_slow(uint32_t instance, uint64_t size) {
+    ap__tls_t *t = &ap__tls;
+    if (instance == t->cur) {
+        /* Own instance, but the batch of frees grew large: publish it. */
+        t->pend -= (int64_t)size;
+        t->allow += (int64_t)size;
+        register_thread(t);
+        ap__publish(t);
+        return;
+    }
+    chain_apply(instance, -(int64_t)size, 0);
+}
+
+/* ---- Instances ------------------------------------------------------------------- */
+
+static void push_free(uint32_t id) {
+    uint64_t head = atomic_load_explicit(&free_head, memory_order_relaxed);
+    uint64_t next;
+    do {
+        atomic_store_explicit(&ap__instances[id].next_free, (uint32_t)head, memory_order_relaxed);
+        next = ((head >> 32) + 1) << 32 | (uint64_t)(id + 1);
+    } while (!atomic_compare_exchange_weak_explicit(&free_head, &head, next, memory_order_release,
+                                                    memory_order_relaxed));
+}
+
+static uint32_t pop_free(void) {
+    uint64_t head = atomic_load_explicit(&free_head, memory_order_acquire);
+    for (;;) {
+        uint32_t top = (uint32_t)head;
+        if (!top)
+            return AP__NO_INSTANCE;
+        uint32_t below = atomic_load_explicit(&ap__instances[top - 1].next_free,
+                                              memory_order_relaxed);
+        uint64_t next = ((head >> 32) + 1) << 32 | below;
+        if (atomic_compare_exchange_weak_explicit(&free_head, &head, next, memory_order_acquire,
+                                                  memory_order_acquire))
+            return top - 1;
+    }
+}
+
+static uint32_t new_instance_id(void) {
+    uint32_t id = atomic_load_explicit(&fresh, memory_order_relaxed);
+    while (id < AP_MAX_INSTANCES) {
+        if (atomic_compare_exchange_weak_explicit(&fresh, &id, id + 1, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return id;
+    }
+    return pop_free();
+}
+
+/*
+ * An instance can be reused once every thread has left it, its children are
+ * gone and its last byte came back: then no block header and no chain can
+ * name it any more. Whoever sees all three first wins the state change.
+ */
+static void try_reclaim(uint32_t id) {
+    while (id != AP_INSTANCE_PROCESS) {
+        ap__instance *in = &ap__instances[id];
+        if (atomic_load_explicit(&in->children, memory_order_acquire) != 0 ||
+            atomic_load_explicit(&in->c.live, memory_order_acquire) != 0)
+            return;
+        uint32_t expect = AP__INST_ENDED;
+        if (!atomic_compare_exchange_strong(&in->state, &expect, AP__INST_FREE))
+            return;
+        uint32_t parent = in->parent;
+        push_free(id);
+        if (parent == AP_INSTANCE_PROCESS)
+            return;
+        /* The parent was pinned by this child (see ap_enter). */
+        if (atomic_fetch_sub(&ap__instances[parent].children, 1) != 1 ||
+            atomic_load(&ap__instances[parent].state) != AP__INST_ENDED)
+            return;
+        id = parent;
+    }
+}
+
+static void end_instance(uint32_t id) {
+    ap__instance *in = &ap__instances[id];
+    ap__scope *sc = &ap__scopes[in->scope];
+    int64_t live = atomic_load(&in->c.live);
+    atomic_store(&in->escaped, live);
+    if (live > 0)
+        atomic_fetch_add(&sc->escaped, live);
+    raise_peak(&sc->max_instance_peak, atomic_load(&in->c.peak));
+    atomic_fetch_sub(&sc->active, 1);
+    atomic_store(&in->state, AP__INST_ENDED);
+    try_reclaim(id);
+}
+
+/* Leaving an instance: publish the batch (it belongs to the instance being
+ * left), switch, and force the next allocation through the slow path so
+ * `allow` is recomputed for the new chain. */
+static inline void switch_to(ap__tls_t *t, uint32_t id) {
+    ap__publish(t);
+    t->cur = id;
+    t->allow = 0;
+}
+
+ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
+    ap__tls_t *t = &ap__tls;
+    if (scope_id == AP_SCOPE_PROCESS || scope_id >= atomic_load(&ap__nscopes))
+        return AP_ENOENT;
+    if (t->depth >= AP_MAX_DEPTH)
+        return AP_EFULL;
+    uint32_t id = new_instance_id();
+    if (id == AP__NO_INSTANCE)
+        return AP_EFULL;
+    ap__instance *in = &ap__instances[id];
+    ap__scope *sc = &ap__scopes[scope_id];
+    uint32_t parent = t->cur;
+    /* Zero the counters before the instance becomes visible as active. */
+    memset(&in->c, 0, sizeof in->c);
+    atomic_store(&in->escaped, 0);
+    in->scope = scope_id;
+    in->parent = parent;
+    in->budget = atomic_load(&sc->budget);
+    in->counts_scope = 1;
+    for (uint32_t a = parent; a != AP_INSTANCE_PROCESS; a = ap__instances[a].parent)
+        if (ap__instances[a].scope == scope_id)
+            in->counts_scope = 0;
+    atomic_store(&in->inside, 1);
+    atomic_store(&in->children, 0);
+    /* A child keeps its parent from being reclaimed: frees of the child's
+     * blocks walk through the parent. Released in try_reclaim. */
+    if (parent != AP_INSTANCE_PROCESS)
+        atomic_fetch_add(&ap__instances[parent].children, 1);
+    atomic_store(&in->state, AP__INST_ACTIVE);
+    atomic_fetch_add(&sc->instances, 1);
+    atomic_fetch_add(&sc->active, 1);
+    t->stack[t->depth++] = parent;
+    switch_to(t, id);
+    *instance_id = id;
+    return AP_OK;
+}
+
+ap_status ap_hold(uint32_t id) {
+    if (id == AP_INSTANCE_PROCESS)
+        return AP_OK;
+    if (id >= AP_MAX_INSTANCES)
+        return AP_ENOENT;
+    ap__instance *in = &ap__instances[id];
+    uint32_t n = atomic_load(&in->inside);
+    do {
+        if (n == 0 || atomic_load(&in->state) != AP__INST_ACTIVE)
+            return AP_ESTATE;
+    } while (!atomic_compare_exchange_weak(&in->inside, &n, n + 1));
+    return AP_OK;
+}
+
+static void leave(uint32_t id) {
+    if (id == AP_INSTANCE_PROCESS)
+        return;
+    ap__instance *in = &ap__instances[id];
+    if (atomic_load(&in->state) == AP__INST_ACTIVE && atomic_fetch_sub(&in->inside, 1) == 1)
+        end_instance(id);
+}
+
+ap_status ap_release(uint32_t id) {
+    if (id >= AP_MAX_INSTANCES)
+        return AP_ENOENT;
+    leave(id);
+    return AP_OK;
+}
+
+ap_status ap_attach(uint32_t id) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth >= AP_MAX_DEPTH)
+        return AP_EFULL;
+    ap_status st = ap_hold(id);
+    if (st != AP_OK)
+        return st;
+    t->stack[t->depth++] = t->cur;
+    switch_to(t, id);
+    return AP_OK;
+}
+
+/* Allocation-free: only this thread's TLS and atomics on static storage. */
+ap_status ap_exit(void) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth == 0)
+        return AP_ESTATE;
+    uint32_t left = t->cur;
+    switch_to(t, t->stack[--t->depth]);
+    if (t->grace_inst == left)
+        t->grace_inst = AP__NO_INSTANCE;
+    leave(left);
+    return AP_OK;
+}
+
+ap_status ap_current(uint32_t *instance_id, uint32_t *depth) {
+    ap__tls_t *t = &ap__tls;
+    if (instance_id)
+        *instance_id = t->cur;
+    if (depth)
+        *depth = t->depth;
+    return AP_OK;
+}
+
+void ap_flush(void) {
+    ap__tls_t *t = &ap__tls;
+    ap__publish(t);
+    t->allow = 0;
+}
+
+ap_status ap_last_violation(ap_violation *out) {
+    if (!out || out->size < sizeof(uint32_t))
+        return AP_EINVAL;
+    size_t n = out->size < sizeof(ap_violation) ? out->size : sizeof(ap_violation);
+    ap_violation v = ap__tls.last;
+    v.size = (uint32_t)n;
+    memcpy(out, &v, n);
+    return AP_OK;
+}

@@ -1,0 +1,48 @@
+"""Build glue: compile native/ into a plain shared library inside the package.
+
+The library has no Python.h dependency and is loaded with ctypes, so the wheel
+is tagged py3-none-<platform>: one wheel serves every Python >= 3.11.
+"""
+
+import os
+import subprocess
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
+
+HERE = Path(__file__).resolve().parent
+
+
+class BuildNative(build_py):
+    """Run native/Makefile and put the result at allocpolicy/_lib/."""
+
+    def run(self):
+        super().run()
+        out = Path(self.build_lib, "allocpolicy", "_lib", "liballocpolicy.so").resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call(
+            ["make", "-s", "-C", str(HERE / "native"), f"OUT={out}", "-B"],
+            env={**os.environ},
+        )
+
+
+class PlatformWheel(bdist_wheel):
+    """Platform-specific, but independent of the Python ABI."""
+
+    def get_tag(self):
+        _, _, plat = super().get_tag()
+        return "py3", "none", plat
+
+
+class NativeDistribution(Distribution):
+    def has_ext_modules(self):  # makes the wheel platform-specific
+        return True
+
+
+setup(
+    cmdclass={"build_py": BuildNative, "bdist_wheel": PlatformWheel},
+    distclass=NativeDistribution,
+)
