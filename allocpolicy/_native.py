@@ -1,0 +1,328 @@
+"""The only module that touches ctypes: finding, checking and calling the runtime.
+
+The native library is either preloaded (``LD_PRELOAD``, usually by ``allocpolicy
+run``), in which case it already governs every ``malloc`` of the process and we
+must bind to *that* copy, or only shipped inside the package, in which case
+nothing is interposed and the runtime is inactive.
+
+Binding to the preloaded copy goes through the global symbol namespace
+(``dlopen(NULL)``): a second ``dlopen`` of a copy at another path would be a
+second, separate instance with its own (empty) tables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+from ._errors import RuntimeLoadError
+
+ABI_VERSION = 1
+ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
+LIBRARY_NAME = "liballocpolicy.so"
+SCOPE_NAME_MAX = 64
+
+# Status codes of allocpolicy.h.
+OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE = 0, -1, -2, -3, -4, -5
+MODES = ("raise", "abort", "fallible")
+REASONS = ("none", "budget", "oom", "injected", "forbidden")
+LIMITS = (None, "budget", "total_budget", "process")
+
+
+class Violation(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("reason", ctypes.c_uint32),
+        ("seq", ctypes.c_uint64),
+        ("scope", ctypes.c_uint32),
+        ("instance", ctypes.c_uint32),
+        ("limit", ctypes.c_uint32),
+        ("domain", ctypes.c_uint32),
+        ("requested", ctypes.c_uint64),
+        ("budget", ctypes.c_int64),
+        ("live", ctypes.c_int64),
+    ]
+
+
+class ScopeStatsC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("mode", ctypes.c_uint32),
+        ("name", ctypes.c_char * SCOPE_NAME_MAX),
+        ("budget", ctypes.c_int64),
+        ("total_budget", ctypes.c_int64),
+        ("live", ctypes.c_int64),
+        ("peak", ctypes.c_int64),
+        ("allocations", ctypes.c_uint64),
+        ("violations", ctypes.c_uint64),
+        ("instances", ctypes.c_uint64),
+        ("active", ctypes.c_uint64),
+        ("escaped", ctypes.c_int64),
+        ("grace_bytes", ctypes.c_int64),
+        ("max_instance_peak", ctypes.c_int64),
+    ]
+
+
+class InstanceStatsC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("scope", ctypes.c_uint32),
+        ("parent", ctypes.c_uint32),
+        ("ended", ctypes.c_uint32),
+        ("budget", ctypes.c_int64),
+        ("live", ctypes.c_int64),
+        ("peak", ctypes.c_int64),
+        ("allocations", ctypes.c_uint64),
+        ("violations", ctypes.c_uint64),
+        ("escaped", ctypes.c_int64),
+    ]
+
+
+class ProcessStatsC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("preloaded", ctypes.c_uint32),
+        ("budget", ctypes.c_int64),
+        ("live", ctypes.c_int64),
+        ("peak", ctypes.c_int64),
+        ("allocations", ctypes.c_uint64),
+        ("violations", ctypes.c_uint64),
+        ("arenas_live", ctypes.c_uint64),
+        ("foreign_frees", ctypes.c_uint64),
+        ("scopes", ctypes.c_uint32),
+        ("arena_hook", ctypes.c_uint32),
+        ("grace", ctypes.c_int64),
+    ]
+
+
+def _sized(struct_type):
+    value = struct_type()
+    value.size = ctypes.sizeof(struct_type)
+    return value
+
+
+def library_path() -> str:
+    """Absolute path of the runtime library shipped with this package.
+
+    ``ALLOCPOLICY_LIBRARY`` overrides it. Raises :class:`RuntimeLoadError` if the
+    file is missing (for example in a source checkout that was never built).
+    """
+    override = os.environ.get(ENV_LIBRARY)
+    candidates = [Path(override)] if override else []
+    here = Path(__file__).resolve().parent
+    candidates += [
+        here / "_lib" / LIBRARY_NAME,
+        here.parent / "native" / "build" / LIBRARY_NAME,  # source checkout, `make -C native`
+    ]
+    for path in candidates:
+        if path.is_file():
+            return str(path.resolve())
+    tried = ", ".join(str(p) for p in candidates)
+    raise RuntimeLoadError(
+        f"the allocpolicy runtime library was not found (looked at {tried}); "
+        "reinstall the package with `pip install .` or build it with `make -C native`"
+    )
+
+
+def _preloaded_path() -> str | None:
+    """Path of the mapped file that provides ap_abi_version, if any is mapped."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].endswith((LIBRARY_NAME, LIBRARY_NAME + ".1")):
+            return parts[5]
+    return None
+
+
+class Runtime:
+    """Typed access to one loaded copy of the runtime library."""
+
+    def __init__(self, handle: ctypes.CDLL, gil_handle: ctypes.PyDLL, path: str | None):
+        self.path = path
+        self._lib = handle
+        self._gil_lib = gil_handle
+        version = handle.ap_abi_version()
+        if version != ABI_VERSION:
+            raise RuntimeLoadError(
+                f"runtime library {path or '(preloaded)'} has ABI version {version}, "
+                f"this package needs {ABI_VERSION}; preload the library of this installation "
+                "(`allocpolicy lib` prints its path)"
+            )
+        u32p = ctypes.POINTER(ctypes.c_uint32)
+        sig = {
+            "ap_is_preloaded": ([], ctypes.c_int),
+            "ap_configure": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int),
+            "ap_scope_find": ([ctypes.c_char_p, u32p], ctypes.c_int),
+            "ap_enter": ([ctypes.c_uint32, u32p], ctypes.c_int),
+            "ap_attach": ([ctypes.c_uint32], ctypes.c_int),
+            "ap_hold": ([ctypes.c_uint32], ctypes.c_int),
+            "ap_release": ([ctypes.c_uint32], ctypes.c_int),
+            "ap_exit": ([], ctypes.c_int),
+            "ap_current": ([u32p, u32p], ctypes.c_int),
+            "ap_flush": ([], None),
+            "ap_last_violation": ([ctypes.POINTER(Violation)], ctypes.c_int),
+            "ap_get_scope_stats": ([ctypes.c_uint32, ctypes.POINTER(ScopeStatsC)], ctypes.c_int),
+            "ap_get_instance_stats": (
+                [ctypes.c_uint32, ctypes.POINTER(InstanceStatsC)],
+                ctypes.c_int,
+            ),
+            "ap_get_process_stats": ([ctypes.POINTER(ProcessStatsC)], ctypes.c_int),
+        }
+        for name, (argtypes, restype) in sig.items():
+            fn = getattr(handle, name)
+            fn.argtypes = argtypes
+            fn.restype = restype
+        install = gil_handle.ap_py_install_arena_hook
+        install.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        install.restype = ctypes.c_int
+        self._install_arena = install
+        self.preloaded = bool(handle.ap_is_preloaded())
+        # Bound once: the exit path must not look anything up (see exit()).
+        self._exit = handle.ap_exit
+        self._local = threading.local()
+
+    # -- policy ---------------------------------------------------------------
+
+    def configure(self, table: str) -> None:
+        offset = ctypes.c_size_t(0)
+        status = self._lib.ap_configure(table.encode("ascii"), ctypes.byref(offset))
+        if status == EFULL:
+            raise RuntimeLoadError("the runtime's scope table is full (256 scopes at most)")
+        if status != OK:
+            raise RuntimeLoadError(
+                f"the runtime rejected the compiled policy at offset {offset.value}: {table!r}"
+            )
+
+    def scope_id(self, name: str) -> int | None:
+        out = ctypes.c_uint32()
+        if self._lib.ap_scope_find(name.encode("utf-8"), ctypes.byref(out)) != OK:
+            return None
+        return out.value
+
+    # -- scope stack ------------------------------------------------------------
+
+    def enter(self, scope_id: int) -> int:
+        out = ctypes.c_uint32()
+        status = self._lib.ap_enter(scope_id, ctypes.byref(out))
+        if status == EFULL:
+            raise RuntimeLoadError(
+                "cannot enter another scope: nesting is limited to 32 per thread and "
+                "65536 instances may be alive at once"
+            )
+        if status != OK:
+            raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
+        return out.value
+
+    def exit(self) -> None:
+        """Leave the innermost instance.
+
+        The C side allocates nothing, but the ctypes call itself may allocate a
+        little while the scope is still innermost; if that allocation is
+        refused, the refusal opens the scope's unwind grace and the retry runs
+        within it.
+        """
+        try:
+            self._exit()
+        except MemoryError:
+            self._exit()
+
+    def hold(self, instance: int) -> bool:
+        return self._lib.ap_hold(instance) == OK
+
+    def release(self, instance: int) -> None:
+        self._lib.ap_release(instance)
+
+    def attach(self, instance: int) -> bool:
+        return self._lib.ap_attach(instance) == OK
+
+    def current(self) -> tuple[int, int]:
+        inst, depth = ctypes.c_uint32(), ctypes.c_uint32()
+        self._lib.ap_current(ctypes.byref(inst), ctypes.byref(depth))
+        return inst.value, depth.value
+
+    def flush(self) -> None:
+        self._lib.ap_flush()
+
+    # -- violations and statistics --------------------------------------------------
+
+    def last_violation(self) -> Violation:
+        """The calling thread's last violation, in a per-thread buffer.
+
+        The buffer is reused so reading it on a task's exit path allocates as
+        little as possible while the task may still be at its budget.
+        """
+        local = self._local
+        try:
+            buf, ptr = local.violation
+        except AttributeError:
+            buf = _sized(Violation)
+            ptr = ctypes.pointer(buf)
+            local.violation = (buf, ptr)
+        buf.size = ctypes.sizeof(Violation)
+        self._lib.ap_last_violation(ptr)
+        return buf
+
+    def scope_stats(self, scope_id: int) -> ScopeStatsC | None:
+        out = _sized(ScopeStatsC)
+        if self._lib.ap_get_scope_stats(scope_id, ctypes.byref(out)) != OK:
+            return None
+        return out
+
+    def instance_stats(self, instance: int) -> InstanceStatsC | None:
+        out = _sized(InstanceStatsC)
+        if self._lib.ap_get_instance_stats(instance, ctypes.byref(out)) != OK:
+            return None
+        return out
+
+    def process_stats(self) -> ProcessStatsC:
+        out = _sized(ProcessStatsC)
+        self._lib.ap_get_process_stats(ctypes.byref(out))
+        return out
+
+    # -- Python's small objects ------------------------------------------------------
+
+    def install_arena_hook(self) -> None:
+        """Charge pymalloc arenas to scopes (see native/src/hooks_pyarena.c)."""
+        api = ctypes.pythonapi
+        get = ctypes.cast(api.PyObject_GetArenaAllocator, ctypes.c_void_p).value
+        set_ = ctypes.cast(api.PyObject_SetArenaAllocator, ctypes.c_void_p).value
+        # Called through a PyDLL handle: the GIL stays held, as Python requires.
+        status = self._install_arena(get, set_)
+        if status != OK:
+            raise RuntimeLoadError(f"installing the pymalloc arena hook failed ({status})")
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_probed = False
+
+
+def runtime() -> Runtime | None:
+    """The preloaded runtime, or ``None`` when the library is not preloaded."""
+    global _runtime, _probed
+    if _probed:
+        return _runtime
+    with _lock:
+        if not _probed:
+            _runtime = _load_preloaded()
+            _probed = True
+    return _runtime
+
+
+def _load_preloaded() -> Runtime | None:
+    main = ctypes.CDLL(None)
+    try:
+        main.ap_abi_version
+    except AttributeError:
+        return None
+    rt = Runtime(main, ctypes.PyDLL(None), _preloaded_path())
+    if not rt.preloaded:
+        # Linked into the executable's namespace but not interposing (it was
+        # dlopen()ed RTLD_GLOBAL by someone): it governs nothing.
+        return None
+    return rt

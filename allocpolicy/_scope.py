@@ -1,0 +1,168 @@
+"""Scopes, task boundaries and carrying a scope instance into other threads."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import weakref
+from contextlib import ContextDecorator
+from typing import Any, Callable, TypeVar
+
+from . import _config, _native
+from ._errors import AllocError
+
+__all__ = ["scope", "task", "bind"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Per-thread record of what each `with` entered, so that exits pair with
+# entries even when one scope object is used by many threads at once.
+_frames = threading.local()
+
+
+def _stack() -> list:
+    try:
+        return _frames.stack
+    except AttributeError:
+        _frames.stack = []
+        return _frames.stack
+
+
+def _check_name(name: object, func: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{func}(): argument 'name' must be str, not {type(name).__name__}")
+    if not name:
+        raise ValueError(f"{func}(): argument 'name' must not be empty")
+    return name
+
+
+def _to_alloc_error(rt: _native.Runtime, since_seq: int, task: str | None) -> AllocError | None:
+    """The AllocError for this thread's newest violation, if one happened
+    after ``since_seq``; ``None`` means the MemoryError was not ours."""
+    v = rt.last_violation()
+    if v.seq == since_seq:
+        return None
+    return AllocError(
+        scope=_config.scope_name(rt, v.scope),
+        size=v.requested,
+        budget=v.budget or None,
+        live=v.live,
+        reason=_native.REASONS[v.reason] if v.reason < len(_native.REASONS) else "budget",
+        limit=_native.LIMITS[v.limit] if v.limit < len(_native.LIMITS) else None,
+        task=task,
+    )
+
+
+class scope(ContextDecorator):
+    """Run a block (or a decorated function) in a new instance of scope ``name``.
+
+    The innermost scope decides what a refused allocation does (its
+    ``on_oom``); every enclosing scope's budget still applies. A scope is not a
+    task boundary: a ``MemoryError`` passes through unchanged.
+
+    Without a preloaded runtime the block runs unscoped and an
+    :class:`AllocPolicyWarning` is issued once.
+    """
+
+    _func = "scope"
+
+    def __init__(self, name: str) -> None:
+        self.name = _check_name(name, self._func)
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"{self._func}(): cannot decorate the coroutine function {func.__qualname__}: "
+                "the scope stack is per thread, and other coroutines would run inside the "
+                "scope at every await"
+            )
+        return super().__call__(func)
+
+    def __enter__(self) -> "scope":
+        rt = _native.runtime()
+        if rt is None:
+            _config.warn_inactive()
+            _stack().append((False, 0))
+            return self
+        sid = _config.scope_id(rt, self.name)
+        seq = rt.last_violation().seq
+        rt.enter(sid)
+        _stack().append((True, seq))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        entered, seq = _stack().pop()
+        if entered:
+            rt = _native.runtime()
+            rt.exit()
+            return self._boundary(rt, seq, exc, tb)
+        return False
+
+    def _boundary(self, rt, seq, exc, tb) -> bool:
+        return False
+
+
+class task(scope):
+    """A task boundary: a scope whose refused allocations become :class:`AllocError`.
+
+    A ``MemoryError`` raised because this runtime refused an allocation inside
+    the block (in this thread) leaves the block as :class:`AllocError`, carrying
+    the scope, size, budget, live bytes and reason, with the traceback of the
+    allocation that failed. A ``MemoryError`` raised for any other reason stays
+    what it is. Use it around each unit of work the program can afford to lose
+    (a request, a job), and catch ``AllocError`` there or just outside.
+    """
+
+    _func = "task"
+
+    def __init__(self, name: str = "task") -> None:
+        super().__init__(name)
+
+    def _boundary(self, rt, seq, exc, tb) -> bool:
+        if not isinstance(exc, MemoryError) or isinstance(exc, AllocError):
+            return False
+        err = _to_alloc_error(rt, seq, self.name)
+        if err is None:
+            return False
+        raise err.with_traceback(tb) from None
+
+
+def bind(fn: F) -> F:
+    """Return ``fn`` wrapped to run in the calling thread's current scope instance.
+
+    Hand the result to another thread (a thread pool, a callback) and its
+    allocations are charged to the same instance, under the same budgets, as if
+    it ran inside the ``with`` block that called :func:`bind`; the instance stays
+    alive for as long as the wrapper exists. A refused allocation in the bound
+    call leaves it as :class:`AllocError`, as at a task boundary.
+    Outside any scope, or without a preloaded runtime, ``fn`` is returned as is.
+    """
+    if not callable(fn):
+        raise TypeError(f"bind(): argument 'fn' must be callable, not {type(fn).__name__}")
+    rt = _native.runtime()
+    if rt is None:
+        return fn
+    instance, _ = rt.current()
+    if instance == 0 or not rt.hold(instance):
+        return fn
+    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
+
+    @functools.wraps(fn)
+    def bound(*args, **kwargs):
+        attached = rt.attach(instance)
+        seq = rt.last_violation().seq
+        try:
+            return fn(*args, **kwargs)
+        except MemoryError as exc:
+            if attached and not isinstance(exc, AllocError):
+                err = _to_alloc_error(rt, seq, scope_name)
+                if err is not None:
+                    raise err.with_traceback(exc.__traceback__) from None
+            raise
+        finally:
+            if attached:
+                rt.exit()
+
+    weakref.finalize(bound, rt.release, instance)
+    return bound  # type: ignore[return-value]

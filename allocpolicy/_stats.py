@@ -1,0 +1,126 @@
+"""Counters of the runtime, as plain Python values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import _native
+
+__all__ = ["stats", "Stats", "ScopeStats", "ProcessStats"]
+
+
+@dataclass(frozen=True)
+class ScopeStats:
+    """One scope, summed over all of its instances (ended ones included)."""
+
+    name: str
+    mode: str  #: ``on_oom`` of the scope
+    budget: int | None  #: per-instance budget in bytes
+    total_budget: int | None
+    live: int  #: bytes allocated in the scope and not yet freed
+    peak: int  #: highest ``live`` seen
+    allocations: int  #: allocations granted
+    violations: int  #: allocations refused
+    instances: int  #: instances entered so far
+    active: int  #: instances not yet ended
+    escaped: int  #: bytes still live when their instance ended (summed)
+    grace_bytes: int  #: bytes granted from the unwind grace after a refusal
+    max_instance_peak: int  #: the largest peak of a single instance
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """The whole process, as far as the runtime sees it."""
+
+    preloaded: bool
+    budget: int | None
+    live: int
+    peak: int
+    allocations: int
+    violations: int
+    arenas_live: int  #: pymalloc arenas currently charged to some scope
+    arena_hook: bool  #: whether Python's small objects are being counted
+    foreign_frees: int  #: frees of blocks the runtime did not hand out
+    grace: int  #: the unwind grace allowance, bytes
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Result of :func:`stats`. ``active`` is False when no runtime is preloaded."""
+
+    active: bool
+    process: ProcessStats | None = None
+    scopes: dict[str, ScopeStats] = field(default_factory=dict)
+
+    def format(self) -> str:
+        """A small fixed-width table, for logs and command-line output."""
+        if not self.active or self.process is None:
+            return "allocpolicy: runtime not active"
+        from ._sizes import format_size
+
+        def size(n):
+            return "-" if n is None else format_size(n)
+
+        p = self.process
+        lines = [
+            f"process: live {size(p.live)}, peak {size(p.peak)}, budget {size(p.budget)}, "
+            f"{p.allocations} allocations, {p.violations} refused",
+            f"{'scope':<12} {'mode':<8} {'budget':>10} {'live':>10} {'peak':>10} "
+            f"{'inst.':>6} {'refused':>7} {'escaped':>10}",
+        ]
+        for s in self.scopes.values():
+            lines.append(
+                f"{s.name:<12} {s.mode:<8} {size(s.budget):>10} {size(s.live):>10} "
+                f"{size(s.max_instance_peak):>10} {s.instances:>6} {s.violations:>7} "
+                f"{size(s.escaped):>10}"
+            )
+        return "\n".join(lines)
+
+
+def stats() -> Stats:
+    """Per-scope and process counters.
+
+    The calling thread's batched counters are published first, so its own
+    allocations are exact; other running threads may have up to a small batch
+    (at most 256 KiB, or 1/32 of the tightest budget they run under) not yet
+    published.
+    """
+    rt = _native.runtime()
+    if rt is None:
+        return Stats(active=False)
+    rt.flush()
+    p = rt.process_stats()
+    process = ProcessStats(
+        preloaded=bool(p.preloaded),
+        budget=p.budget or None,
+        live=p.live,
+        peak=p.peak,
+        allocations=p.allocations,
+        violations=p.violations,
+        arenas_live=p.arenas_live,
+        arena_hook=bool(p.arena_hook),
+        foreign_frees=p.foreign_frees,
+        grace=p.grace,
+    )
+    scopes = {}
+    for sid in range(1, p.scopes):
+        s = rt.scope_stats(sid)
+        if s is None:
+            continue
+        name = s.name.decode("utf-8", "replace")
+        scopes[name] = ScopeStats(
+            name=name,
+            mode=_native.MODES[s.mode] if s.mode < len(_native.MODES) else str(s.mode),
+            budget=s.budget or None,
+            total_budget=s.total_budget or None,
+            live=s.live,
+            peak=s.peak,
+            allocations=s.allocations,
+            violations=s.violations,
+            instances=s.instances,
+            active=s.active,
+            escaped=s.escaped,
+            grace_bytes=s.grace_bytes,
+            max_instance_peak=s.max_instance_peak,
+        )
+    return Stats(active=True, process=process, scopes=scopes)
