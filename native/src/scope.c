@@ -285,6 +285,12 @@ AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
     }
     t->allow = 0;
     uint32_t mode = current_mode(t);
+    if (domain == AP_DOMAIN_PY_ARENA && mode != AP_MODE_FALLIBLE) {
+        /* A refused arena is not a failure anyone sees: pymalloc falls back to
+         * PyMem_RawMalloc for the object, which reaches malloc and is charged
+         * (exactly) there. So no violation, no grace, no abort here. */
+        return 0;
+    }
     if (mode == AP_MODE_FALLIBLE) {
         /* Budgets bind fallible scopes only at explicit fallible call sites. */
         charge_unchecked(t, (int64_t)size);
