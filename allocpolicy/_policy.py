@@ -1,0 +1,725 @@
+"""The policy model, its TOML loader and its compiled form.
+
+A policy file looks like this (see ``default_policy.toml`` for the annotated
+original)::
+
+    version = 1
+
+    [process]
+    on_oom = "raise"        # "raise", "abort" or "fallible"
+    budget = "80%"          # bytes, a size string, or a share of memory
+
+    [scopes.request]
+    on_oom = "raise"
+    budget = "256 MiB"      # per instance
+    total_budget = "2 GiB"  # all live instances together
+
+Loading checks every key and reports every mistake in one :class:`PolicyError`,
+one :class:`PolicyProblem` per mistake, each naming the file, the table and the
+key. The native library never sees TOML: :meth:`Policy.compile` turns a valid
+policy into the flat table string that ``native/src/policy.c`` parses.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BUILTIN_SOURCE",
+    "CONFIGURE_SOURCE",
+    "ENV_POLICY",
+    "ENV_TABLE",
+    "MODES",
+    "POLICY_VERSION",
+    "Percent",
+    "Policy",
+    "ProcessPolicy",
+    "ScopeMap",
+    "ScopePolicy",
+    "default_policy",
+    "load_policy",
+    "memory_limit",
+    "policy_from_environment",
+    "policy_from_mapping",
+    "resolve_process_budget",
+]
+
+import datetime
+import difflib
+import functools
+import importlib.resources
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ._errors import PolicyError, PolicyProblem
+from ._sizes import MAX_SIZE, MiB, Percent, format_size, parse_size
+
+#: Environment variable carrying the compiled table to a preloaded library.
+ENV_TABLE = "ALLOCPOLICY_TABLE"
+#: Environment variable naming where the policy came from: an absolute file
+#: path, or :data:`BUILTIN_SOURCE`. Lets Python code in the launched program
+#: recover the full policy (scope names, percent budgets) that the table lost.
+ENV_POLICY = "ALLOCPOLICY_POLICY"
+
+BUILTIN_SOURCE = "<built-in default>"
+CONFIGURE_SOURCE = "<configure>"
+
+POLICY_VERSION = 1
+MODES = ("raise", "abort", "fallible")
+PROCESS_SCOPE = "process"
+
+# The native side keeps AP_MAX_SCOPES (256) scopes, the process scope included.
+MAX_SCOPES = 255
+# native/src/policy.c refuses larger descriptors.
+MAX_FD = 1 << 20
+# A scope name must fit AP_SCOPE_NAME_MAX (64, NUL included) and the table
+# grammar; starting with a letter or underscore keeps names identifier-like.
+SCOPE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}")
+
+DEFAULT_GRACE = 4 * MiB
+DEFAULT_REPORT_FD = 2
+
+_PROC_ROOT = "/proc"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+# --- Validators -------------------------------------------------------------
+#
+# Each takes the raw value (from TOML or a mapping) and returns the normalized
+# one, or raises ValueError with a message that says what was expected.
+
+
+def _kind(value: object) -> str:
+    """How a value reads to someone writing TOML."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return f"a date/time ({value})"
+    return f"{type(value).__name__} ({value!r:.40})"
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _mode(value: object) -> str:
+    choices = ", ".join(repr(m) for m in MODES)
+    if not isinstance(value, str):
+        raise ValueError(f"expected one of {choices}, got {_kind(value)}")
+    if value not in MODES:
+        raise ValueError(f"unknown mode {value!r}{_did_you_mean(value, MODES)}; expected one of {choices}")
+    return value
+
+
+def _size(value: object) -> int:
+    return parse_size(value)  # type: ignore[return-value]
+
+
+def _budget(value: object) -> int:
+    size = _size(value)
+    # 0 is "no limit" in the compiled table; a budget of 0 written on purpose
+    # must not silently mean the opposite.
+    if size == 0:
+        raise ValueError("must be greater than 0 (leave the key out for no limit)")
+    return size
+
+
+def _process_budget(value: object) -> int | Percent:
+    if isinstance(value, Percent):
+        return value
+    size = parse_size(value, allow_percent=True)
+    if size == 0:
+        raise ValueError("must be greater than 0 (leave the key out for no limit)")
+    return size
+
+
+def _fd(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a file descriptor number (an integer >= 0), got {_kind(value)}")
+    if not 0 <= value <= MAX_FD:
+        raise ValueError(f"expected a file descriptor number between 0 and {MAX_FD}, got {value}")
+    return value
+
+
+# --- Declarative key tables ---------------------------------------------------
+#
+# One line per key: its name (also the dataclass field) and its validator.
+# Keys whose field defaults to None may be left out to mean "no limit".
+
+_PROCESS_KEYS: dict[str, Callable[[object], Any]] = {
+    "on_oom": _mode,
+    "budget": _process_budget,
+    "grace": _size,
+    "report_fd": _fd,
+}
+
+_SCOPE_KEYS: dict[str, Callable[[object], Any]] = {
+    "on_oom": _mode,
+    "budget": _budget,
+    "total_budget": _budget,
+}
+
+_TOP_KEYS = ("version", "process", "scopes")
+
+
+def _check_fields(obj: object, keys: Mapping[str, Callable[[object], Any]]) -> None:
+    """Validate and normalize the fields of a frozen dataclass built directly."""
+    for key, validate in keys.items():
+        value = getattr(obj, key)
+        if value is None and key in ("budget", "total_budget"):
+            continue
+        try:
+            object.__setattr__(obj, key, validate(value))
+        except ValueError as exc:
+            raise ValueError(f"{type(obj).__name__}(): argument {key!r}: {exc}") from None
+
+
+# --- The model -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessPolicy:
+    """Settings of the process scope, the root of every scope stack.
+
+    ``budget`` is bytes, a :class:`Percent` of the memory available (resolved when
+    the policy is applied), or ``None`` for no limit. ``grace`` is the allowance
+    a thread may still allocate in an instance after a refusal, so that building
+    and raising the error and unwinding succeed. ``report_fd`` receives
+    diagnostics.
+    """
+
+    on_oom: str = "raise"
+    budget: int | Percent | None = None
+    grace: int = DEFAULT_GRACE
+    report_fd: int = DEFAULT_REPORT_FD
+
+    def __post_init__(self) -> None:
+        _check_fields(self, _PROCESS_KEYS)
+
+
+@dataclass(frozen=True)
+class ScopePolicy:
+    """Settings of one named scope. Budgets are bytes, or ``None`` for no limit.
+
+    ``budget`` applies to each instance (each entry into the scope);
+    ``total_budget`` to all live instances of the scope together.
+    """
+
+    name: str
+    on_oom: str = "raise"
+    budget: int | None = None
+    total_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        problem = _scope_name_problem(self.name)
+        if problem:
+            raise ValueError(f"ScopePolicy(): argument 'name': {problem}")
+        _check_fields(self, _SCOPE_KEYS)
+
+
+def _scope_name_problem(name: object) -> str | None:
+    if not isinstance(name, str):
+        return f"a scope name must be a string, got {_kind(name)}"
+    if name == PROCESS_SCOPE:
+        return "'process' is reserved for the process scope; configure it in [process]"
+    if not SCOPE_NAME_RE.fullmatch(name):
+        return (
+            f"invalid scope name {name!r}: expected a letter or '_' followed by at most 62 "
+            "letters, digits, '_', '.' or '-'"
+        )
+    return None
+
+
+class ScopeMap(Mapping[str, ScopePolicy]):
+    """Read-only, hashable mapping of scope name to :class:`ScopePolicy`, in declaration order."""
+
+    __slots__ = ("_pairs", "_index")
+
+    def __init__(self, scopes: Mapping[str, ScopePolicy] | Iterable[ScopePolicy] = ()) -> None:
+        if isinstance(scopes, Mapping):
+            pairs = tuple(scopes.items())
+        else:
+            pairs = tuple((sc.name, sc) for sc in scopes)
+        for name, sc in pairs:
+            if not isinstance(sc, ScopePolicy):
+                raise TypeError(f"scope {name!r}: expected a ScopePolicy, got {type(sc).__name__}")
+            if sc.name != name:
+                raise ValueError(f"scope {name!r} holds a ScopePolicy named {sc.name!r}")
+        index = dict(pairs)
+        if len(index) != len(pairs):
+            raise ValueError("a scope is declared twice")
+        object.__setattr__(self, "_pairs", pairs)
+        object.__setattr__(self, "_index", index)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ScopeMap is read-only")
+
+    def __getitem__(self, name: str) -> ScopePolicy:
+        return self._index[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __hash__(self) -> int:
+        # Order-insensitive, like Mapping.__eq__.
+        return hash(frozenset(self._pairs))
+
+    def __repr__(self) -> str:
+        return f"ScopeMap({list(self._index.values())!r})"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy: the process settings and the declared scopes.
+
+    Immutable and hashable. Build it with :func:`load_policy`,
+    :func:`policy_from_mapping` or :func:`default_policy`, or directly from
+    :class:`ProcessPolicy` and :class:`ScopePolicy` values.
+    """
+
+    version: int = POLICY_VERSION
+    process: ProcessPolicy = field(default_factory=ProcessPolicy)
+    scopes: Mapping[str, ScopePolicy] = field(default_factory=ScopeMap)
+    source: str = CONFIGURE_SOURCE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or self.version != POLICY_VERSION:
+            raise ValueError(f"Policy(): argument 'version': only version {POLICY_VERSION} is supported")
+        if not isinstance(self.process, ProcessPolicy):
+            raise TypeError(
+                f"Policy(): argument 'process' must be a ProcessPolicy, not {type(self.process).__name__}"
+            )
+        if not isinstance(self.scopes, ScopeMap):
+            object.__setattr__(self, "scopes", ScopeMap(self.scopes))
+        if len(self.scopes) > MAX_SCOPES:
+            raise ValueError(f"Policy(): argument 'scopes': at most {MAX_SCOPES} scopes, got {len(self.scopes)}")
+
+    def compile(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
+        """The flat table string the native library parses (``ap_configure``,
+        ``ALLOCPOLICY_TABLE``)::
+
+            v=1;grace=N;fd=N;process=MODE:N;scope=NAME:MODE:BUDGET:TOTAL;...
+
+        Sizes are decimal bytes and 0 means no limit. Scopes come in declaration
+        order. A percentage process budget is resolved here, against the memory
+        available to this process now (``proc_root`` and ``cgroup_root`` exist
+        for tests).
+
+        Raises:
+            PolicyError: a percentage budget cannot be resolved on this system.
+        """
+        p = self.process
+        try:
+            budget = resolve_process_budget(p.budget, proc_root=proc_root, cgroup_root=cgroup_root)
+        except OSError as exc:
+            raise PolicyError(
+                [PolicyProblem(self.source, "process", "budget", f"cannot resolve {p.budget}: {exc}")]
+            ) from None
+        parts = [
+            f"v={self.version}",
+            f"grace={p.grace}",
+            f"fd={p.report_fd}",
+            f"process={p.on_oom}:{budget or 0}",
+        ]
+        parts += [
+            f"scope={sc.name}:{sc.on_oom}:{sc.budget or 0}:{sc.total_budget or 0}"
+            for sc in self.scopes.values()
+        ]
+        return ";".join(parts)
+
+    def describe(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
+        """Every setting with its effective value, for ``allocpolicy check``."""
+        p = self.process
+        lines = [f"policy: {self.source}", f"version: {self.version}", "", "[process]"]
+        if isinstance(p.budget, Percent):
+            try:
+                total, basis = memory_limit(proc_root=proc_root, cgroup_root=cgroup_root)
+            except OSError as exc:
+                budget = f"{p.budget} of the memory available (cannot resolve here: {exc})"
+            else:
+                budget = (
+                    f"{p.budget} of {_bytes(total)} ({basis}) = {_bytes(p.budget.of(total))} here"
+                )
+        else:
+            budget = _limit(p.budget)
+        rows = [
+            ("on_oom", f"{p.on_oom}  ({_MODE_HELP[p.on_oom]})"),
+            ("budget", budget),
+            ("grace", f"{_bytes(p.grace)}  (may still be allocated per thread and instance after a refusal)"),
+            ("report_fd", f"{p.report_fd}  (diagnostics are written here)"),
+        ]
+        lines += _rows(rows)
+        if not self.scopes:
+            lines += ["", "no scopes declared"]
+        for sc in self.scopes.values():
+            lines += ["", f"[{_table_name('scopes', sc.name)}]"]
+            lines += _rows(
+                [
+                    ("on_oom", f"{sc.on_oom}  ({_MODE_HELP[sc.on_oom]})"),
+                    ("budget", _limit(sc.budget) + ("  per instance" if sc.budget else "")),
+                    (
+                        "total_budget",
+                        _limit(sc.total_budget) + ("  over all live instances" if sc.total_budget else ""),
+                    ),
+                ]
+            )
+        return "\n".join(lines)
+
+
+_MODE_HELP = {
+    "raise": "a refused allocation raises AllocError at the nearest task boundary",
+    "abort": "a refused allocation prints a diagnostic and aborts the process",
+    "fallible": "only explicit reservations and try_* calls can fail",
+}
+
+
+def _bytes(n: int) -> str:
+    return f"{n} bytes ({format_size(n)})"
+
+
+def _limit(n: int | None) -> str:
+    return "none (no limit)" if n is None else _bytes(n)
+
+
+def _rows(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"  {k.ljust(width)} = {v}" for k, v in rows]
+
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _table_name(*parts: str) -> str:
+    """Dotted TOML table name, quoting the parts that need it (``scopes."a.b"``)."""
+    out = []
+    for part in parts:
+        if _BARE_KEY_RE.fullmatch(part):
+            out.append(part)
+        else:
+            escaped = part.replace("\\", "\\\\").replace('"', '\\"')
+            out.append(f'"{escaped}"')
+    return ".".join(out)
+
+
+# --- Loading ---------------------------------------------------------------------
+
+
+class _Collector:
+    """Collects every problem of one load, so users fix them all in one go."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[PolicyProblem] = []
+
+    def add(self, table: str, key: str | None, message: str) -> None:
+        self.problems.append(PolicyProblem(self.source, table, key, message))
+
+    def table(
+        self, raw: Mapping[Any, Any], table: str, keys: Mapping[str, Callable[[object], Any]]
+    ) -> dict[str, Any]:
+        """Validate one table against its key table; returns the valid values."""
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                self.add(table, repr(key), f"keys must be strings, got {_kind(key)}")
+                continue
+            validate = keys.get(key)
+            if validate is None:
+                self.add(table, key, _unknown_key(key, keys))
+                continue
+            try:
+                values[key] = validate(value)
+            except ValueError as exc:
+                self.add(table, key, str(exc))
+        return values
+
+
+def _unknown_key(key: str, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    return f"unknown key {key!r}{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
+
+
+def _build(data: object, source: str, *, require_version: bool = True) -> Policy:
+    out = _Collector(source)
+    if not isinstance(data, Mapping):
+        out.add("", None, f"expected a table of settings, got {_kind(data)}")
+        raise PolicyError(out.problems)
+
+    if "version" not in data:
+        if require_version:
+            out.add("", "version", f"missing; a policy starts with `version = {POLICY_VERSION}`")
+    else:
+        version = data["version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            out.add("", "version", f"expected the integer {POLICY_VERSION}, got {_kind(version)}")
+        elif version != POLICY_VERSION:
+            out.add(
+                "",
+                "version",
+                f"unsupported version {version}; this allocpolicy reads version {POLICY_VERSION}",
+            )
+
+    # Top level: version, [process], [scopes.*]; anything else is a mistake.
+    for key, value in data.items():
+        if key in _TOP_KEYS:
+            continue
+        message = _unknown_key(str(key), _TOP_KEYS)
+        if isinstance(value, Mapping) and "did you mean" not in message:
+            message += f"; scopes are declared as [{_table_name('scopes', str(key))}]"
+        out.add("", str(key), message)
+
+    process_values: dict[str, Any] = {}
+    raw_process = data.get("process", {})
+    if isinstance(raw_process, Mapping):
+        process_values = out.table(raw_process, "process", _PROCESS_KEYS)
+    else:
+        out.add("", "process", f"expected a table [process], got {_kind(raw_process)}")
+
+    scopes: list[ScopePolicy] = []
+    raw_scopes = data.get("scopes", {})
+    if not isinstance(raw_scopes, Mapping):
+        out.add("", "scopes", f"expected tables [scopes.NAME], got {_kind(raw_scopes)}")
+        raw_scopes = {}
+    if len(raw_scopes) > MAX_SCOPES:
+        out.add("scopes", None, f"at most {MAX_SCOPES} scopes can be declared, got {len(raw_scopes)}")
+    for name, raw in raw_scopes.items():
+        table = _table_name("scopes", str(name))
+        name_problem = _scope_name_problem(name)
+        if name_problem:
+            out.add("scopes", str(name), name_problem)
+        if not isinstance(raw, Mapping):
+            out.add("scopes", str(name), f"expected a table [{table}], got {_kind(raw)}")
+            continue
+        values = out.table(raw, table, _SCOPE_KEYS)
+        if not name_problem:
+            scopes.append(ScopePolicy(name, **values))
+
+    if out.problems:
+        raise PolicyError(out.problems)
+    return Policy(
+        version=POLICY_VERSION,
+        process=ProcessPolicy(**process_values),
+        scopes=ScopeMap(scopes),
+        source=source,
+    )
+
+
+def policy_from_mapping(
+    data: Mapping[str, Any], source: str = CONFIGURE_SOURCE, *, require_version: bool = True
+) -> Policy:
+    """Build a policy from a mapping shaped like the TOML file.
+
+    ``{"version": 1, "scopes": {"request": {"budget": "256 MiB"}}}``. Same keys and
+    checks as :func:`load_policy`; with ``require_version=False`` a missing
+    ``version`` is taken as the current one.
+
+    Raises:
+        PolicyError: listing every mistake, with ``source`` as the location.
+    """
+    return _build(data, source, require_version=require_version)
+
+
+_TOML_ERROR_RE = re.compile(r"^(?P<message>.*?)\s*\(at line (?P<line>\d+), column (?P<column>\d+)\)$", re.S)
+_TABLE_HEADER_RE = re.compile(r"^\s*\[\[?\s*(?P<name>[^\]#]*?)\s*\]\]?\s*(?:#.*)?$")
+
+
+def _syntax_problem(source: str, text: str, exc: tomllib.TOMLDecodeError) -> PolicyProblem:
+    raw = str(exc)
+    match = _TOML_ERROR_RE.match(raw)
+    if not match:
+        return PolicyProblem(source, "", None, f"TOML syntax error: {raw}")
+    line, column = int(match["line"]), int(match["column"])
+    lines = text.splitlines()
+    # Name the table the error sits in (best effort: the last header above it).
+    table = ""
+    for previous in lines[: line - 1]:
+        header = _TABLE_HEADER_RE.match(previous)
+        if header:
+            table = header["name"]
+    message = f"TOML syntax error at line {line}, column {column}: {match['message']}"
+    if 0 < line <= len(lines) and lines[line - 1].strip():
+        message += f": {lines[line - 1].strip()}"
+    return PolicyProblem(source, table, None, message)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a TOML policy file.
+
+    Raises:
+        PolicyError: listing every mistake (an unreadable file and TOML syntax
+            errors are one problem each; otherwise one problem per wrong key).
+    """
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as exc:
+        raise PolicyError(
+            [PolicyProblem(source, "", None, f"cannot read the policy file: {exc.strerror or exc}")]
+        ) from None
+    return _load_text(raw, source)
+
+
+def _load_text(raw: bytes, source: str) -> Policy:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            [PolicyProblem(source, "", None, f"the policy file is not UTF-8 text (byte {exc.start})")]
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError([_syntax_problem(source, text, exc)]) from None
+    return _build(data, source)
+
+
+@functools.cache
+def default_policy() -> Policy:
+    """The built-in policy, from ``default_policy.toml`` shipped in the package."""
+    raw = importlib.resources.files(__package__).joinpath("default_policy.toml").read_bytes()
+    return _load_text(raw, BUILTIN_SOURCE)
+
+
+def policy_from_environment(environ: Mapping[str, str] | None = None) -> Policy | None:
+    """The policy ``allocpolicy run`` handed to this process, if any.
+
+    Reads :data:`ENV_POLICY`: :data:`BUILTIN_SOURCE` gives :func:`default_policy`,
+    the path of a readable file gives that file loaded; anything else ``None``.
+
+    Raises:
+        PolicyError: the named file no longer holds a valid policy.
+    """
+    env = os.environ if environ is None else environ
+    where = env.get(ENV_POLICY)
+    if not where:
+        return None
+    if where == BUILTIN_SOURCE:
+        return default_policy()
+    if os.path.isfile(where) and os.access(where, os.R_OK):
+        return load_policy(where)
+    return None
+
+
+# --- Percent budgets -------------------------------------------------------------
+
+# cgroup v1 reports "no limit" as a page-rounded INT64_MAX.
+_V1_UNLIMITED = 1 << 62
+
+
+def memory_limit(*, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> tuple[int, str]:
+    """Bytes of memory available to this process, and where that number came from.
+
+    The cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``)
+    of the process's cgroup and of its ancestors, since any of them can be the
+    one that stops us; physical memory (``MemTotal``) when no cgroup sets a
+    limit, or when it is lower than the cgroup limit.
+
+    Raises:
+        OSError: neither a cgroup limit nor ``MemTotal`` could be read.
+    """
+    candidates = []
+    cgroup = _cgroup_limit(Path(proc_root), Path(cgroup_root))
+    if cgroup is not None:
+        candidates.append(cgroup)
+    total = _mem_total(Path(proc_root))
+    if total is not None:
+        candidates.append((total, f"MemTotal in {Path(proc_root, 'meminfo')}"))
+    if not candidates:
+        raise OSError(
+            f"cannot tell how much memory is available: no cgroup memory limit under {cgroup_root} "
+            f"and no MemTotal in {Path(proc_root, 'meminfo')}"
+        )
+    return min(candidates, key=lambda c: c[0])
+
+
+def resolve_process_budget(
+    budget: int | Percent | None, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT
+) -> int | None:
+    """Bytes for a process budget: a :class:`Percent` is taken of :func:`memory_limit`.
+
+    Raises:
+        OSError: a percentage cannot be resolved on this system.
+    """
+    if budget is None or isinstance(budget, int):
+        return budget
+    if isinstance(budget, Percent):
+        total, _ = memory_limit(proc_root=proc_root, cgroup_root=cgroup_root)
+        return min(budget.of(total), MAX_SIZE)
+    raise TypeError(f"budget must be an int, a Percent or None, not {type(budget).__name__}")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _mem_total(proc_root: Path) -> int | None:
+    text = _read_text(proc_root / "meminfo")
+    for line in (text or "").splitlines():
+        match = re.match(r"MemTotal:\s*(\d+)\s*kB", line)
+        if match:
+            return int(match[1]) * 1024
+    return None
+
+
+def _cgroup_limit(proc_root: Path, cgroup_root: Path) -> tuple[int, str] | None:
+    text = _read_text(proc_root / "self" / "cgroup")
+    if text is None:
+        return None
+    best: tuple[int, str] | None = None
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            found = _walk_limits(cgroup_root, path, "memory.max")
+        elif "memory" in controllers.split(","):
+            found = _walk_limits(cgroup_root / "memory", path, "memory.limit_in_bytes")
+        else:
+            continue
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found
+    return best
+
+
+def _walk_limits(mount: Path, path: str, filename: str) -> tuple[int, str] | None:
+    """Lowest limit set on the cgroup ``path`` or any ancestor under ``mount``.
+
+    Parts of the path that do not exist under the mount (a container that sees
+    the host's path without a cgroup namespace) are skipped; the mount's own
+    directory is then the container's cgroup.
+    """
+    parts = [p for p in PurePosixPath(path).parts if p not in ("/", "", ".", "..")]
+    best: tuple[int, str] | None = None
+    for depth in range(len(parts), -1, -1):
+        file = mount.joinpath(*parts[:depth], filename)
+        text = _read_text(file)
+        if text is None:
+            continue
+        value = text.strip()
+        if not value.isdigit():  # "max", or garbage
+            continue
+        limit = int(value)
+        if limit >= _V1_UNLIMITED:
+            continue
+        if best is None or limit < best[0]:
+            best = (limit, f"cgroup limit in {file}")
+    return best
