@@ -1,0 +1,261 @@
+"""The ``allocpolicy`` command.
+
+::
+
+    allocpolicy run [--policy FILE] [--backend system|jemalloc|mimalloc] [--report-fd N] -- CMD ...
+    allocpolicy check [FILE]
+    allocpolicy lib
+    allocpolicy --version
+
+Exit codes: 0 success; 1 the runtime library is missing; 2 a usage or policy
+error; 126 the command cannot be executed; 127 the command was not found (the
+last two as in POSIX shells). After ``run`` has started the command, the exit
+status and signals are the command's own: ``run`` replaces itself with it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "BACKENDS"]
+
+import argparse
+import ctypes.util
+import dataclasses
+import os
+import platform
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._errors import PolicyError, RuntimeLoadError
+from ._policy import BUILTIN_SOURCE, ENV_POLICY, ENV_TABLE, MAX_FD, Policy, default_policy, load_policy
+
+PROG = "allocpolicy"
+
+EXIT_OK = 0
+EXIT_RUNTIME_MISSING = 1
+EXIT_USAGE = 2
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """An allocator preloaded behind the runtime."""
+
+    soname: str  #: file looked for in the library directories
+    link_name: str  #: name for ctypes.util.find_library
+    package: str  #: Debian package that ships it
+
+
+#: ``--backend`` choices; ``system`` is the C library's own allocator.
+BACKENDS: dict[str, Backend | None] = {
+    "system": None,
+    "jemalloc": Backend("libjemalloc.so.2", "jemalloc", "libjemalloc2"),
+    "mimalloc": Backend("libmimalloc.so.2", "mimalloc", "libmimalloc2.0"),
+}
+
+
+class UserError(Exception):
+    """A mistake of the caller: reported as one line, never as a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _version() -> str:
+    package = sys.modules.get(__package__ or "allocpolicy")
+    version = getattr(package, "__version__", None)
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        try:
+            version = dist_version("allocpolicy")
+        except PackageNotFoundError:
+            version = "unknown"
+    return f"{PROG} {version}"
+
+
+def _load(path: str | None) -> Policy:
+    return load_policy(path) if path is not None else default_policy()
+
+
+# --- run ---------------------------------------------------------------------
+
+
+def _library_dirs() -> list[str]:
+    triplet = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    return [
+        f"/usr/lib/{triplet}",
+        "/usr/lib",
+        f"/lib/{triplet}",
+        "/usr/local/lib",
+        "/usr/lib64",
+        "/lib64",
+    ]
+
+
+def find_backend(name: str) -> str | None:
+    """Path (or soname) of a backend allocator library; ``None`` for ``system``.
+
+    Raises:
+        UserError: the library is not installed; the message names the package.
+    """
+    backend = BACKENDS[name]
+    if backend is None:
+        return None
+    for directory in _library_dirs():
+        candidate = Path(directory, backend.soname)
+        if candidate.is_file():
+            return str(candidate)
+    # ldconfig's cache knows non-standard directories; the dynamic loader
+    # finds a bare soname there too.
+    found = ctypes.util.find_library(backend.link_name)
+    if found:
+        return found
+    raise UserError(
+        f"--backend {name} needs {backend.soname}, which is not installed; "
+        f"install the Debian package {backend.package} (apt-get install {backend.package})"
+    )
+
+
+def _preload(ours: str, backend: str | None, previous: str) -> str:
+    """LD_PRELOAD value: ours first, so that our dlsym(RTLD_NEXT) reaches the
+    backend, then the backend, then what was there (without repeating ours)."""
+    head = [ours] + ([backend] if backend else [])
+    rest = [p for p in previous.replace(":", " ").split() if p not in head]
+    return " ".join(head + rest)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UserError("run: no command given; usage: allocpolicy run [options] -- COMMAND [ARG ...]")
+    policy = _load(args.policy)
+    if args.report_fd is not None:
+        policy = dataclasses.replace(
+            policy, process=dataclasses.replace(policy.process, report_fd=args.report_fd)
+        )
+    table = policy.compile()
+    backend = find_backend(args.backend)
+
+    # Imported here so that `check` and `--help` work without the library.
+    from . import _native
+
+    library = _native.library_path()
+
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = _preload(library, backend, env.get("LD_PRELOAD", ""))
+    env[ENV_TABLE] = table
+    env[ENV_POLICY] = os.path.abspath(args.policy) if args.policy is not None else BUILTIN_SOURCE
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        # exec, not a child: the exit status, signals and pid are the command's own.
+        os.execvpe(command[0], command, env)
+    except FileNotFoundError:
+        raise UserError(f"command not found: {command[0]}", EXIT_NOT_FOUND) from None
+    except PermissionError:
+        raise UserError(f"permission denied: {command[0]}", EXIT_NOT_EXECUTABLE) from None
+    except OSError as exc:
+        raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- check, lib -----------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    print(_load(args.file).describe())
+    return EXIT_OK
+
+
+def cmd_lib(args: argparse.Namespace) -> int:
+    from . import _native
+
+    print(_native.library_path())
+    return EXIT_OK
+
+
+# --- argument parsing -----------------------------------------------------------
+
+
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a file descriptor number, got {text!r}") from None
+    if not 0 <= value <= MAX_FD:
+        raise argparse.ArgumentTypeError(f"expected a file descriptor number between 0 and {MAX_FD}, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Per-scope out-of-memory policy for Python processes.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a command under the runtime (LD_PRELOAD)",
+        description="Run COMMAND with the allocpolicy runtime preloaded and the policy applied.",
+        usage="%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--report-fd N] -- COMMAND [ARG ...]",
+    )
+    run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
+    run.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="system",
+        help="allocator that hands out the memory (default: system, the C library's)",
+    )
+    run.add_argument(
+        "--report-fd", metavar="N", type=_fd, help="file descriptor for diagnostics (overrides the policy)"
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    run.set_defaults(handler=cmd_run)
+
+    check = sub.add_parser(
+        "check",
+        help="validate a policy file and show the effective policy",
+        description="Validate FILE and print every setting with its effective value.",
+    )
+    check.add_argument("file", metavar="FILE", nargs="?", help="policy file (default: the built-in default policy)")
+    check.set_defaults(handler=cmd_check)
+
+    lib = sub.add_parser("lib", help="print the path of the runtime library", description="Print the path of the runtime library.")
+    lib.set_defaults(handler=cmd_lib)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``allocpolicy`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            _error(str(problem))
+        return EXIT_USAGE
+    except RuntimeLoadError as exc:
+        _error(str(exc))
+        return EXIT_RUNTIME_MISSING
+    except UserError as exc:
+        _error(str(exc))
+        return exc.code
+    except BrokenPipeError:
+        # `allocpolicy check x | head`: not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
