@@ -93,11 +93,17 @@ class scope(ContextDecorator):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         entered, seq = _stack().pop()
-        if entered:
-            rt = _native.runtime()
-            rt.exit()
+        if not entered:
+            return False
+        rt = _native.runtime()
+        rt.exit()
+        try:
             return self._boundary(rt, seq, exc, tb)
-        return False
+        finally:
+            # This frame ends up in the traceback of a raised AllocError; its
+            # locals must not keep the failed task's frames (and their memory)
+            # alive until the cyclic GC runs.
+            exc = tb = None
 
     def _boundary(self, rt, seq, exc, tb) -> bool:
         return False
@@ -125,7 +131,10 @@ class task(scope):
         err = _to_alloc_error(rt, seq, self.name)
         if err is None:
             return False
-        raise err.with_traceback(tb) from None
+        try:
+            raise err.with_traceback(tb) from None
+        finally:
+            err = exc = tb = None  # no cycle through this frame (see __exit__)
 
 
 def bind(fn: F) -> F:
@@ -158,7 +167,10 @@ def bind(fn: F) -> F:
             if attached and not isinstance(exc, AllocError):
                 err = _to_alloc_error(rt, seq, scope_name)
                 if err is not None:
-                    raise err.with_traceback(exc.__traceback__) from None
+                    try:
+                        raise err.with_traceback(exc.__traceback__) from None
+                    finally:
+                        err = exc = None  # no cycle through this frame
             raise
         finally:
             if attached:
