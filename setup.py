@@ -27,6 +27,12 @@ class BuildNative(build_py):
             ["make", "-s", "-C", str(HERE / "native"), f"OUT={out}", "-B"],
             env={**os.environ},
         )
+        # Interpreters started under `allocpolicy run` import the package at
+        # startup (the line is a no-op elsewhere), so their small objects are
+        # counted and an abort shows their Python traceback even if the
+        # program never imports allocpolicy itself.
+        self.copy_file(str(HERE / "allocpolicy" / "_startup.pth"),
+                       str(Path(self.build_lib, "allocpolicy-startup.pth")))
 
 
 class PlatformWheel(bdist_wheel):

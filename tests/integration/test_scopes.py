@@ -335,3 +335,26 @@ def test_scope_and_task_work_as_decorators(tmp_path):
         )
     )
     assert out.split() == [str(1 << 20), "request", "TypeError"]
+
+
+def test_programs_that_never_import_allocpolicy_are_governed_too(tmp_path):
+    # The process budget sees Python's small objects, and an abort shows the
+    # Python traceback, without the program importing the package.
+    proc = run_python(
+        """
+        import sys
+        try:
+            rows = [{} for _ in range(3_000_000)]
+            print("completed")
+        except MemoryError:
+            rows = None
+            print("refused", "allocpolicy" in sys.modules)
+        """,
+        """
+        version = 1
+        [process]
+        budget = "100 MiB"
+        """,
+        tmp_path,
+    )
+    assert check(proc).split() == ["refused", "True"]
