@@ -195,7 +195,9 @@ def _fd(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a file descriptor number, got {text!r}") from None
     if not 0 <= value <= MAX_FD:
-        raise argparse.ArgumentTypeError(f"expected a file descriptor number between 0 and {MAX_FD}, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a file descriptor number between 0 and {MAX_FD}, got {value}"
+        )
     return value
 
 
@@ -211,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a command under the runtime (LD_PRELOAD)",
         description="Run COMMAND with the allocpolicy runtime preloaded and the policy applied.",
-        usage="%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--report-fd N] -- COMMAND [ARG ...]",
+        usage=(
+            "%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--report-fd N] "
+            "-- COMMAND [ARG ...]"
+        ),
     )
     run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
     run.add_argument(
@@ -231,10 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a policy file and show the effective policy",
         description="Validate FILE and print every setting with its effective value.",
     )
-    check.add_argument("file", metavar="FILE", nargs="?", help="policy file (default: the built-in default policy)")
+    check.add_argument(
+        "file", metavar="FILE", nargs="?", help="policy file (default: the built-in default policy)"
+    )
     check.set_defaults(handler=cmd_check)
 
-    lib = sub.add_parser("lib", help="print the path of the runtime library", description="Print the path of the runtime library.")
+    lib = sub.add_parser(
+        "lib",
+        help="print the path of the runtime library",
+        description="Print the path of the runtime library.",
+    )
     lib.set_defaults(handler=cmd_lib)
     return parser
 

@@ -157,33 +157,40 @@ def _fd(value: object) -> int:
 
 # --- Declarative key tables ---------------------------------------------------
 #
-# One line per key: its name (also the dataclass field) and its validator.
-# Keys whose field defaults to None may be left out to mean "no limit".
+# One line per key: its name (also the name of the dataclass field that holds
+# it) and its validator. An optional key's field defaults to None ("not set").
 
-_PROCESS_KEYS: dict[str, Callable[[object], Any]] = {
-    "on_oom": _mode,
-    "budget": _process_budget,
-    "grace": _size,
-    "report_fd": _fd,
+
+@dataclass(frozen=True)
+class _Key:
+    validate: Callable[[object], Any]
+    optional: bool = False
+
+
+_PROCESS_KEYS: dict[str, _Key] = {
+    "on_oom": _Key(_mode),
+    "budget": _Key(_process_budget, optional=True),
+    "grace": _Key(_size),
+    "report_fd": _Key(_fd),
 }
 
-_SCOPE_KEYS: dict[str, Callable[[object], Any]] = {
-    "on_oom": _mode,
-    "budget": _budget,
-    "total_budget": _budget,
+_SCOPE_KEYS: dict[str, _Key] = {
+    "on_oom": _Key(_mode),
+    "budget": _Key(_budget, optional=True),
+    "total_budget": _Key(_budget, optional=True),
 }
 
 _TOP_KEYS = ("version", "process", "scopes")
 
 
-def _check_fields(obj: object, keys: Mapping[str, Callable[[object], Any]]) -> None:
+def _check_fields(obj: object, keys: Mapping[str, _Key]) -> None:
     """Validate and normalize the fields of a frozen dataclass built directly."""
-    for key, validate in keys.items():
+    for key, spec in keys.items():
         value = getattr(obj, key)
-        if value is None and key in ("budget", "total_budget"):
+        if value is None and spec.optional:
             continue
         try:
-            object.__setattr__(obj, key, validate(value))
+            object.__setattr__(obj, key, spec.validate(value))
         except ValueError as exc:
             raise ValueError(f"{type(obj).__name__}(): argument {key!r}: {exc}") from None
 
@@ -309,7 +316,9 @@ class Policy:
         if not isinstance(self.scopes, ScopeMap):
             object.__setattr__(self, "scopes", ScopeMap(self.scopes))
         if len(self.scopes) > MAX_SCOPES:
-            raise ValueError(f"Policy(): argument 'scopes': at most {MAX_SCOPES} scopes, got {len(self.scopes)}")
+            raise ValueError(
+                f"Policy(): argument 'scopes': at most {MAX_SCOPES} scopes, got {len(self.scopes)}"
+            )
 
     def compile(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
         """The flat table string the native library parses (``ap_configure``,
@@ -354,9 +363,7 @@ class Policy:
             except OSError as exc:
                 budget = f"{p.budget} of the memory available (cannot resolve here: {exc})"
             else:
-                budget = (
-                    f"{p.budget} of {_bytes(total)} ({basis}) = {_bytes(p.budget.of(total))} here"
-                )
+                budget = f"{p.budget} of {_bytes(total)} ({basis}) = {_bytes(p.budget.of(total))} here"
         else:
             budget = _limit(p.budget)
         rows = [
@@ -431,21 +438,19 @@ class _Collector:
     def add(self, table: str, key: str | None, message: str) -> None:
         self.problems.append(PolicyProblem(self.source, table, key, message))
 
-    def table(
-        self, raw: Mapping[Any, Any], table: str, keys: Mapping[str, Callable[[object], Any]]
-    ) -> dict[str, Any]:
+    def table(self, raw: Mapping[Any, Any], table: str, keys: Mapping[str, _Key]) -> dict[str, Any]:
         """Validate one table against its key table; returns the valid values."""
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if not isinstance(key, str):
                 self.add(table, repr(key), f"keys must be strings, got {_kind(key)}")
                 continue
-            validate = keys.get(key)
-            if validate is None:
+            spec = keys.get(key)
+            if spec is None:
                 self.add(table, key, _unknown_key(key, keys))
                 continue
             try:
-                values[key] = validate(value)
+                values[key] = spec.validate(value)
             except ValueError as exc:
                 self.add(table, key, str(exc))
         return values

@@ -29,9 +29,7 @@ def run_cli(allocpolicy_lib):
     """Run `python -m allocpolicy ARGS` with the library the other tests use."""
 
     def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-        base = {
-            k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"
-        }
+        base = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
         base["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, base.get("PYTHONPATH")]))
         base["ALLOCPOLICY_LIBRARY"] = allocpolicy_lib
         base.update(env or {})
@@ -73,7 +71,18 @@ def test_run_policy_file(run_cli, tmp_path):
     )
     # A relative path: the command may change directory, so it gets an absolute one.
     seen = child_env(
-        run_cli("run", "--policy", "p.toml", "--report-fd", "7", "--", sys.executable, "-c", SHOW_ENV, cwd=tmp_path)
+        run_cli(
+            "run",
+            "--policy",
+            "p.toml",
+            "--report-fd",
+            "7",
+            "--",
+            sys.executable,
+            "-c",
+            SHOW_ENV,
+            cwd=tmp_path,
+        )
     )
     assert seen["ALLOCPOLICY_POLICY"] == str(tmp_path / "p.toml")
     assert seen["ALLOCPOLICY_TABLE"] == "v=1;grace=4194304;fd=7;process=abort:0;scope=job:raise:33554432:0"
@@ -84,7 +93,9 @@ def test_run_keeps_previous_preload_after_ours(run_cli, allocpolicy_lib):
     # libm is harmless to preload. Ours must come first so that its
     # dlsym(RTLD_NEXT) reaches the real allocator, and must not appear twice.
     seen = child_env(
-        run_cli("run", "--", sys.executable, "-c", SHOW_ENV, env={"LD_PRELOAD": f"libm.so.6:{allocpolicy_lib}"})
+        run_cli(
+            "run", "--", sys.executable, "-c", SHOW_ENV, env={"LD_PRELOAD": f"libm.so.6:{allocpolicy_lib}"}
+        )
     )
     assert seen["LD_PRELOAD"] == f"{allocpolicy_lib} libm.so.6"
 
@@ -116,7 +127,9 @@ def test_exit_status_is_the_commands(run_cli):
 
 def test_signals_are_the_commands(run_cli):
     # exec, not a child process: the signal kills the process we started.
-    proc = run_cli("run", "--", sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    proc = run_cli(
+        "run", "--", sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    )
     assert proc.returncode == -signal.SIGTERM
 
 

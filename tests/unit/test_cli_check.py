@@ -90,7 +90,9 @@ def test_check_reports_every_mistake_one_line_each(tmp_path):
         f"allocpolicy: error: {path}: [scopes.request] key 'budget': sizes cannot be negative, got '-3 MiB'",
         lines[3],
     ]
-    assert lines[3].startswith(f"allocpolicy: error: {path}: [scopes.request] key 'total_budget': unknown unit")
+    assert lines[3].startswith(
+        f"allocpolicy: error: {path}: [scopes.request] key 'total_budget': unknown unit"
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -99,7 +101,9 @@ def test_check_syntax_error(tmp_path):
     proc = run_cli("check", str(path))
     assert proc.returncode == 2
     [line] = proc.stderr.splitlines()
-    assert line.startswith(f"allocpolicy: error: {path}: [scopes.request]: TOML syntax error at line 3, column")
+    assert line.startswith(
+        f"allocpolicy: error: {path}: [scopes.request]: TOML syntax error at line 3, column"
+    )
 
 
 def test_check_missing_file(tmp_path):

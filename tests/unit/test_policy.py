@@ -61,8 +61,7 @@ def test_default_policy():
     for name in ("task", "request"):
         assert policy.scopes[name] == ScopePolicy(name, on_oom="raise", budget=256 * MiB)
     assert policy.compile() == (
-        "v=1;grace=4194304;fd=2;process=raise:0;"
-        "scope=task:raise:268435456:0;scope=request:raise:268435456:0"
+        "v=1;grace=4194304;fd=2;process=raise:0;scope=task:raise:268435456:0;scope=request:raise:268435456:0"
     )
 
 
@@ -132,7 +131,7 @@ def test_compile_keeps_declaration_order(tmp_path):
 
 def test_policy_is_immutable_and_hashable(tmp_path):
     a = load_policy(write(tmp_path, 'version = 1\n[scopes.x]\nbudget = "1 MiB"\n'))
-    b = load_policy(write(tmp_path, 'version = 1\n[scopes.x]\nbudget = 1048576\n'))
+    b = load_policy(write(tmp_path, "version = 1\n[scopes.x]\nbudget = 1048576\n"))
     assert a == b and hash(a) == hash(b)
     assert {a: 1}[b] == 1
     with pytest.raises(TypeError):
@@ -225,7 +224,9 @@ def test_bad_size_string(tmp_path):
 
 
 def test_percent_only_for_the_process_budget(tmp_path):
-    assert load_policy(write(tmp_path, 'version = 1\n[process]\nbudget = "80%"\n')).process.budget == Percent(80)
+    assert load_policy(write(tmp_path, 'version = 1\n[process]\nbudget = "80%"\n')).process.budget == Percent(
+        80
+    )
     problem = only_problem(write(tmp_path, 'version = 1\n[scopes.a]\nbudget = "80%"\n'))
     assert (problem.table, problem.key) == ("scopes.a", "budget")
     assert "percentage is not allowed" in problem.message
@@ -246,7 +247,7 @@ def test_report_fd(tmp_path):
 
 
 def test_syntax_error_reports_line_and_column(tmp_path):
-    path = write(tmp_path, 'version = 1\n\n[scopes.request]\nbudget = 256 MiB\n')
+    path = write(tmp_path, "version = 1\n\n[scopes.request]\nbudget = 256 MiB\n")
     problem = only_problem(path)
     assert problem.source == str(path)
     assert problem.table == "scopes.request"
@@ -265,7 +266,9 @@ def test_missing_version(tmp_path):
     assert "version = 1" in problem.message
 
 
-@pytest.mark.parametrize("value, words", [("2", "unsupported version 2"), ('"1"', "integer"), ("true", "integer")])
+@pytest.mark.parametrize(
+    "value, words", [("2", "unsupported version 2"), ('"1"', "integer"), ("true", "integer")]
+)
 def test_unsupported_version(tmp_path, value, words):
     problem = only_problem(write(tmp_path, f"version = {value}\n"))
     assert problem.key == "version"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocpolicy._sizes import GiB, KiB, MAX_SIZE, MiB, Percent, TiB, format_size, parse_size
+from allocpolicy._sizes import MAX_SIZE, GiB, KiB, MiB, Percent, TiB, format_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,10 @@ def test_format_then_parse_is_exact_for_round_sizes(whole, unit, hundredths):
     assert parse_size(format_size(n)) == n
 
 
-@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["", "B", "KiB", "MiB", "GiB", "KB", "MB", "GB"]))
+@given(
+    st.integers(min_value=0, max_value=10**6),
+    st.sampled_from(["", "B", "KiB", "MiB", "GiB", "KB", "MB", "GB"]),
+)
 def test_parse_whole_numbers_exactly(number, unit):
     factors = {"": 1, "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "KB": 1000, "MB": 10**6, "GB": 10**9}
     assert parse_size(f"{number} {unit}") == number * factors[unit]
