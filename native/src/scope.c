@@ -82,15 +82,27 @@ static void try_reclaim(uint32_t id);
 static void chain_apply(uint32_t id, int64_t delta, uint64_t count) {
     for (;;) {
         ap__instance *in = &ap__instances[id];
+        /* Read the links before crediting this level: once our bytes are out
+         * of an ended instance, another thread's free can bring it to zero,
+         * reclaim it, and ap_enter can reuse the id with another scope and
+         * parent, so reading them afterwards credited the wrong scope total
+         * and walked the wrong chain (seen as scope totals drifting apart
+         * once instance ids were recycled). The release fence orders these
+         * reads before the decrement that try_reclaim's acquire load sees. */
+        uint32_t parent = in->parent;
+        uint32_t scope = in->scope;
+        uint32_t counts_scope = in->counts_scope;
+        if (delta < 0)
+            atomic_thread_fence(memory_order_release);
         int64_t now = counters_add(&in->c, delta, count);
-        if (in->counts_scope)
-            counters_add(&ap__scopes[in->scope].total, delta, count);
+        if (counts_scope)
+            counters_add(&ap__scopes[scope].total, delta, count);
         if (id == AP_INSTANCE_PROCESS)
             return;
         if (delta < 0 && now == 0 &&
             atomic_load_explicit(&in->state, memory_order_acquire) == AP__INST_ENDED)
             try_reclaim(id);
-        id = in->parent;
+        id = parent;
     }
 }
 
@@ -183,6 +195,10 @@ refused:
 static void thread_exit(void *unused) {
     (void)unused;
     ap__tls_t *t = &ap__tls;
+    /* A thread that ends inside scopes leaves them, or their instances would
+     * never end (and never be reclaimed). */
+    while (t->depth)
+        ap_exit();
     ap__publish(t);
     /* Later destructors may allocate again; they run through the slow path,
      * which registers this destructor anew (glibc repeats destructor rounds). */
@@ -455,6 +471,7 @@ ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
     atomic_store(&in->state, AP__INST_ACTIVE);
     atomic_fetch_add(&sc->instances, 1);
     atomic_fetch_add(&sc->active, 1);
+    register_thread(t);
     t->stack[t->depth++] = parent;
     switch_to(t, id);
     *instance_id = id;
@@ -497,6 +514,7 @@ ap_status ap_attach(uint32_t id) {
     ap_status st = ap_hold(id);
     if (st != AP_OK)
         return st;
+    register_thread(t);
     t->stack[t->depth++] = t->cur;
     switch_to(t, id);
     return AP_OK;
