@@ -449,6 +449,10 @@ class _Collector:
             if spec is None:
                 self.add(table, key, _unknown_key(key, keys))
                 continue
+            if value is None and spec.optional:
+                # Only mappings can say this (TOML has no null): "not set".
+                values[key] = None
+                continue
             try:
                 values[key] = spec.validate(value)
             except ValueError as exc:

@@ -539,3 +539,13 @@ def test_describe_shows_every_scope_and_key(tmp_path):
 def test_describe_quotes_dotted_scope_names():
     policy = Policy(scopes=[ScopePolicy("image.decode")])  # type: ignore[arg-type]
     assert '[scopes."image.decode"]' in policy.describe()
+
+
+def test_policy_from_mapping_none_means_not_set_for_optional_keys():
+    policy = policy_from_mapping(
+        {"version": 1, "process": {"budget": None}, "scopes": {"a": {"budget": None}}}
+    )
+    assert policy.process.budget is None and policy.scopes["a"].budget is None
+    with pytest.raises(PolicyError) as info:
+        policy_from_mapping({"version": 1, "process": {"on_oom": None}})
+    assert [(p.table, p.key) for p in info.value.problems] == [("process", "on_oom")]
