@@ -1,0 +1,616 @@
+"""Overhead of the allocpolicy runtime, measured side by side in one run.
+
+    python benchmarks/run.py            # full run, a few minutes
+    python benchmarks/run.py --quick    # smoke run, well under 30 seconds
+    nox -s bench [-- --quick]
+
+Four parts, each optional (--only PART, repeatable):
+
+c          a C program doing malloc/free pairs of small blocks, 1 and 2
+           threads: (a) no preload, (n) a null interposer that only forwards
+           to glibc (the floor for any preload), (b) preload outside any
+           scope, (c) each
+           thread in its own scope instance with a budget, (d) two threads in
+           one shared instance.
+callgrind  the same program under valgrind's callgrind: instructions per pair
+           (exact and repeatable, unlike wall time on a shared machine) and
+           where the added instructions go.
+profile    the same program sampled by `perf record -e cpu-clock`: ns per
+           pair spent in each function, without and with the preload.
+python     an object-heavy Python workload without preload, under the preload
+           inside allocpolicy.task("task") with a budget, under tracemalloc,
+           under memray, and with PYTHONMALLOC=malloc with and without the
+           preload.
+
+Every configuration is repeated (7 times by default) and the order of the
+variants is rotated on every repeat, so slow drift of the machine is spread
+over all of them; the figures are medians. A table of ratios is printed and
+everything, raw samples included, is written to benchmarks/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LIBRARY_NAME = "liballocpolicy.so"
+
+# Targets (docs/benchmarks.rst): ratio to the run without the preload.
+C_TARGET = 1.10
+PY_TARGET = 1.05
+
+C_BUDGET = 1 << 30  # 1 GiB per instance of "work": never refuses here
+PY_BUDGET = 4 << 30  # 4 GiB per instance of "task"
+
+C_VARIANTS = {
+    "a": "no preload",
+    "n": "null interposer",
+    "b": "preload, no scope",
+    "c": "preload, own scope",
+    "d": "preload, shared scope",
+}
+
+PY_VARIANTS = {
+    "plain": "no preload",
+    "preload": "preload, no scope",
+    "task": "preload, task scope + budget",
+    "tracemalloc": "tracemalloc, no preload",
+    "memray": "memray Tracker, no preload",
+    "malloc": "PYTHONMALLOC=malloc, no preload",
+    "malloc+task": "PYTHONMALLOC=malloc, preload, task scope",
+}
+
+# Environment variables a variant must not inherit from whoever runs this.
+_SCRUB = ("LD_PRELOAD", "PYTHONMALLOC", "PYTHONTRACEMALLOC", "ALLOCPOLICY_TABLE", "ALLOCPOLICY_POLICY")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Setup
+
+
+def find_library(explicit: str | None) -> Path:
+    """The runtime library: --lib, else the installed package's, else a build
+    of native/ in the source tree (made with `make -C native` if missing)."""
+    if explicit:
+        path = Path(explicit).resolve()
+        if not path.is_file():
+            raise SystemExit(f"run.py: --lib {explicit}: no such file")
+        return path
+    code = (
+        "import importlib.util, pathlib, sys\n"
+        "spec = importlib.util.find_spec('allocpolicy')\n"
+        "sys.stdout.write(str(pathlib.Path(spec.origin).parent) if spec and spec.origin else '')\n"
+    )
+    # Run from a neutral directory so the source tree's package does not shadow
+    # the installed one.
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )
+    pkg = out.stdout.strip()
+    if pkg:
+        candidate = Path(pkg) / "_lib" / LIBRARY_NAME
+        if candidate.is_file():
+            return candidate.resolve()
+    candidate = ROOT / "native" / "build" / LIBRARY_NAME
+    if not candidate.is_file():
+        log("building the runtime: make -C native")
+        subprocess.run(["make", "-C", str(ROOT / "native")], check=True, stdout=subprocess.DEVNULL)
+    return candidate.resolve()
+
+
+def build_c(build_dir: Path) -> tuple[Path, Path]:
+    """The pair program and the null interposer (benchmarks/c/)."""
+    cc = os.environ.get("CC", "cc")
+    flags = [cc, "-O2", "-std=c11", "-Wall", "-Wextra"]
+    binary = build_dir / "malloc_pairs"
+    subprocess.run([*flags, "-o", str(binary), str(HERE / "c" / "malloc_pairs.c"),
+                    "-ldl", "-lpthread"], check=True)
+    null = build_dir / "null_preload.so"
+    subprocess.run([*flags, "-shared", "-fPIC", "-o", str(null), str(HERE / "c" / "null_preload.c"),
+                    "-ldl"], check=True)
+    return binary, null
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    return env
+
+
+def preload_env(lib: Path, table: str) -> dict[str, str]:
+    env = base_env()
+    env["LD_PRELOAD"] = str(lib)
+    env["ALLOCPOLICY_TABLE"] = table
+    return env
+
+
+def command_output(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "glibc": " ".join(platform.libc_ver()),
+        "cc": command_output([os.environ.get("CC", "cc"), "--version"]).splitlines()[0:1],
+        "valgrind": command_output(["valgrind", "--version"]),
+    }
+
+
+def rotated(items: list, r: int) -> list:
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# C malloc/free pairs
+
+
+def c_cases() -> list[tuple[str, int]]:
+    return [(p, t) for p in ("fixed64", "mix") for t in (1, 2)]
+
+
+def c_variants(threads: int) -> list[str]:
+    return ["a", "n", "b", "c", "d"] if threads > 1 else ["a", "n", "b", "c"]
+
+
+C_SCOPE = {"a": "none", "n": "none", "b": "none", "c": "own", "d": "shared"}
+
+
+def c_env(variant: str, lib: Path, null: Path) -> dict[str, str]:
+    if variant == "a":
+        return base_env()
+    if variant == "n":
+        env = base_env()
+        env["LD_PRELOAD"] = str(null)
+        return env
+    return preload_env(lib, f"v=1;process=raise:0;scope=work:raise:{C_BUDGET}:0")
+
+
+def run_c_once(binary: Path, lib: Path, null: Path, pattern: str, threads: int, variant: str,
+               pairs: int) -> float:
+    env = c_env(variant, lib, null)
+    scope = C_SCOPE[variant]
+    out = subprocess.run(
+        [str(binary), pattern, str(threads), scope, str(pairs)],
+        env=env, capture_output=True, text=True,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"malloc_pairs {pattern} {threads} {scope} failed: {out.stderr.strip()}")
+    m = re.search(r"ns_per_pair=([0-9.]+) cpu_ns_per_pair=([0-9.]+)", out.stdout)
+    if not m:
+        raise SystemExit(f"malloc_pairs: unexpected output {out.stdout!r}")
+    return float(m.group(2)), float(m.group(1))
+
+
+def bench_c(binary: Path, lib: Path, null: Path, repeats: int, pairs: int) -> dict:
+    cpu: dict[str, dict[str, list[float]]] = {}
+    wall: dict[str, dict[str, list[float]]] = {}
+    for r in range(repeats):
+        log(f"  c: repeat {r + 1}/{repeats}")
+        for pattern, threads in c_cases():
+            case = f"{pattern}/{threads}t"
+            for v in rotated(c_variants(threads), r):
+                c, w = run_c_once(binary, lib, null, pattern, threads, v, pairs)
+                cpu.setdefault(case, {}).setdefault(v, []).append(c)
+                wall.setdefault(case, {}).setdefault(v, []).append(w)
+    cases = {}
+    for pattern, threads in c_cases():
+        case = f"{pattern}/{threads}t"
+        med = {v: median(xs) for v, xs in cpu[case].items()}
+        wmed = {v: median(xs) for v, xs in wall[case].items()}
+        cases[case] = {
+            "pattern": pattern,
+            "threads": threads,
+            "ns_per_pair": med,
+            "ratio": {v: med[v] / med["a"] for v in med},
+            "wall_ns_per_pair": wmed,
+            "wall_ratio": {v: wmed[v] / wmed["a"] for v in wmed},
+            "samples": cpu[case],
+            "wall_samples": wall[case],
+        }
+    return {"pairs_per_thread": pairs, "repeats": repeats, "clock": "thread CPU time",
+            "cases": cases}
+
+
+# ---------------------------------------------------------------------------
+# Instruction counts under callgrind
+
+_ANNOTATE_LINE = re.compile(r"^\s*([0-9,]+)\s+\([ 0-9.]+%\)\s+(\S.*?)\s*$")
+
+
+def _callgrind(binary: Path, env: dict, args: list[str], out_file: Path) -> dict[str, int]:
+    """Run under callgrind; return {function: self instructions} and the total."""
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", str(binary), *args],
+        env=env, check=True, capture_output=True,
+    )
+    text = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", "--auto=no", str(out_file)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    funcs: dict[str, int] = {}
+    for line in text.splitlines():
+        m = _ANNOTATE_LINE.match(line)
+        if not m:
+            continue
+        count = int(m.group(1).replace(",", ""))
+        name = m.group(2)
+        if name.startswith("PROGRAM TOTALS"):
+            funcs["TOTAL"] = count
+        else:
+            # "file:function [object]" -> "function [object]"; keep it short.
+            name = re.sub(r"^\S*?/([^/\s]+):", r"\1:", name)
+            name = re.sub(r"\[\S*/([^/\]]+)\]$", r"[\1]", name)
+            funcs[name] = funcs.get(name, 0) + count
+    return funcs
+
+
+def bench_callgrind(binary: Path, lib: Path, null: Path, pairs: int, work: Path,
+                    variants: tuple[str, ...] = ("a", "n", "b", "c")) -> dict:
+    """Instructions per pair, from two run lengths so start-up cancels out."""
+    results: dict = {"pairs": [pairs, 2 * pairs], "cases": {}, "added_by_function": {}}
+    for pattern in ("fixed64", "mix"):
+        case: dict = {}
+        for v in variants:
+            env = c_env(v, lib, null)
+            scope = C_SCOPE[v]
+            runs = []
+            for n in (pairs, 2 * pairs):
+                runs.append(_callgrind(binary, env, [pattern, "1", scope, str(n)],
+                                       work / f"cg.{pattern}.{v}.{n}"))
+            per_pair = {
+                name: (runs[1].get(name, 0) - runs[0].get(name, 0)) / pairs
+                for name in set(runs[0]) | set(runs[1])
+            }
+            per_pair = {k: round(x, 1) for k, x in per_pair.items() if abs(x) >= 0.5}
+            case[v] = {
+                "instructions_per_pair": per_pair.get("TOTAL", 0.0),
+                "by_function": dict(sorted(
+                    ((k, x) for k, x in per_pair.items() if k != "TOTAL"),
+                    key=lambda kv: -kv[1],
+                )),
+            }
+            log(f"  callgrind: {pattern} {v}: {case[v]['instructions_per_pair']:.1f} instructions/pair")
+        base = case["a"]["instructions_per_pair"]
+        for v in case:
+            case[v]["ratio"] = case[v]["instructions_per_pair"] / base if base else float("nan")
+        fa, fc = case["a"]["by_function"], case["c"]["by_function"]
+        delta = {k: round(fc.get(k, 0) - fa.get(k, 0), 1) for k in set(fa) | set(fc)}
+        results["added_by_function"][pattern] = dict(sorted(
+            ((k, x) for k, x in delta.items() if abs(x) >= 0.5), key=lambda kv: -abs(kv[1])
+        ))
+        results["cases"][pattern] = case
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Sampled time profile (perf, software clock)
+
+_PERF_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+\[[.k]\]\s+(.+?)\s*$")
+PERF_FREQ = 4999
+
+
+def perf_works() -> bool:
+    if not shutil.which("perf"):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            ["perf", "record", "-q", "-e", "cpu-clock", "-o", f"{tmp}/p.data", "true"],
+            capture_output=True,
+        )
+        return out.returncode == 0
+
+
+def _perf(binary: Path, env: dict, args: list[str], out_file: Path) -> tuple[dict[str, int], float]:
+    """Sample the program on the CPU clock; return {"symbol [dso]": samples} and
+    the ns per pair the program itself reported."""
+    run = subprocess.run(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_FREQ), "-o", str(out_file),
+         "--", str(binary), *args],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    m = re.search(r"cpu_ns_per_pair=([0-9.]+)", run.stdout)
+    text = subprocess.run(
+        ["perf", "report", "-i", str(out_file), "--stdio", "--no-children",
+         "--sort", "dso,sym", "-F", "sample,dso,sym"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    samples: dict[str, int] = {}
+    for line in text.splitlines():
+        m2 = _PERF_LINE.match(line)
+        if m2:
+            key = f"{m2.group(3)} [{m2.group(2)}]"
+            samples[key] = samples.get(key, 0) + int(m2.group(1))
+    return samples, float(m.group(1)) if m else float("nan")
+
+
+def bench_profile(binary: Path, lib: Path, null: Path, pairs: int, work: Path) -> dict:
+    """Where the time of one pair goes, 1 thread: ns per pair for each symbol,
+    without the preload (a) and in an own scope (c)."""
+    results: dict = {"event": "cpu-clock", "frequency": PERF_FREQ, "pairs": pairs, "cases": {}}
+    for pattern in ("fixed64", "mix"):
+        case = {}
+        for v in ("a", "c"):
+            env = c_env(v, lib, null)
+            scope = C_SCOPE[v]
+            samples, reported = _perf(binary, env, [pattern, "1", scope, str(pairs)],
+                                      work / f"perf.{pattern}.{v}")
+            per_pair = {k: n / PERF_FREQ / pairs * 1e9 for k, n in samples.items()}
+            per_pair = {k: round(x, 2) for k, x in sorted(per_pair.items(), key=lambda kv: -kv[1])
+                        if x >= 0.05}
+            case[v] = {"reported_ns_per_pair": reported, "ns_per_pair_by_symbol": per_pair}
+        results["cases"][pattern] = case
+        log(f"  profile: {pattern} done")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Python workload
+
+
+def run_py_once(lib: Path, variant: str, scale: float, api: str) -> dict:
+    table = f"v=1;process=raise:0;scope=task:raise:{PY_BUDGET}:0"
+    mode = {"plain": "plain", "preload": "plain", "task": "task", "tracemalloc": "tracemalloc",
+            "memray": "memray", "malloc": "plain", "malloc+task": "task"}[variant]
+    preload = variant in ("preload", "task", "malloc+task")
+    env = preload_env(lib, table) if preload else base_env()
+    if variant.startswith("malloc"):
+        env["PYTHONMALLOC"] = "malloc"
+    cmd = [sys.executable, str(HERE / "workload.py"), "--scale", str(scale), "--mode", mode,
+           "--api", api]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise SystemExit(f"workload {variant} failed:\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def have_memray() -> bool:
+    out = subprocess.run([sys.executable, "-c", "import memray"], capture_output=True,
+                         env=base_env())
+    return out.returncode == 0
+
+
+def bench_python(lib: Path, repeats: int, scale: float, api: str) -> dict:
+    variants = list(PY_VARIANTS)
+    skipped = {}
+    if not have_memray():
+        variants.remove("memray")
+        skipped["memray"] = "memray is not importable by this interpreter"
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    details: dict[str, dict] = {}
+    checks: set[int] = set()
+    for r in range(repeats):
+        log(f"  python: repeat {r + 1}/{repeats}")
+        for v in rotated(variants, r):
+            res = run_py_once(lib, v, scale, api)
+            samples[v].append(res["cpu"])
+            wall[v].append(res["elapsed"])
+            checks.add(res["check"])
+            details[v] = {k: x for k, x in res.items() if k not in ("elapsed", "cpu", "check")}
+    if len(checks) != 1:
+        raise SystemExit(f"workload checksums differ between variants: {sorted(checks)}")
+    med = {v: median(xs) for v, xs in samples.items()}
+    wmed = {v: median(xs) for v, xs in wall.items()}
+    return {
+        "scale": scale,
+        "repeats": repeats,
+        "clock": "process CPU time",
+        "seconds": med,
+        "ratio": {v: med[v] / med["plain"] for v in med},
+        "wall_seconds": wmed,
+        "wall_ratio": {v: wmed[v] / wmed["plain"] for v in wmed},
+        "samples": samples,
+        "wall_samples": wall,
+        "last_run": details,
+        "skipped": skipped,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def print_report(res: dict) -> None:
+    out = sys.stdout
+    if "c" in res:
+        c = res["c"]
+        out.write(f"\nC malloc/free pairs: CPU ns per pair and thread, median of {c['repeats']}, "
+                  f"{c['pairs_per_thread']:,} pairs per thread (ratio to a)\n")
+        head = f"{'case':<12}" + "".join(f"{v + ': ' + C_VARIANTS[v]:>25}" for v in C_VARIANTS)
+        out.write(head + "\n" + "-" * len(head) + "\n")
+        for case, d in c["cases"].items():
+            row = f"{case:<12}"
+            for v in C_VARIANTS:
+                if v in d["ns_per_pair"]:
+                    cell = f"{d['ns_per_pair'][v]:.2f}"
+                    if v != "a":
+                        cell += f" ({fmt_ratio(d['ratio'][v])})"
+                else:
+                    cell = "-"
+                row += f"{cell:>25}"
+            out.write(row + "\n")
+    if "callgrind" in res:
+        cg = res["callgrind"]
+        out.write("\nInstructions per malloc/free pair (callgrind, 1 thread, exact)\n")
+        for pattern, case in cg["cases"].items():
+            cells = ", ".join(
+                f"{v}: {case[v]['instructions_per_pair']:.1f}"
+                + ("" if v == "a" else f" ({fmt_ratio(case[v]['ratio'])})")
+                for v in ("a", "n", "b", "c") if v in case
+            )
+            out.write(f"  {pattern:<8} {cells}\n")
+        for pattern, added in cg["added_by_function"].items():
+            out.write(f"  instructions added per pair, c - a, {pattern}:\n")
+            for name, n in added.items():
+                out.write(f"    {n:+8.1f}  {name}\n")
+    if "profile" in res:
+        pr = res["profile"]
+        out.write("\nTime per pair by symbol (perf, cpu-clock samples, 1 thread), ns\n")
+        for pattern, case in pr["cases"].items():
+            out.write(f"  {pattern}: a {case['a']['reported_ns_per_pair']:.2f} ns, "
+                      f"c {case['c']['reported_ns_per_pair']:.2f} ns per pair (as timed under perf)\n")
+            syms = list(dict.fromkeys([*case["c"]["ns_per_pair_by_symbol"], *case["a"]["ns_per_pair_by_symbol"]]))
+            for k in syms[:10]:
+                a = case["a"]["ns_per_pair_by_symbol"].get(k, 0.0)
+                c = case["c"]["ns_per_pair_by_symbol"].get(k, 0.0)
+                out.write(f"    {a:7.2f} -> {c:7.2f}  {k}\n")
+    if "python" in res:
+        p = res["python"]
+        out.write(f"\nPython workload: CPU seconds (and wall), median of {p['repeats']} "
+                  f"(scale {p['scale']})\n")
+        head = f"{'variant':<58}{'cpu s':>9}{'ratio':>8}{'wall s':>9}{'ratio':>8}"
+        out.write(head + "\n" + "-" * len(head) + "\n")
+        for v, label in PY_VARIANTS.items():
+            if v not in p["seconds"]:
+                out.write(f"{v + ' (' + label + ')':<58}{'skipped':>9}\n")
+                continue
+            out.write(f"{v + ' (' + label + ')':<58}{p['seconds'][v]:>9.3f}"
+                      f"{fmt_ratio(p['ratio'][v]):>8}{p['wall_seconds'][v]:>9.3f}"
+                      f"{fmt_ratio(p['wall_ratio'][v]):>8}\n")
+        task = p["last_run"].get("task", {})
+        scope = task.get("scope", {})
+        if scope:
+            out.write(f"  task scope via {task.get('api')} API: peak {scope.get('peak', 0) / 2**20:.1f} MiB, "
+                      f"{scope.get('allocations', 0):,} allocations charged, "
+                      f"{scope.get('violations', 0)} violations\n")
+    t = res.get("targets", {})
+    if t:
+        out.write("\nTargets\n")
+        for name, d in t.items():
+            verdict = "met" if d["met"] else "MISSED"
+            out.write(f"  {name}: worst {fmt_ratio(d['worst'])} ({d['where']}), target <= "
+                      f"{fmt_ratio(d['target'])}: {verdict}\n")
+    out.flush()
+
+
+def targets(res: dict) -> dict:
+    t = {}
+    if "c" in res:
+        worst, where = 0.0, ""
+        for case, d in res["c"]["cases"].items():
+            for v, x in d["ratio"].items():
+                if v not in ("a", "n") and x > worst:
+                    worst, where = x, f"{case} {v}"
+        t["C malloc/free pair, time"] = {"worst": worst, "where": where, "target": C_TARGET,
+                                         "met": worst <= C_TARGET}
+    if "callgrind" in res:
+        worst, where = 0.0, ""
+        for pattern, case in res["callgrind"]["cases"].items():
+            for v, d in case.items():
+                if v not in ("a", "n") and d["ratio"] > worst:
+                    worst, where = d["ratio"], f"{pattern} {v}"
+        t["C malloc/free pair, instructions"] = {"worst": worst, "where": where,
+                                                 "target": C_TARGET, "met": worst <= C_TARGET}
+    if "python" in res and "task" in res["python"]["ratio"]:
+        x = res["python"]["ratio"]["task"]
+        t["Python workload, task scope"] = {"worst": x, "where": "task", "target": PY_TARGET,
+                                            "met": x <= PY_TARGET}
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, small sizes")
+    ap.add_argument("--repeats", type=int, help="repeats per configuration (default 7; 3 with --quick)")
+    ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 20M; 1M with --quick)")
+    ap.add_argument("--scale", type=float, help="Python workload size (default 1.0, about 1 s; 0.125 with --quick)")
+    ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python"],
+                    help="run only this part (repeatable)")
+    ap.add_argument("--api", choices=["auto", "public", "ctypes"], default="auto",
+                    help="how the workload enters the task scope (default: public API if importable)")
+    ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
+    ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
+    args = ap.parse_args()
+
+    repeats = args.repeats or (3 if args.quick else 7)
+    pairs = args.pairs or (1_000_000 if args.quick else 20_000_000)
+    scale = args.scale or (0.125 if args.quick else 1.0)
+    cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python"]))
+    if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
+        log("valgrind not found: skipping the instruction counts")
+        parts = [p for p in parts if p != "callgrind"]
+    if "profile" in parts and not perf_works():
+        log("perf record does not work here: skipping the time profile")
+        parts = [p for p in parts if p != "profile"]
+
+    lib = find_library(args.lib)
+    log(f"runtime library: {lib}")
+    started = time.time()
+    res: dict = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "library": str(lib),
+        "machine": machine_info(),
+        "variants": {"c": C_VARIANTS, "python": PY_VARIANTS},
+    }
+    with tempfile.TemporaryDirectory(prefix="allocpolicy-bench-") as tmp:
+        work = Path(tmp)
+        binary, null = build_c(work)
+        part_seconds = {}
+        for part in parts:
+            t0 = time.time()
+            if part == "c":
+                res["c"] = bench_c(binary, lib, null, repeats, pairs)
+            elif part == "callgrind":
+                # b runs the same instructions as c (the scope changes no code
+                # path), so the quick run leaves it and n out.
+                cg_variants = ("a", "c") if args.quick else ("a", "n", "b", "c")
+                res["callgrind"] = bench_callgrind(binary, lib, null, cg_pairs, work, cg_variants)
+            elif part == "profile":
+                res["profile"] = bench_profile(binary, lib, null, pairs, work)
+            elif part == "python":
+                res["python"] = bench_python(lib, repeats, scale, args.api)
+            part_seconds[part] = round(time.time() - t0, 1)
+        res["part_seconds"] = part_seconds
+    res["targets"] = targets(res)
+    res["seconds_total"] = round(time.time() - started, 1)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print_report(res)
+    print(f"\nwrote {out} ({res['seconds_total']} s)")
+
+
+if __name__ == "__main__":
+    main()
