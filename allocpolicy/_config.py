@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Mapping
 
 from . import _native
-from ._errors import UnknownScopeError
+from ._errors import PolicyError, UnknownScopeError
 from ._policy import Policy, default_policy, load_policy, policy_from_environment, policy_from_mapping
 
 __all__ = ["configure", "active_policy", "is_active", "AllocPolicyWarning"]
@@ -37,7 +37,18 @@ def active_policy() -> Policy:
     if _active is None:
         with _lock:
             if _active is None:
-                _active = policy_from_environment() or default_policy()
+                try:
+                    _active = policy_from_environment() or default_policy()
+                except PolicyError as err:
+                    # The file changed after `allocpolicy run` compiled it: the
+                    # runtime keeps what it was handed; say so, don't fail.
+                    warnings.warn(
+                        f"the policy file named in the environment no longer loads; "
+                        f"the runtime keeps the policy it was started with:\n{err}",
+                        AllocPolicyWarning,
+                        stacklevel=2,
+                    )
+                    _active = default_policy()
     return _active
 
 
@@ -54,7 +65,7 @@ def configure(policy: Policy | Mapping | str | os.PathLike) -> Policy:
     if isinstance(policy, Policy):
         new = policy
     elif isinstance(policy, Mapping):
-        new = policy_from_mapping(policy)
+        new = policy_from_mapping(policy, require_version=False)
     elif isinstance(policy, (str, os.PathLike)):
         new = load_policy(policy)
     else:
