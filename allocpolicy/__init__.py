@@ -11,7 +11,6 @@ Run a program under the runtime with ``allocpolicy run -- python app.py``, then:
         log.warning("request dropped: %s", err)   # the process goes on
 """
 
-from __future__ import annotations
 
 import faulthandler as _faulthandler
 

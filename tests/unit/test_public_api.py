@@ -1,0 +1,43 @@
+"""The public namespace is curated: every name is exported on purpose."""
+
+import allocpolicy
+
+
+def test_all_is_exactly_the_public_namespace():
+    public = {name for name in dir(allocpolicy) if not name.startswith("_")}
+    assert public == set(allocpolicy.__all__)
+
+
+def test_error_hierarchy_subclasses_the_stdlib_errors_it_resembles():
+    assert issubclass(allocpolicy.AllocError, MemoryError)
+    assert issubclass(allocpolicy.PolicyError, ValueError)
+    assert issubclass(allocpolicy.UnknownScopeError, LookupError)
+    assert issubclass(allocpolicy.RuntimeLoadError, OSError)
+    for exc in (allocpolicy.AllocError, allocpolicy.PolicyError,
+                allocpolicy.UnknownScopeError, allocpolicy.RuntimeLoadError):
+        assert issubclass(exc, allocpolicy.AllocPolicyError)
+
+
+def test_alloc_error_carries_its_facts_and_pickles():
+    import pickle
+
+    err = allocpolicy.AllocError(scope="request", size=100, budget=64, live=10,
+                                 reason="budget", limit="budget", task="request")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.scope, back.size, back.budget, back.live, back.reason, back.limit, back.task) == (
+        "request", 100, 64, 10, "budget", "budget", "request")
+    assert str(back) == str(err) == (
+        "allocation of 100 bytes refused in scope 'request' (budget: budget 64 bytes, 10 live)")
+
+
+def test_wrong_arguments_name_the_argument():
+    import pytest
+
+    with pytest.raises(TypeError, match="argument 'name'"):
+        allocpolicy.scope(3)
+    with pytest.raises(ValueError, match="argument 'name'"):
+        allocpolicy.task("")
+    with pytest.raises(TypeError, match="argument 'fn'"):
+        allocpolicy.bind(42)
+    with pytest.raises(TypeError, match="argument 'policy'"):
+        allocpolicy.configure(42)
