@@ -1,0 +1,73 @@
+"""Sphinx configuration of the allocpolicy documentation.
+
+Build it with ``nox -s docs``, or directly::
+
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+The API page is generated from the docstrings of the ``allocpolicy`` package.
+An installed copy (``pip install .``) is used when there is one; otherwise the
+package is imported from this checkout. Importing it needs neither the native
+library nor the preload.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Appended, not prepended: an installed copy stays first on the path.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import allocpolicy  # noqa: E402
+
+project = "allocpolicy"
+author = "allocpolicy developers"
+copyright = "allocpolicy developers"
+release = allocpolicy.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+
+root_doc = "index"
+exclude_patterns = ["_build", "examples", "Thumbs.db", ".DS_Store"]
+templates_path: list[str] = []
+highlight_language = "python3"
+pygments_style = "sphinx"
+
+# -- autodoc / napoleon ---------------------------------------------------------
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_preserve_defaults = True
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+# "Attributes:" sections become :ivar: fields of the class, so they do not
+# collide with attributes that autodoc documents on its own.
+napoleon_use_ivar = True
+
+# -- HTML -------------------------------------------------------------------------
+
+html_theme = "alabaster"
+html_title = f"allocpolicy {release}"
+html_theme_options = {
+    "description": "Per-scope out-of-memory policy for Python processes",
+    "fixed_sidebar": True,
+    "page_width": "1100px",
+    "sidebar_width": "240px",
+}
+html_sidebars = {
+    "**": ["about.html", "navigation.html", "relations.html", "searchbox.html"],
+}
+html_static_path: list[str] = []
+html_show_sourcelink = False
