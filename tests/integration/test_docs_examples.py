@@ -1,0 +1,181 @@
+"""The examples of the documentation run, and print what the pages show.
+
+Every script in docs/examples/ is run the way the pages tell readers to run it:
+``allocpolicy run --policy ... -- python script.py``, in a child process. Where
+a page includes a recorded output (``docs/examples/*.out``), the real output
+must match it exactly, so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "docs" / "examples"
+TIMEOUT = 300
+
+# script -> policy file it runs under (None: the built-in default policy)
+RUNS = {
+    "quickstart_task.py": "quickstart_policy.toml",
+    "nested_scopes.py": "nested_policy.toml",
+    "bind_threads.py": "quickstart_policy.toml",
+    "configure_from_python.py": None,
+    "fallible_mode.py": "fallible_policy.toml",
+    "abort_mode.py": "abort_policy.toml",
+}
+
+
+def _env() -> dict[str, str]:
+    """The caller's environment without anything that would change the runtime."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ALLOCPOLICY_") and k not in ("LD_PRELOAD", "PYTHONMALLOC")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def allocpolicy(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``allocpolicy ARGS`` as a reader would type it, through ``python -m``."""
+    return subprocess.run(
+        [sys.executable, "-m", "allocpolicy", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        cwd=str(cwd),
+    )
+
+
+def run_example(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    policy = RUNS[script]
+    args = ["run"]
+    if policy is not None:
+        args += ["--policy", str(EXAMPLES / policy)]
+    args += ["--", sys.executable, str(EXAMPLES / script)]
+    # Run from an empty directory: the package imported is the installed one,
+    # as for a reader, not whatever the current directory holds.
+    return allocpolicy(*args, cwd=tmp_path)
+
+
+def recorded(name: str) -> str:
+    return (EXAMPLES / name).read_text()
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def test_every_example_script_is_run_here():
+    # A new example without a case here would be included in a page untested.
+    scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    assert scripts == sorted(RUNS)
+
+
+def test_every_policy_file_in_the_examples_is_used_or_checked():
+    used = {p for p in RUNS.values() if p} | {"broken_policy.toml", "full_policy.toml"}
+    assert sorted(p.name for p in EXAMPLES.glob("*.toml")) == sorted(used)
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["quickstart_task.py", "nested_scopes.py", "bind_threads.py", "configure_from_python.py", "fallible_mode.py"],
+)
+def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
+    # GIVEN an example script and the output recorded next to it for the docs
+    # WHEN it runs under the runtime with its policy
+    proc = run_example(script, tmp_path)
+    # THEN it exits 0 and prints exactly the recorded output
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout == recorded(script.replace(".py", ".out")), explain(proc)
+
+
+def test_quickstart_request_fails_alone_with_alloc_error(tmp_path):
+    proc = run_example("quickstart_task.py", tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ok: processed 8 MiB"
+    # The 500 MiB request is refused by its own 64 MiB budget, before allocating.
+    assert lines[1] == (
+        f"request dropped: {(500 << 20) + 1} bytes refused in scope 'request' "
+        f"(reason 'budget', budget {64 << 20} bytes)"
+    )
+    assert lines[2] == "ok: processed 16 MiB"
+    assert lines[3] == "the process is still here"
+    assert "Traceback" not in proc.stderr
+
+
+def test_quickstart_refuses_to_run_without_the_runtime(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart_task.py")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 1
+    assert "allocpolicy run" in proc.stderr
+
+
+def test_abort_mode_prints_the_diagnostic_and_the_python_traceback(tmp_path):
+    # GIVEN a scope with on_oom = "abort" and a 32 MiB budget
+    # WHEN the script goes over it
+    proc = run_example("abort_mode.py", tmp_path)
+    # THEN the process dies of SIGABRT (run exec()s: the status is the script's)
+    assert proc.returncode == -signal.SIGABRT, explain(proc)
+    assert proc.stdout == "loading\n"
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("allocpolicy: allocation refused in scope 'ingest' (instance "), explain(proc)
+    assert "reason=budget" in first
+    assert f"budget of scope 'ingest'={32 << 20} live=" in first
+    assert first.endswith("; mode=abort, aborting")
+    # faulthandler follows with the Python traceback
+    assert "Fatal Python error: Aborted" in proc.stderr
+    assert "in load_rows" in proc.stderr
+    assert "abort_mode.py" in proc.stderr
+
+
+def test_check_reports_every_mistake_of_the_broken_policy():
+    # Run from docs/examples with a relative path, as the page shows it.
+    proc = allocpolicy("check", "broken_policy.toml", cwd=EXAMPLES)
+    assert proc.returncode == 2, explain(proc)
+    assert proc.stdout == ""
+    assert proc.stderr == recorded("broken_policy.check.out")
+    assert len(proc.stderr.splitlines()) == 4
+
+
+def test_check_describes_the_quickstart_policy():
+    proc = allocpolicy("check", "quickstart_policy.toml", cwd=EXAMPLES)
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout == recorded("quickstart_policy.check.out")
+
+
+def test_check_accepts_the_policy_with_every_key():
+    proc = allocpolicy("check", "full_policy.toml", cwd=EXAMPLES)
+    assert proc.returncode == 0, explain(proc)
+    out = proc.stdout
+    # The percentage is resolved against this machine; only its shape is fixed.
+    assert "budget    = 80% of " in out
+    for table in ("[scopes.request]", "[scopes.thumbnail]", "[scopes.nightly_import]", '[scopes."model.load"]'):
+        assert table in out
+    assert "total_budget = 2147483648 bytes (2 GiB)  over all live instances" in out
+    assert "budget       = 1610612736 bytes (1.5 GiB)  per instance" in out
+
+
+def test_command_exit_statuses_are_the_documented_ones(tmp_path):
+    assert allocpolicy("run", "--", "no-such-command-here", cwd=tmp_path).returncode == 127
+    not_executable = tmp_path / "data.txt"
+    not_executable.write_text("not a program\n")
+    assert allocpolicy("run", "--", str(not_executable), cwd=tmp_path).returncode == 126
+    assert allocpolicy("run", cwd=tmp_path).returncode == 2
+    assert allocpolicy("check", str(tmp_path / "missing.toml"), cwd=tmp_path).returncode == 2
+    lib = allocpolicy("lib", cwd=tmp_path)
+    assert lib.returncode == 0 and Path(lib.stdout.strip()).is_file(), explain(lib)
