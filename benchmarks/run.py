@@ -13,8 +13,10 @@ c          a C program doing malloc/free pairs of small blocks, 1 and 2
            thread in its own scope instance with a budget, (d) two threads in
            one shared instance.
 callgrind  the same program under valgrind's callgrind: instructions per pair
-           (exact and repeatable, unlike wall time on a shared machine) and
-           where the added instructions go.
+           (exact and repeatable, unlike time on a shared machine) and where
+           the added instructions go; and instructions per round of the
+           Python workload, without the preload and in the task scope (not
+           with --quick).
 profile    the same program sampled by `perf record -e cpu-clock`: ns per
            pair spent in each function, without and with the preload.
 python     an object-heavy Python workload without preload, under the preload
@@ -382,7 +384,7 @@ def bench_profile(binary: Path, lib: Path, null: Path, pairs: int, work: Path) -
 # Python workload
 
 
-def run_py_once(lib: Path, variant: str, scale: float, api: str) -> dict:
+def py_command(lib: Path, variant: str, scale: float, api: str) -> tuple[list[str], dict[str, str]]:
     table = f"v=1;process=raise:0;scope=task:raise:{PY_BUDGET}:0"
     mode = {"plain": "plain", "preload": "plain", "task": "task", "tracemalloc": "tracemalloc",
             "memray": "memray", "malloc": "plain", "malloc+task": "task"}[variant]
@@ -392,10 +394,44 @@ def run_py_once(lib: Path, variant: str, scale: float, api: str) -> dict:
         env["PYTHONMALLOC"] = "malloc"
     cmd = [sys.executable, str(HERE / "workload.py"), "--scale", str(scale), "--mode", mode,
            "--api", api]
+    return cmd, env
+
+
+def run_py_once(lib: Path, variant: str, scale: float, api: str) -> dict:
+    cmd, env = py_command(lib, variant, scale, api)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if out.returncode != 0:
         raise SystemExit(f"workload {variant} failed:\n{out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _callgrind_total(cmd: list[str], env: dict, out_file: Path) -> int:
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *cmd],
+        env=env, check=True, capture_output=True, cwd=tempfile.gettempdir(),
+    )
+    for line in out_file.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise SystemExit(f"callgrind wrote no total to {out_file}")
+
+
+def bench_py_instructions(lib: Path, api: str, work: Path) -> dict:
+    """Instructions per workload round, without the preload and in the task
+    scope: one round and two rounds, so start-up (imports included) cancels."""
+    scales = (1 / 16, 2 / 16)  # workload.py runs round(16 * scale) rounds
+    out: dict = {"rounds": [1, 2], "variants": {}}
+    for v in ("plain", "task"):
+        totals = []
+        for sc in scales:
+            cmd, env = py_command(lib, v, sc, api)
+            env["PYTHONHASHSEED"] = "0"
+            totals.append(_callgrind_total(cmd, env, work / f"cg.py.{v}.{sc}"))
+        out["variants"][v] = {"per_round": totals[1] - totals[0], "startup": 2 * totals[0] - totals[1]}
+        log(f"  callgrind: python {v}: {totals[1] - totals[0]:,} instructions per round")
+    plain = out["variants"]["plain"]["per_round"]
+    out["ratio"] = out["variants"]["task"]["per_round"] / plain
+    return out
 
 
 def have_memray() -> bool:
@@ -426,12 +462,16 @@ def bench_python(lib: Path, repeats: int, scale: float, api: str) -> dict:
         raise SystemExit(f"workload checksums differ between variants: {sorted(checks)}")
     med = {v: median(xs) for v, xs in samples.items()}
     wmed = {v: median(xs) for v, xs in wall.items()}
+    # Each repeat ran every variant once, close together in time: the ratio
+    # within a repeat cancels slow drift of the machine.
+    paired = {v: sorted(x / b for x, b in zip(xs, samples["plain"])) for v, xs in samples.items()}
     return {
         "scale": scale,
         "repeats": repeats,
         "clock": "process CPU time",
         "seconds": med,
         "ratio": {v: med[v] / med["plain"] for v in med},
+        "paired_ratios": paired,
         "wall_seconds": wmed,
         "wall_ratio": {v: wmed[v] / wmed["plain"] for v in wmed},
         "samples": samples,
@@ -482,6 +522,12 @@ def print_report(res: dict) -> None:
             out.write(f"  instructions added per pair, c - a, {pattern}:\n")
             for name, n in added.items():
                 out.write(f"    {n:+8.1f}  {name}\n")
+    if "py_instructions" in res:
+        pi = res["py_instructions"]
+        out.write("\nPython workload, instructions per round (callgrind, exact)\n")
+        for v, d in pi["variants"].items():
+            out.write(f"  {v:<6} {d['per_round']:>14,}   start-up {d['startup']:>13,}\n")
+        out.write(f"  ratio task/plain: {pi['ratio']:.4f}\n")
     if "profile" in res:
         pr = res["profile"]
         out.write("\nTime per pair by symbol (perf, cpu-clock samples, 1 thread), ns\n")
@@ -497,14 +543,17 @@ def print_report(res: dict) -> None:
         p = res["python"]
         out.write(f"\nPython workload: CPU seconds (and wall), median of {p['repeats']} "
                   f"(scale {p['scale']})\n")
-        head = f"{'variant':<58}{'cpu s':>9}{'ratio':>8}{'wall s':>9}{'ratio':>8}"
+        head = (f"{'variant':<58}{'cpu s':>9}{'ratio':>8}{'paired: median [min-max]':>27}"
+                f"{'wall s':>9}{'ratio':>8}")
         out.write(head + "\n" + "-" * len(head) + "\n")
         for v, label in PY_VARIANTS.items():
             if v not in p["seconds"]:
                 out.write(f"{v + ' (' + label + ')':<58}{'skipped':>9}\n")
                 continue
+            pr = p["paired_ratios"][v]
+            spread = f"{median(pr):.2f} [{pr[0]:.2f}-{pr[-1]:.2f}]"
             out.write(f"{v + ' (' + label + ')':<58}{p['seconds'][v]:>9.3f}"
-                      f"{fmt_ratio(p['ratio'][v]):>8}{p['wall_seconds'][v]:>9.3f}"
+                      f"{fmt_ratio(p['ratio'][v]):>8}{spread:>27}{p['wall_seconds'][v]:>9.3f}"
                       f"{fmt_ratio(p['wall_ratio'][v]):>8}\n")
         task = p["last_run"].get("task", {})
         scope = task.get("scope", {})
@@ -540,6 +589,10 @@ def targets(res: dict) -> dict:
                     worst, where = d["ratio"], f"{pattern} {v}"
         t["C malloc/free pair, instructions"] = {"worst": worst, "where": where,
                                                  "target": C_TARGET, "met": worst <= C_TARGET}
+    if "py_instructions" in res:
+        x = res["py_instructions"]["ratio"]
+        t["Python workload, task scope, instructions"] = {"worst": x, "where": "task",
+                                                          "target": PY_TARGET, "met": x <= PY_TARGET}
     if "python" in res and "task" in res["python"]["ratio"]:
         x = res["python"]["ratio"]["task"]
         t["Python workload, task scope"] = {"worst": x, "where": "task", "target": PY_TARGET,
@@ -551,8 +604,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, small sizes")
     ap.add_argument("--repeats", type=int, help="repeats per configuration (default 7; 3 with --quick)")
-    ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 20M; 1M with --quick)")
-    ap.add_argument("--scale", type=float, help="Python workload size (default 1.0, about 1 s; 0.125 with --quick)")
+    ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
+    ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.125 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
     ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python"],
                     help="run only this part (repeatable)")
@@ -563,8 +616,8 @@ def main() -> None:
     args = ap.parse_args()
 
     repeats = args.repeats or (3 if args.quick else 7)
-    pairs = args.pairs or (1_000_000 if args.quick else 20_000_000)
-    scale = args.scale or (0.125 if args.quick else 1.0)
+    pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
+    scale = args.scale or (0.125 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
     parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
@@ -597,6 +650,8 @@ def main() -> None:
                 # path), so the quick run leaves it and n out.
                 cg_variants = ("a", "c") if args.quick else ("a", "n", "b", "c")
                 res["callgrind"] = bench_callgrind(binary, lib, null, cg_pairs, work, cg_variants)
+                if not args.quick:  # about 50 s: the interpreter runs 50x slower under valgrind
+                    res["py_instructions"] = bench_py_instructions(lib, args.api, work)
             elif part == "profile":
                 res["profile"] = bench_profile(binary, lib, null, pairs, work)
             elif part == "python":
