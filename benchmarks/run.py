@@ -15,8 +15,9 @@ c          a C program doing malloc/free pairs of small blocks, 1 and 2
 callgrind  the same program under valgrind's callgrind: instructions per pair
            (exact and repeatable, unlike time on a shared machine) and where
            the added instructions go; and instructions per round of the
-           Python workload, without the preload and in the task scope (not
-           with --quick).
+           Python workload (cachegrind), without the preload and in the task
+           scope, with pymalloc and with PYTHONMALLOC=malloc (not with
+           --quick).
 profile    the same program sampled by `perf record -e cpu-clock`: ns per
            pair spent in each function, without and with the preload.
 python     an object-heavy Python workload without preload, under the preload
@@ -405,32 +406,50 @@ def run_py_once(lib: Path, variant: str, scale: float, api: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _callgrind_total(cmd: list[str], env: dict, out_file: Path) -> int:
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *cmd],
-        env=env, check=True, capture_output=True, cwd=tempfile.gettempdir(),
+def _instructions(cmd: list[str], env: dict, out_file: Path) -> tuple[int, dict]:
+    """Total instructions of a workload run (cachegrind without cache
+    simulation: an exact count, about 2x faster than callgrind) and the
+    JSON the workload printed."""
+    run = subprocess.run(
+        ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out_file}",
+         *cmd],
+        env=env, check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(),
     )
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
     for line in out_file.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise SystemExit(f"callgrind wrote no total to {out_file}")
+        if line.startswith("summary:"):
+            return int(line.split()[1]), printed
+    raise SystemExit(f"cachegrind wrote no summary to {out_file}")
+
+
+PY_INSTR_VARIANTS = ("plain", "task", "malloc", "malloc+task")
 
 
 def bench_py_instructions(lib: Path, api: str, work: Path) -> dict:
-    """Instructions per workload round, without the preload and in the task
-    scope: one round and two rounds, so start-up (imports included) cancels."""
+    """Instructions per workload round, from one round and two rounds so that
+    start-up (imports included) cancels out."""
     scales = (1 / 16, 2 / 16)  # workload.py runs round(16 * scale) rounds
     out: dict = {"rounds": [1, 2], "variants": {}}
-    for v in ("plain", "task"):
-        totals = []
+    for v in PY_INSTR_VARIANTS:
+        totals, charged = [], []
         for sc in scales:
             cmd, env = py_command(lib, v, sc, api)
             env["PYTHONHASHSEED"] = "0"
-            totals.append(_callgrind_total(cmd, env, work / f"cg.py.{v}.{sc}"))
-        out["variants"][v] = {"per_round": totals[1] - totals[0], "startup": 2 * totals[0] - totals[1]}
-        log(f"  callgrind: python {v}: {totals[1] - totals[0]:,} instructions per round")
-    plain = out["variants"]["plain"]["per_round"]
-    out["ratio"] = out["variants"]["task"]["per_round"] / plain
+            total, printed = _instructions(cmd, env, work / f"cg.py.{v}.{sc}")
+            totals.append(total)
+            charged.append(printed.get("scope", {}).get("allocations", 0))
+        d = {"per_round": totals[1] - totals[0], "startup": 2 * totals[0] - totals[1]}
+        if charged[1]:
+            d["charged_allocations_per_round"] = charged[1] - charged[0]
+        out["variants"][v] = d
+        log(f"  instructions: python {v}: {d['per_round']:,} per round")
+    per = {v: d["per_round"] for v, d in out["variants"].items()}
+    out["ratio"] = per["task"] / per["plain"]
+    out["ratio_malloc_task_to_malloc"] = per["malloc+task"] / per["malloc"]
+    out["ratio_malloc_to_plain"] = per["malloc"] / per["plain"]
+    n = out["variants"]["malloc+task"].get("charged_allocations_per_round")
+    if n:
+        out["added_per_charged_allocation"] = (per["malloc+task"] - per["malloc"]) / n
     return out
 
 
@@ -524,10 +543,17 @@ def print_report(res: dict) -> None:
                 out.write(f"    {n:+8.1f}  {name}\n")
     if "py_instructions" in res:
         pi = res["py_instructions"]
-        out.write("\nPython workload, instructions per round (callgrind, exact)\n")
+        out.write("\nPython workload, instructions per round (cachegrind, exact)\n")
         for v, d in pi["variants"].items():
-            out.write(f"  {v:<6} {d['per_round']:>14,}   start-up {d['startup']:>13,}\n")
-        out.write(f"  ratio task/plain: {pi['ratio']:.4f}\n")
+            extra = ""
+            if "charged_allocations_per_round" in d:
+                extra = f"   {d['charged_allocations_per_round']:,} allocations charged per round"
+            out.write(f"  {v:<12} {d['per_round']:>14,}   start-up {d['startup']:>13,}{extra}\n")
+        out.write(f"  task / plain: {pi['ratio']:.4f};  malloc / plain: {pi['ratio_malloc_to_plain']:.4f};  "
+                  f"malloc+task / malloc: {pi['ratio_malloc_task_to_malloc']:.4f}\n")
+        if "added_per_charged_allocation" in pi:
+            out.write(f"  with PYTHONMALLOC=malloc the preload adds {pi['added_per_charged_allocation']:.1f} "
+                      "instructions per charged allocation\n")
     if "profile" in res:
         pr = res["profile"]
         out.write("\nTime per pair by symbol (perf, cpu-clock samples, 1 thread), ns\n")
@@ -650,7 +676,7 @@ def main() -> None:
                 # path), so the quick run leaves it and n out.
                 cg_variants = ("a", "c") if args.quick else ("a", "n", "b", "c")
                 res["callgrind"] = bench_callgrind(binary, lib, null, cg_pairs, work, cg_variants)
-                if not args.quick:  # about 50 s: the interpreter runs 50x slower under valgrind
+                if not args.quick:  # about 40 s: the interpreter runs 30x slower under valgrind
                     res["py_instructions"] = bench_py_instructions(lib, args.api, work)
             elif part == "profile":
                 res["profile"] = bench_profile(binary, lib, null, pairs, work)
