@@ -169,6 +169,14 @@ def machine_info() -> dict:
     }
 
 
+def source_info() -> dict:
+    """Commit of the source tree and whether native/ has uncommitted changes
+    (the installed library is built from the tree as it was at install time)."""
+    head = command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = command_output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "native"])
+    return {"commit": head, "native_modified": bool(dirty)}
+
+
 def rotated(items: list, r: int) -> list:
     k = r % len(items)
     return items[k:] + items[:k]
@@ -655,12 +663,17 @@ def main() -> None:
 
     lib = find_library(args.lib)
     log(f"runtime library: {lib}")
+    stale = ROOT / "native" / "build" / LIBRARY_NAME
+    if lib != stale.resolve() and stale.is_file() and stale.stat().st_mtime > lib.stat().st_mtime:
+        log(f"note: {stale} is newer than the library measured; reinstall (pip install .) "
+            "or pass --lib to measure it")
     started = time.time()
     res: dict = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
         "library": str(lib),
         "machine": machine_info(),
+        "source": source_info(),
         "variants": {"c": C_VARIANTS, "python": PY_VARIANTS},
     }
     with tempfile.TemporaryDirectory(prefix="allocpolicy-bench-") as tmp:
