@@ -15,9 +15,7 @@
 
 #include "internal.h"
 
-#define AP__POOL_SIZE (64 * 1024)
-
-static _Alignas(64) char pool[AP__POOL_SIZE];
+_Alignas(64) char ap__pool[AP__POOL_SIZE];
 static _Atomic size_t pool_used;
 
 enum { UNRESOLVED = 0, RESOLVING = 1, RESOLVED = 2 };
@@ -33,12 +31,8 @@ void *ap__pool_alloc(size_t size, size_t align) {
         if (start + size > AP__POOL_SIZE || start + size < start)
             return NULL;
         if (atomic_compare_exchange_weak(&pool_used, &used, start + size))
-            return pool + start;
+            return ap__pool + start;
     }
-}
-
-int ap__pool_owns(const void *p) {
-    return (const char *)p >= pool && (const char *)p < pool + AP__POOL_SIZE;
 }
 
 /* Stubs: what ap__next holds until the real functions are known. */
@@ -59,12 +53,14 @@ void ap__bootstrap(void) {
     int expect = UNRESOLVED;
     if (atomic_compare_exchange_strong(&ap__ready, &expect, RESOLVING)) {
         resolving_here = 1;
+        ap__tls.owner_bits = AP__POOL_OWNER;
         ap__backend_t found;
 #define AP__X(name, ret, args) found.name = (ret(*) args)dlsym(RTLD_NEXT, #name);
         AP__BACKEND_FUNCTIONS(AP__X)
 #undef AP__X
         ap__next = found;
         resolving_here = 0;
+        ap__tls.owner_bits = 0;
         ap__threads_init();
         ap__policy_from_environment();
         atomic_store(&ap__ready, RESOLVED);

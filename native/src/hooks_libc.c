@@ -19,7 +19,6 @@
 #include "internal.h"
 
 #define AP__EXPORT __attribute__((visibility("default")))
-#define AP__MAX_REQUEST (AP__SIZE_MASK - (UINT64_C(1) << 32))
 
 static _Atomic uint64_t foreign_frees;
 
@@ -28,7 +27,7 @@ uint64_t ap__foreign_frees(void) { return atomic_load_explicit(&foreign_frees, m
 static inline void write_header(void *user, uint64_t size, uint32_t offset) {
     ap__header *h = ap__header_of(user);
     h->size_tag = size | ap__tag(user) << 48;
-    h->instance = ap__tls.cur;
+    h->instance = ap__tls.cur | ap__tls.owner_bits;
     h->offset = offset;
 }
 
@@ -65,7 +64,7 @@ static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_
 }
 
 static inline void *alloc_block(uint64_t size, size_t align, int zero) {
-    if (AP__UNLIKELY(size > AP__MAX_REQUEST || align > (UINT64_C(1) << 31)))
+    if (AP__UNLIKELY(align > (UINT64_C(1) << 31)))
         return refuse();
     if (AP__UNLIKELY(!ap__charge(size, AP_DOMAIN_LIBC)))
         return refuse();
@@ -80,26 +79,35 @@ static inline void *alloc_block(uint64_t size, size_t align, int zero) {
     return user;
 }
 
+static AP__NOINLINE void release_foreign(void *p) {
+    atomic_fetch_add_explicit(&foreign_frees, 1, memory_order_relaxed);
+    ap__next.free(p);
+}
+
 static inline void release_block(void *p) {
-    if (AP__UNLIKELY(ap__pool_owns(p)))
-        return;
     if (AP__UNLIKELY(!is_ours(p))) {
         /* Not handed out by us (e.g. allocated before an interposer chain
          * changed). Give it to the backend untouched. */
-        atomic_fetch_add_explicit(&foreign_frees, 1, memory_order_relaxed);
-        ap__next.free(p);
+        release_foreign(p);
         return;
     }
     ap__header *h = ap__header_of(p);
     uint64_t size = h->size_tag & AP__SIZE_MASK;
     uint32_t instance = h->instance;
     void *base = (char *)p - h->offset;
-    /* Clear the tag so a double free is passed on as foreign (and caught by
-     * the backend) instead of being credited twice. Read everything needed
-     * from the header first: after the backend free, another thread may own
-     * these bytes. */
+    ap__tls_t *t = &ap__tls;
+    /* Read everything needed from the header first: after the backend free,
+     * another thread may own these bytes. Clearing the tag makes a double
+     * free look foreign, so the backend reports it instead of us crediting
+     * the block twice. */
     h->size_tag = 0;
-    ap__credit(instance, size);
+    if (AP__LIKELY(instance == t->cur && t->allow < t->limit)) {
+        t->allow += (int64_t)size;
+    } else if (AP__UNLIKELY(instance & AP__POOL_OWNER)) {
+        return; /* bootstrap pool: static storage, never reused */
+    } else {
+        ap__credit_slow(instance, size);
+    }
     ap__next.free(base);
 }
 
@@ -213,8 +221,6 @@ AP__EXPORT void *realloc(void *p, size_t size) {
         }
         return q;
     }
-    if (AP__UNLIKELY(size > AP__MAX_REQUEST))
-        return refuse();
     uint32_t owner = h->instance;
     int same = owner == ap__tls.cur;
     uint64_t charged = same ? (size > old ? size - old : 0) : size;

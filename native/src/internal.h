@@ -43,9 +43,11 @@ typedef struct {
 #define AP__HEADER_SIZE 16u
 #define AP__SIZE_MASK ((UINT64_C(1) << 48) - 1)
 
-/* The tag mixes the user address in, so a stray pointer rarely passes. */
+/* Marks a header as ours; a pointer we did not hand out passes with a
+ * probability of 2^-16, and is then still a valid block of the backend. */
 static inline uint64_t ap__tag(const void *user) {
-    return ((((uintptr_t)user >> 4) ^ 0xA11Cu) & 0xFFFFu);
+    (void)user;
+    return 0xA11Cu;
 }
 
 static inline ap__header *ap__header_of(void *user) {
@@ -104,21 +106,28 @@ extern ap__settings_t ap__settings;
 
 /* ---- Per-thread state ----------------------------------------------------------
  *
- * `pend` is the thread's unpublished net allocation against its innermost
- * instance (and so the whole chain above it). The fast path only touches this
- * structure; it is published to the shared counters when a budget could be
- * crossed, when it grows past a bound, when the thread changes instance and
- * when the thread exits.
+ * The thread's unpublished net allocation against its innermost instance (and
+ * so the whole chain above it) is `mark - allow`. The fast path only touches
+ * this structure; it is published to the shared counters when a budget could
+ * be crossed, when frees run a batch ahead, when the thread changes instance
+ * and when the thread exits.
  */
 typedef struct {
     uint32_t cur;            /* innermost instance */
     uint32_t depth;
-    int64_t pend;            /* unpublished net bytes */
+    /* Bytes the fast path may still allocate before the next check (>= 0).
+     * Allocations take from it and frees of `cur`'s blocks give back, so the
+     * unpublished net allocation is simply `mark - allow`, where `mark` is
+     * its value at the last publish; frees publish once allow reaches
+     * `limit`. One counter to update per call instead of two. */
+    int64_t allow;
+    int64_t mark;
+    int64_t limit;
     uint64_t pend_n;         /* unpublished allocation count */
-    int64_t allow;           /* bytes the fast path may still add to pend */
     uint32_t stack[AP_MAX_DEPTH];
     uint32_t grace_inst;     /* instance whose grace is in use, or UINT32_MAX */
     int64_t grace_left;
+    uint32_t owner_bits;     /* AP__POOL_OWNER while this thread bootstraps */
     uint32_t registered;     /* thread-exit destructor registered */
     uint32_t in_report;
     ap_violation last;       /* last violation on this thread */
@@ -133,12 +142,19 @@ extern AP__TLS ap__tls_t ap__tls;
  * the process aborted in abort mode). */
 AP__HIDDEN int ap__charge_slow(uint64_t size, ap_domain domain);
 
-/* The fast path of the decision, inlined into every hook. */
+/* Requests above this are refused outright (the header keeps 48 bits). */
+#define AP__MAX_REQUEST (AP__SIZE_MASK - (UINT64_C(1) << 32))
+
+/* Frees of the current instance's blocks may run this far ahead of the last
+ * publish before they are published. */
+#define AP__FREE_BATCH ((int64_t)1 << 20)
+
+/* The fast path of the decision, inlined into every hook. The unsigned
+ * comparison also sends every oversized request to the slow path. */
 static inline int ap__charge(uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
-    if (AP__LIKELY((int64_t)size <= t->allow)) {
+    if (AP__LIKELY(size <= (uint64_t)t->allow)) {
         t->allow -= (int64_t)size;
-        t->pend += (int64_t)size;
         t->pend_n++;
         return 1;
     }
@@ -150,8 +166,7 @@ AP__HIDDEN void ap__credit_slow(uint32_t instance, uint64_t size);
 /* Credit a freed block to the instance that made it (semantics 2). */
 static inline void ap__credit(uint32_t instance, uint64_t size) {
     ap__tls_t *t = &ap__tls;
-    if (AP__LIKELY(instance == t->cur && t->pend > -(int64_t)(1 << 20))) {
-        t->pend -= (int64_t)size;
+    if (AP__LIKELY(instance == t->cur && t->allow < t->limit)) {
         t->allow += (int64_t)size;
         return;
     }
@@ -195,6 +210,16 @@ extern _Atomic int ap__ready;
 
 AP__HIDDEN void ap__bootstrap(void);
 AP__HIDDEN void *ap__pool_alloc(size_t size, size_t align);
-AP__HIDDEN int ap__pool_owns(const void *p);
+
+/* The bootstrap pool (see bootstrap.c). Blocks carved from it carry this bit
+ * in their header's instance, so the free fast path (instance == current)
+ * never matches them and only the slow path has to look at the pool. */
+#define AP__POOL_SIZE (64 * 1024)
+#define AP__POOL_OWNER 0x80000000u
+extern char ap__pool[AP__POOL_SIZE];
+
+static inline int ap__pool_owns(const void *p) {
+    return (const char *)p >= ap__pool && (const char *)p < ap__pool + AP__POOL_SIZE;
+}
 
 #endif /* ALLOCPOLICY_INTERNAL_H */

@@ -11,11 +11,12 @@
  *
  *   Writing those shared counters on every allocation would put one contended
  *   cache line on the hot path of every thread in a scope. Instead each thread
- *   batches: `pend` accumulates its net allocation against its innermost
- *   instance, and `allow` is how much more it may add before one of the limits
- *   on its chain could be crossed. Only when a request does not fit `allow`
- *   (or the batch grows past `slack`) does the slow path publish and re-check
- *   with atomics. With one thread in an instance the check is exact; with N
+ *   batches: `allow` is how much more it may allocate in its innermost
+ *   instance before one of the limits on its chain could be crossed, and the
+ *   distance `allow` moved since the last publish is its unpublished net
+ *   allocation. Only when a request does not fit `allow` (at most `slack`,
+ *   or the headroom left, when computed) does the slow path publish and
+ *   re-check with atomics. With one thread in an instance the check is exact; with N
  *   threads, live may pass a budget by at most (N-1) x slack, and slack is at
  *   most 1/32 of the tightest budget on the chain (and at most 256 KiB).
  */
@@ -192,6 +193,13 @@ refused:
 
 /* ---- Per-thread batching ----------------------------------------------------- */
 
+/* Only after a publish: anything not yet published would be lost. */
+static inline void reset_allow(ap__tls_t *t, int64_t allow) {
+    t->allow = allow;
+    t->mark = allow;
+    t->limit = allow + AP__FREE_BATCH;
+}
+
 static void thread_exit(void *unused) {
     (void)unused;
     ap__tls_t *t = &ap__tls;
@@ -203,7 +211,7 @@ static void thread_exit(void *unused) {
     /* Later destructors may allocate again; they run through the slow path,
      * which registers this destructor anew (glibc repeats destructor rounds). */
     t->registered = 0;
-    t->allow = 0;
+    reset_allow(t, 0);
 }
 
 void ap__threads_init(void) {
@@ -222,10 +230,10 @@ static inline void register_thread(ap__tls_t *t) {
 }
 
 void ap__publish(ap__tls_t *t) {
-    if (t->pend || t->pend_n) {
-        int64_t pend = t->pend;
+    int64_t pend = t->mark - t->allow;
+    if (pend || t->pend_n) {
         uint64_t n = t->pend_n;
-        t->pend = 0;
+        t->mark = t->allow;
         t->pend_n = 0;
         chain_apply(t->cur, pend, n);
     }
@@ -253,7 +261,7 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->instance = t->cur;
         v->scope = cur->scope;
         v->budget = instance_limit(t->cur);
-        v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + t->pend;
+        v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
     atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
     if (t->cur != AP_INSTANCE_PROCESS) {
@@ -273,7 +281,7 @@ static inline void set_allow(ap__tls_t *t, const chain_result *r) {
     int64_t a = r->slack < AP__SLACK_MIN ? AP__SLACK_MIN : r->slack;
     if (r->headroom < a)
         a = r->headroom;
-    t->allow = a > 0 ? a : 0;
+    reset_allow(t, a > 0 ? a : 0);
 }
 
 /*
@@ -282,16 +290,17 @@ static inline void set_allow(ap__tls_t *t, const chain_result *r) {
  */
 static void charge_unchecked(ap__tls_t *t, int64_t size) {
     chain_apply(t->cur, size, 1);
-    t->allow = 0;
+    reset_allow(t, 0);
 }
 
 AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
     register_thread(t);
     ap__publish(t);
-    if (size > (uint64_t)INT64_MAX / 2) {
+    if (size > AP__MAX_REQUEST) {
+        /* No backend can satisfy it, and it would not fit the header. */
         record(t, AP_REASON_OOM, domain, size, NULL);
-        t->allow = 0;
+        reset_allow(t, 0);
         return 0;
     }
     chain_result r;
@@ -299,7 +308,7 @@ AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
         set_allow(t, &r);
         return 1;
     }
-    t->allow = 0;
+    reset_allow(t, 0);
     uint32_t mode = current_mode(t);
     if (domain == AP_DOMAIN_PY_ARENA && mode != AP_MODE_FALLIBLE) {
         /* A refused arena is not a failure anyone sees: pymalloc falls back to
@@ -345,11 +354,14 @@ int ap__backend_failed(uint64_t size, ap_domain domain) {
 AP__NOINLINE void ap__credit_slow(uint32_t instance, uint64_t size) {
     ap__tls_t *t = &ap__tls;
     if (instance == t->cur) {
-        /* Own instance, but the batch of frees grew large: publish it. */
-        t->pend -= (int64_t)size;
+        /* Own instance, but the batch of frees grew large: publish it, and
+         * have the next allocation recompute `allow` from the shared
+         * counters, so the room freed here is shared with other threads
+         * rather than kept for this one. */
         t->allow += (int64_t)size;
         register_thread(t);
         ap__publish(t);
+        reset_allow(t, 0);
         return;
     }
     chain_apply(instance, -(int64_t)size, 0);
@@ -437,7 +449,7 @@ static void end_instance(uint32_t id) {
 static inline void switch_to(ap__tls_t *t, uint32_t id) {
     ap__publish(t);
     t->cur = id;
-    t->allow = 0;
+    reset_allow(t, 0);
 }
 
 ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
@@ -545,7 +557,7 @@ ap_status ap_current(uint32_t *instance_id, uint32_t *depth) {
 void ap_flush(void) {
     ap__tls_t *t = &ap__tls;
     ap__publish(t);
-    t->allow = 0;
+    reset_allow(t, 0);
 }
 
 ap_status ap_last_violation(ap_violation *out) {
