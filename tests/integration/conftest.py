@@ -6,6 +6,8 @@ Fixtures
     build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled
     run_preloaded     run_preloaded(argv, table=..., preload=[...]) -> CompletedProcess
     backend_library   backend_library("jemalloc") -> path, or skip when not installed
+    child_process     helpers for tests that start children themselves (Popen):
+                      .env(preload, table), .preexec_fn, .permissive_table
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import pytest
@@ -201,3 +204,10 @@ def backend_library() -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def child_process() -> SimpleNamespace:
+    return SimpleNamespace(
+        env=child_env, preexec_fn=_no_core_dumps, permissive_table=PERMISSIVE_TABLE
+    )
