@@ -43,6 +43,25 @@ static AP__NOINLINE void *refuse(void) {
     return NULL;
 }
 
+/*
+ * The backend's posix_memalign gave a block that is not aligned: mimalloc
+ * 2.0.9, the version Debian 12 ships, does so for some small power-of-two
+ * sizes (256, 512, 1024 bytes with an equal or half alignment; fixed upstream,
+ * microsoft/mimalloc#700), and our `size + align` requests hit those sizes.
+ * Take a plain block with room for the alignment and the header instead and
+ * align inside it; the offset in the header lets free find the block start.
+ */
+static AP__NOINLINE void *realign(void *misaligned, uint64_t size, size_t align,
+                                  uint32_t *offset) {
+    ap__next.free(misaligned);
+    void *base = ap__next.malloc(size + 2 * (uint64_t)align);
+    if (!base)
+        return NULL;
+    uintptr_t user = ((uintptr_t)base + AP__HEADER_SIZE + align - 1) & ~(uintptr_t)(align - 1);
+    *offset = (uint32_t)(user - (uintptr_t)base);
+    return base;
+}
+
 /* Backend call for a block of `size` user bytes aligned to `align` (> 16 only
  * for the memalign family). Returns the user pointer. */
 static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
@@ -57,8 +76,10 @@ static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_
         *offset = (uint32_t)align;
         if (ap__next.posix_memalign(&base, align, size + align) != 0)
             base = NULL;
-        else if (zero)
-            memset((char *)base + align, 0, size);
+        else if (AP__UNLIKELY((uintptr_t)base & (align - 1)))
+            base = realign(base, size, align, offset);
+        if (base && zero)
+            memset((char *)base + *offset, 0, size);
     }
     return base ? (char *)base + *offset : NULL;
 }
