@@ -95,6 +95,14 @@ def test_budget_refusal_raise_mode_continues(entrypoints, run_preloaded):
     assert DIAGNOSTIC not in proc.stderr
 
 
+def test_fallible_scope_grants_ordinary_allocations(entrypoints, run_preloaded):
+    proc = run_preloaded(
+        [entrypoints, "fallible", "all"], table="v=1;process=raise:0;scope=loose:fallible:65536:0"
+    )
+    assert_ok(proc, "fallible")
+    assert "allocpolicy:" not in proc.stderr
+
+
 def test_process_budget(entrypoints, run_preloaded):
     proc = run_preloaded([entrypoints, "process_budget"], table="v=1;process=raise:67108864")
     assert_ok(proc, "process_budget")

@@ -540,6 +540,29 @@ static void check_budget_raise(void) {
     printf("ok %s\n", mode_name);
 }
 
+/* Scope `loose` in fallible mode: ordinary allocations never fail for budget
+ * reasons there, they are granted and accounted past the budget. */
+static void check_fallible(void) {
+    if (!have_runtime()) {
+        printf("skip %s: runtime not preloaded\n", mode_name);
+        return;
+    }
+    if (!enter_scope("loose"))
+        return;
+    size_t big = (size_t)8 << 20;
+    void *p = launder(malloc(big));
+    CHECK(p != NULL, "malloc over the budget failed in a fallible scope");
+    memset(p, 3, big);
+    void *q = NULL;
+    CHECK(posix_memalign(&q, 4096, big) == 0, "posix_memalign failed in a fallible scope");
+    unsigned char *r = launder(realloc(p, 2 * big));
+    CHECK(r != NULL && r[big - 1] == 3, "realloc failed in a fallible scope");
+    free(r);
+    free(q);
+    CHECK(ap.exit() == AP_OK, "ap_exit failed");
+    printf("ok %s\n", mode_name);
+}
+
 /* The process budget applies outside any scope. */
 static void check_process_budget(void) {
     if (!have_runtime()) {
@@ -659,6 +682,7 @@ static const check checks[] = {
     {"realloc_fail", check_realloc_fail, 0},
     {"budget_raise", check_budget_raise, 0},
     {"process_budget", check_process_budget, 0},
+    {"fallible", check_fallible, 0},
     {"budget_abort", check_budget_abort, 0},
     {"jemalloc_serves", check_jemalloc_serves, 0},
     {"mimalloc_serves", check_mimalloc_serves, 0},

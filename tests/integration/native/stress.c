@@ -503,11 +503,14 @@ static void *work(void *arg) {
         }
     }
 
-    while (w->depth) {
+    /* Threads 1 and 7 end inside their scopes: thread exit must leave them
+     * (and publish), or their instances would never end. */
+    int ends_inside = w->index == 1 || w->index == 7;
+    while (w->depth && !ends_inside) {
         leave();
         w->depth--;
     }
-    while (w->base_depth) {
+    while (w->base_depth && !ends_inside) {
         leave();
         w->base_depth--;
     }
