@@ -41,21 +41,35 @@ BACKENDS = {
 }
 
 
+SOURCE_BUILD = ROOT / "native" / "build" / LIBRARY_NAME
+
+
+def _make_source_build() -> None:
+    # `make` rebuilds only when a source changed, so a checkout never tests a
+    # stale library, and a fresh one gets built.
+    if (ROOT / "native" / "Makefile").is_file() and shutil.which("make"):
+        subprocess.run(
+            ["make", "-s", "-C", str(ROOT / "native")],
+            check=False, timeout=300, stdout=subprocess.DEVNULL,
+        )
+
+
 def _find_library() -> str:
     """The library the package would load, else a source-checkout build."""
     try:
         from allocpolicy import _native
 
-        return str(Path(_native.library_path()).resolve())
+        path = Path(_native.library_path()).resolve()
+        if path == SOURCE_BUILD.resolve():
+            _make_source_build()
+        return str(path)
     except Exception:  # noqa: BLE001 - module absent or library missing: fall back
         pass
     override = os.environ.get("ALLOCPOLICY_LIBRARY")
     if override:
         return str(Path(override).resolve())
-    built = ROOT / "native" / "build" / LIBRARY_NAME
-    if not built.is_file() and (ROOT / "native" / "Makefile").is_file() and shutil.which("make"):
-        subprocess.run(["make", "-s", "-C", str(ROOT / "native")], check=False, timeout=300)
-    return str(built)
+    _make_source_build()
+    return str(SOURCE_BUILD)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ failure that glibc itself shows is visible as such.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -150,3 +151,21 @@ def test_malformed_table_keeps_defaults(entrypoints, run_preloaded):
     proc = run_preloaded([entrypoints, "all"], table="v=1;process=raise:12;scope=work:bogus:1:0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_entry_points_under_valgrind(entrypoints, run_preloaded):
+    # Memcheck as the backend sees every header write and every block the
+    # runtime hands back; `nouserintercepts` keeps the runtime the interposer.
+    proc = run_preloaded(
+        [
+            "valgrind", "-q", "--error-exitcode=99", "--soname-synonyms=somalloc=nouserintercepts",
+            entrypoints, "all", "realloc_fail", "budget_raise",
+        ],
+        table=SMALL_WORK,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout
+    assert proc.stdout.count("ok ") == len(PORTABLE) + 2, proc.stdout

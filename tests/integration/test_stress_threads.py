@@ -88,7 +88,7 @@ def test_stress_needs_the_runtime(stress, run_preloaded):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
-@pytest.mark.parametrize("args", [["10000", "7"], ["8000", "8", "churn"]], ids=["mixed", "churn"])
+@pytest.mark.parametrize("args", [["40000", "7"], ["20000", "8", "churn"]], ids=["mixed", "churn"])
 def test_stress_under_valgrind(stress, run_preloaded, args):
     # Memcheck replaces malloc in every library that defines it unless told
     # not to; the runtime must stay the interposer and valgrind the backend,
@@ -96,6 +96,8 @@ def test_stress_under_valgrind(stress, run_preloaded, args):
     proc = run_preloaded(
         [
             "valgrind", "-q", "--error-exitcode=99", "--soname-synonyms=somalloc=nouserintercepts",
+            # Everything is freed at the end: a definite leak is a lost block.
+            "--leak-check=full", "--errors-for-leak-kinds=definite",
             "--fair-sched=yes", stress, *args,
         ],
         table=TABLE,

@@ -260,7 +260,8 @@ def test_numpy_tests(allocpolicy_lib, child_process, tmp_path):
     def pytest_argv(selection):
         def argv(junit):
             return [
-                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                # Same order in both runs: no random-order plugin.
+                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                 "-m", "not slow", "-o", "junit_family=xunit2", f"--junitxml={junit}",
                 "--pyargs", *selection,
             ]
