@@ -52,6 +52,15 @@ def main() -> None:
                 else:
                     row.append(f"{d['ns_per_pair'][v]:.1f} ({d['ratio'][v]:.2f}x)")
             rows.append(row)
+            row = ["   fastest run"]
+            for v in names:
+                if v not in d.get("min_ns_per_pair", {}):
+                    row.append("--")
+                elif v == "a":
+                    row.append(f"{d['min_ns_per_pair'][v]:.1f}")
+                else:
+                    row.append(f"{d['min_ns_per_pair'][v]:.1f} ({d['min_ratio'][v]:.2f}x)")
+            rows.append(row)
         print(f"C pairs, CPU ns per pair, median of {c['repeats']}, "
               f"{c['pairs_per_thread']:,} pairs per thread\n")
         print(table(["case", *names.values()], rows) + "\n")
@@ -110,9 +119,11 @@ def main() -> None:
             pr = p["paired_ratios"][v]
             rows.append([label, f"{p['seconds'][v]:.3f}", f"{p['ratio'][v]:.2f}x",
                          f"{statistics.median(pr):.2f}x ({pr[0]:.2f}-{pr[-1]:.2f})",
+                         f"{p['min_ratio'][v]:.2f}x" if "min_ratio" in p else "--",
                          f"{p['wall_ratio'][v]:.2f}x"])
         print(f"Python, CPU s, median of {p['repeats']}, scale {p['scale']}\n")
-        print(table(["variant", "CPU s", "ratio", "per-repeat ratio (range)", "wall ratio"], rows) + "\n")
+        print(table(["variant", "CPU s", "ratio", "per-repeat ratio (range)", "fastest-run ratio",
+                     "wall ratio"], rows) + "\n")
         task = p["last_run"].get("task", {}).get("scope", {})
         print(f".. task scope: {task}\n")
 
