@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages used by the tests and benchmarks: allocator backends and a C
-# toolchain. Idempotent; does nothing when everything is present.
+# Debian packages used by the tests and benchmarks: allocator backends, a C
+# toolchain and valgrind. Idempotent; does nothing when everything is present.
 set -euo pipefail
 need=()
 have_lib() { ls /usr/lib/*-linux-gnu/"$1" >/dev/null 2>&1; }
@@ -8,6 +8,7 @@ have_lib libjemalloc.so.2 || need+=(libjemalloc2)
 have_lib libmimalloc.so.2 || need+=(libmimalloc2.0)
 command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
+command -v valgrind >/dev/null || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "system-deps: missing ${need[*]}; install them (apt-get install ${need[*]})" >&2
