@@ -373,11 +373,12 @@ def _perf(binary: Path, env: dict, args: list[str], out_file: Path) -> tuple[dic
     return samples, float(m.group(1)) if m else float("nan")
 
 
-def bench_profile(binary: Path, lib: Path, null: Path, pairs: int, work: Path) -> dict:
+def bench_profile(binary: Path, lib: Path, null: Path, pairs: int, work: Path,
+                  patterns: tuple[str, ...] = ("fixed64", "mix")) -> dict:
     """Where the time of one pair goes, 1 thread: ns per pair for each symbol,
     without the preload (a) and in an own scope (c)."""
     results: dict = {"event": "cpu-clock", "frequency": PERF_FREQ, "pairs": pairs, "cases": {}}
-    for pattern in ("fixed64", "mix"):
+    for pattern in patterns:
         case = {}
         for v in ("a", "c"):
             env = c_env(v, lib, null)
@@ -656,7 +657,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, small sizes")
     ap.add_argument("--repeats", type=int, help="repeats per configuration (default 7; 3 with --quick)")
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
-    ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.125 with --quick)")
+    ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
     ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python"],
                     help="run only this part (repeatable)")
@@ -668,7 +669,7 @@ def main() -> None:
 
     repeats = args.repeats or (3 if args.quick else 7)
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
-    scale = args.scale or (0.125 if args.quick else 0.75)
+    scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
     parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
@@ -709,7 +710,8 @@ def main() -> None:
                 if not args.quick:  # about 40 s: the interpreter runs 30x slower under valgrind
                     res["py_instructions"] = bench_py_instructions(lib, args.api, work)
             elif part == "profile":
-                res["profile"] = bench_profile(binary, lib, null, pairs, work)
+                res["profile"] = bench_profile(binary, lib, null, pairs, work,
+                                               ("fixed64",) if args.quick else ("fixed64", "mix"))
             elif part == "python":
                 res["python"] = bench_python(lib, repeats, scale, args.api)
             part_seconds[part] = round(time.time() - t0, 1)
