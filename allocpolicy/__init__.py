@@ -11,11 +11,10 @@ Run a program under the runtime with ``allocpolicy run -- python app.py``, then:
         log.warning("request dropped: %s", err)   # the process goes on
 """
 
-
 import faulthandler as _faulthandler
+import importlib as _importlib
 
 from . import _native
-from ._config import AllocPolicyWarning, active_policy, configure, is_active
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -25,9 +24,6 @@ from ._errors import (
     UnknownScopeError,
 )
 from ._native import library_path
-from ._policy import Policy, ProcessPolicy, ScopePolicy, default_policy, load_policy
-from ._scope import bind, scope, task
-from ._stats import ProcessStats, ScopeStats, Stats, stats
 
 __version__ = "0.1.0"
 
@@ -57,16 +53,52 @@ __all__ = [
     "task",
 ]
 
+# Every interpreter started under `allocpolicy run` imports this package (see
+# _startup.pth), so only what activation needs is imported eagerly; the rest
+# (policy parsing, dataclasses, pathlib) loads on first use.
+_LAZY = {
+    "AllocPolicyWarning": "_config",
+    "active_policy": "_config",
+    "configure": "_config",
+    "is_active": "_config",
+    "Policy": "_policy",
+    "ProcessPolicy": "_policy",
+    "ScopePolicy": "_policy",
+    "default_policy": "_policy",
+    "load_policy": "_policy",
+    "bind": "_scope",
+    "scope": "_scope",
+    "task": "_scope",
+    "ProcessStats": "_stats",
+    "ScopeStats": "_stats",
+    "Stats": "_stats",
+    "stats": "_stats",
+}
+
+
+def __getattr__(name):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 def _activate() -> None:
     """Under a preloaded runtime: count Python's small objects and make sure an
-    abort diagnostic is followed by the Python traceback."""
+    abort diagnostic is followed by the Python traceback, on the same fd."""
     rt = _native.runtime()
     if rt is None:
         return
     rt.install_arena_hook()
     if not _faulthandler.is_enabled():
-        _faulthandler.enable(file=active_policy().process.report_fd, all_threads=True)
+        _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
 
 
 _activate()

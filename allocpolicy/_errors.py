@@ -24,8 +24,6 @@ __all__ = [
     "RuntimeLoadError",
 ]
 
-from dataclasses import dataclass
-
 #: Reasons an allocation can be refused, as carried by :attr:`AllocError.reason`.
 REASONS = ("budget", "oom", "injected", "forbidden")
 
@@ -101,14 +99,45 @@ def _rebuild_alloc_error(scope, size, budget, live, reason, limit, task):
     )
 
 
-@dataclass(frozen=True)
 class PolicyProblem:
-    """One mistake in a policy: where it is and what was expected."""
+    """One mistake in a policy: where it is and what was expected.
 
-    source: str  #: the file path, or a description such as ``"<configure>"``
-    table: str  #: dotted TOML table, e.g. ``"scopes.request"`` (``""`` for the top level)
-    key: str | None  #: the offending key, if the mistake is about one key
-    message: str
+    Attributes:
+        source: the file path, or a description such as ``"<configure>"``.
+        table: dotted TOML table, e.g. ``"scopes.request"`` (``""`` for the top level).
+        key: the offending key, if the mistake is about one key.
+        message: what is wrong and what was expected.
+    """
+
+    # A plain class rather than a dataclass: this module is imported when every
+    # interpreter under `allocpolicy run` starts, and dataclasses pulls in
+    # inspect and re.
+    __slots__ = ("source", "table", "key", "message")
+
+    def __init__(self, source: str, table: str, key: str | None, message: str) -> None:
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "message", message)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"PolicyProblem is immutable; cannot set {name!r}")
+
+    def _fields(self) -> tuple:
+        return (self.source, self.table, self.key, self.message)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PolicyProblem):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return "PolicyProblem(source={!r}, table={!r}, key={!r}, message={!r})".format(
+            *self._fields()
+        )
 
     def __str__(self) -> str:
         where = f"[{self.table}]" if self.table else "top level"

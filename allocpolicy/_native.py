@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from pathlib import Path
 
 from ._errors import RuntimeLoadError
 
@@ -94,6 +93,8 @@ class ProcessStatsC(ctypes.Structure):
         ("scopes", ctypes.c_uint32),
         ("arena_hook", ctypes.c_uint32),
         ("grace", ctypes.c_int64),
+        ("report_fd", ctypes.c_int32),
+        ("reserved", ctypes.c_uint32),
     ]
 
 
@@ -110,16 +111,23 @@ def library_path() -> str:
     file is missing (for example in a source checkout that was never built).
     """
     override = os.environ.get(ENV_LIBRARY)
-    candidates = [Path(override)] if override else []
-    here = Path(__file__).resolve().parent
-    candidates += [
-        here / "_lib" / LIBRARY_NAME,
-        here.parent / "native" / "build" / LIBRARY_NAME,  # source checkout, `make -C native`
+    if override:
+        if os.path.isfile(override):
+            return os.path.realpath(override)
+        raise RuntimeLoadError(
+            f"{ENV_LIBRARY} names {override!r}, which is not a file; unset it to use the "
+            "library shipped with the package"
+        )
+    here = os.path.dirname(os.path.realpath(__file__))
+    candidates = [
+        os.path.join(here, "_lib", LIBRARY_NAME),
+        # a source checkout, after `make -C native`
+        os.path.join(os.path.dirname(here), "native", "build", LIBRARY_NAME),
     ]
     for path in candidates:
-        if path.is_file():
-            return str(path.resolve())
-    tried = ", ".join(str(p) for p in candidates)
+        if os.path.isfile(path):
+            return os.path.realpath(path)
+    tried = ", ".join(candidates)
     raise RuntimeLoadError(
         f"the allocpolicy runtime library was not found (looked at {tried}); "
         "reinstall the package with `pip install .` or build it with `make -C native`"
@@ -129,7 +137,8 @@ def library_path() -> str:
 def _preloaded_path() -> str | None:
     """Path of the mapped file that provides ap_abi_version, if any is mapped."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        with open("/proc/self/maps") as f:
+            maps = f.read()
     except OSError:
         return None
     for line in maps.splitlines():

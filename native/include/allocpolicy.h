@@ -139,6 +139,8 @@ typedef struct {
     uint32_t scopes;        /* number of declared scopes, process included */
     uint32_t arena_hook;    /* 1 if the pymalloc arena hook is installed */
     int64_t grace;          /* unwind grace allowance per thread and instance */
+    int32_t report_fd;      /* where diagnostics are written */
+    uint32_t reserved;
 } ap_process_stats;
 
 /* --- Version and policy -------------------------------------------------- */
