@@ -13,14 +13,18 @@ Run a program under the runtime with ``allocpolicy run -- python app.py``, then:
 
 import faulthandler as _faulthandler
 import importlib as _importlib
+import os as _os
+import warnings as _warnings
 
 from . import _native
 from ._errors import (
     AllocError,
     AllocPolicyError,
+    AllocPolicyWarning,
     PolicyError,
     PolicyProblem,
     RuntimeLoadError,
+    ScopeCapacityError,
     UnknownScopeError,
 )
 from ._native import library_path
@@ -37,6 +41,7 @@ __all__ = [
     "ProcessPolicy",
     "ProcessStats",
     "RuntimeLoadError",
+    "ScopeCapacityError",
     "ScopePolicy",
     "ScopeStats",
     "Stats",
@@ -57,7 +62,6 @@ __all__ = [
 # _startup.pth), so only what activation needs is imported eagerly; the rest
 # (policy parsing, dataclasses, pathlib) loads on first use.
 _LAZY = {
-    "AllocPolicyWarning": "_config",
     "active_policy": "_config",
     "configure": "_config",
     "is_active": "_config",
@@ -96,6 +100,18 @@ def _activate() -> None:
     rt = _native.runtime()
     if rt is None:
         return
+    table = _os.environ.get("ALLOCPOLICY_TABLE")
+    if table:
+        # The library parsed this table before Python started, and had no
+        # way to complain if it was malformed (set by hand): check it here.
+        try:
+            rt.configure(table)
+        except RuntimeLoadError as err:
+            _warnings.warn(
+                f"ALLOCPOLICY_TABLE is malformed and was ignored, so no budgets apply: {err}",
+                AllocPolicyWarning,
+                stacklevel=2,
+            )
     rt.install_arena_hook()
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)

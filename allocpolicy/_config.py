@@ -8,14 +8,18 @@ import warnings
 from collections.abc import Mapping
 
 from . import _native
-from ._errors import PolicyError, UnknownScopeError
-from ._policy import Policy, default_policy, load_policy, policy_from_environment, policy_from_mapping
+from ._errors import AllocPolicyWarning, PolicyError, UnknownScopeError
+from ._policy import (
+    Policy,
+    ProcessPolicy,
+    ScopePolicy,
+    default_policy,
+    load_policy,
+    policy_from_environment,
+    policy_from_mapping,
+)
 
 __all__ = ["configure", "active_policy", "is_active", "AllocPolicyWarning"]
-
-
-class AllocPolicyWarning(RuntimeWarning):
-    """Something allocpolicy cannot do as asked, without being an error."""
 
 
 _lock = threading.Lock()
@@ -41,25 +45,55 @@ def active_policy() -> Policy:
                     _active = policy_from_environment() or default_policy()
                 except PolicyError as err:
                     # The file changed after `allocpolicy run` compiled it: the
-                    # runtime keeps what it was handed; say so, don't fail.
+                    # runtime keeps what it was handed; say so, don't fail, and
+                    # describe what the runtime really enforces.
                     warnings.warn(
                         f"the policy file named in the environment no longer loads; "
                         f"the runtime keeps the policy it was started with:\n{err}",
                         AllocPolicyWarning,
                         stacklevel=2,
                     )
-                    _active = default_policy()
+                    rt = _native.runtime()
+                    _active = _policy_from_runtime(rt) if rt else default_policy()
     return _active
+
+
+def _policy_from_runtime(rt: _native.Runtime) -> Policy:
+    """The policy the runtime enforces, read back from its scope table."""
+    proc = rt.process_stats()
+    root = rt.scope_stats(0)
+    scopes = []
+    for sid in range(1, proc.scopes):
+        s = rt.scope_stats(sid)
+        scopes.append(
+            ScopePolicy(
+                name=s.name.decode("utf-8"),
+                on_oom=_native.MODES[s.mode],
+                budget=s.budget or None,
+                total_budget=s.total_budget or None,
+            )
+        )
+    process = ProcessPolicy(
+        on_oom=_native.MODES[root.mode],
+        budget=proc.budget or None,
+        grace=proc.grace,
+        report_fd=proc.report_fd,
+    )
+    return Policy(process=process, scopes=scopes, source="<runtime>")
 
 
 def configure(policy: Policy | Mapping | str | os.PathLike) -> Policy:
     """Make ``policy`` the active policy and return it.
 
     ``policy`` is a :class:`Policy` (from :func:`load_policy`), a mapping shaped
-    like the TOML file, or the path of a policy file. Scopes are matched by
-    name: settings of existing scopes change for instances entered from now on,
-    new scopes are added. If the policy is invalid, :class:`PolicyError` is
-    raised and the previous policy stays in force.
+    like the TOML file (``version`` may be left out), or the path of a policy
+    file. Scopes are matched by name and new ones are added. A scope's
+    per-instance ``budget`` applies to instances entered from now on; its
+    ``on_oom``, its ``total_budget`` and the process settings take effect at
+    once, also for instances already running. Scopes are never removed: one
+    that the new policy leaves out keeps its last settings and can still be
+    entered. If the policy is invalid, :class:`PolicyError` is raised and the
+    previous policy stays in force.
     """
     global _active
     if isinstance(policy, Policy):

@@ -6,7 +6,8 @@
      ├── AllocError          (also a MemoryError)  an allocation was refused
      ├── PolicyError         (also a ValueError)   a policy file or mapping is wrong
      ├── UnknownScopeError   (also a LookupError)  a scope name the policy does not declare
-     └── RuntimeLoadError    (also an OSError)     the native library cannot be used
+     ├── RuntimeLoadError    (also an OSError)     the native library cannot be used
+     └── ScopeCapacityError  (also a RuntimeError) too many nested or live scope instances
 
 ``AllocError`` subclasses ``MemoryError`` so that existing ``except MemoryError``
 handlers keep working; ``PolicyError`` subclasses ``ValueError`` because it is
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 __all__ = [
     "AllocPolicyError",
+    "AllocPolicyWarning",
     "AllocError",
     "PolicyError",
     "PolicyProblem",
     "UnknownScopeError",
     "RuntimeLoadError",
+    "ScopeCapacityError",
 ]
 
 #: Reasons an allocation can be refused, as carried by :attr:`AllocError.reason`.
@@ -30,6 +33,10 @@ REASONS = ("budget", "oom", "injected", "forbidden")
 
 class AllocPolicyError(Exception):
     """Base class of every exception raised by allocpolicy."""
+
+
+class AllocPolicyWarning(RuntimeWarning):
+    """Something allocpolicy cannot do as asked, without being an error."""
 
 
 class AllocError(AllocPolicyError, MemoryError):
@@ -71,13 +78,18 @@ class AllocError(AllocPolicyError, MemoryError):
         super().__init__(self._message())
 
     def _message(self) -> str:
-        text = f"allocation of {self.size} bytes refused in scope {self.scope!r} ({self.reason}"
-        if self.budget is not None:
-            what = {"total_budget": "total_budget", "process": "process budget"}.get(
-                self.limit or "", "budget"
+        text = f"allocation of {self.size} bytes refused in scope {self.scope!r}"
+        if self.reason == "budget" and self.budget is not None:
+            what = {"total_budget": "its total_budget", "process": "the process budget"}.get(
+                self.limit or "", "its budget"
             )
-            text += f": {what} {self.budget} bytes, {self.live} live"
-        return text + ")"
+            return f"{text}: over {what} of {self.budget} bytes ({self.live} bytes live)"
+        why = {
+            "oom": "the allocator is out of memory",
+            "injected": "an injected failure",
+            "forbidden": "allocation is forbidden here",
+        }.get(self.reason, self.reason)
+        return f"{text}: {why}"
 
     def __reduce__(self):
         # Keyword-only __init__: pickling (multiprocessing, concurrent.futures)
@@ -168,3 +180,8 @@ class UnknownScopeError(AllocPolicyError, LookupError):
 
 class RuntimeLoadError(AllocPolicyError, OSError):
     """The native runtime library is missing or does not match this package."""
+
+
+class ScopeCapacityError(AllocPolicyError, RuntimeError):
+    """A scope cannot be entered: 32 nested scopes on one thread, or 65536
+    scope instances alive at once, is the runtime's fixed capacity."""

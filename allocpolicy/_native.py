@@ -16,7 +16,7 @@ import ctypes
 import os
 import threading
 
-from ._errors import RuntimeLoadError
+from ._errors import RuntimeLoadError, ScopeCapacityError
 
 ABI_VERSION = 1
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
@@ -219,7 +219,7 @@ class Runtime:
         out = ctypes.c_uint32()
         status = self._lib.ap_enter(scope_id, ctypes.byref(out))
         if status == EFULL:
-            raise RuntimeLoadError(
+            raise ScopeCapacityError(
                 "cannot enter another scope: nesting is limited to 32 per thread and "
                 "65536 instances may be alive at once"
             )
@@ -246,8 +246,14 @@ class Runtime:
     def release(self, instance: int) -> None:
         self._lib.ap_release(instance)
 
-    def attach(self, instance: int) -> bool:
-        return self._lib.ap_attach(instance) == OK
+    def attach(self, instance: int) -> None:
+        status = self._lib.ap_attach(instance)
+        if status == EFULL:
+            raise ScopeCapacityError(
+                "cannot attach to the bound scope instance: nesting is limited to 32 per thread"
+            )
+        if status != OK:
+            raise RuntimeLoadError(f"ap_attach({instance}) failed with status {status}")
 
     def current(self) -> tuple[int, int]:
         inst, depth = ctypes.c_uint32(), ctypes.c_uint32()

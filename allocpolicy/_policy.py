@@ -297,7 +297,7 @@ class Policy:
     """A validated policy: the process settings and the declared scopes.
 
     Immutable and hashable. Build it with :func:`load_policy`,
-    :func:`policy_from_mapping` or :func:`default_policy`, or directly from
+    :func:`allocpolicy.configure` (from a mapping) or :func:`default_policy`, or directly from
     :class:`ProcessPolicy` and :class:`ScopePolicy` values.
     """
 
@@ -393,7 +393,7 @@ class Policy:
 _MODE_HELP = {
     "raise": "a refused allocation raises AllocError at the nearest task boundary",
     "abort": "a refused allocation prints a diagnostic and aborts the process",
-    "fallible": "only explicit reservations and try_* calls can fail",
+    "fallible": "ordinary allocations never fail for budget reasons; a real out-of-memory aborts",
 }
 
 

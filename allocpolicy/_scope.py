@@ -159,12 +159,14 @@ def bind(fn: F) -> F:
 
     @functools.wraps(fn)
     def bound(*args, **kwargs):
-        attached = rt.attach(instance)
+        # The wrapper holds the instance, so attaching only fails at capacity
+        # (ScopeCapacityError), never silently.
+        rt.attach(instance)
         seq = rt.last_violation().seq
         try:
             return fn(*args, **kwargs)
         except MemoryError as exc:
-            if attached and not isinstance(exc, AllocError):
+            if not isinstance(exc, AllocError):
                 err = _to_alloc_error(rt, seq, scope_name)
                 if err is not None:
                     try:
@@ -173,8 +175,7 @@ def bind(fn: F) -> F:
                         err = exc = None  # no cycle through this frame
             raise
         finally:
-            if attached:
-                rt.exit()
+            rt.exit()
 
     weakref.finalize(bound, rt.release, instance)
     return bound  # type: ignore[return-value]

@@ -81,9 +81,9 @@ def stats() -> Stats:
     """Per-scope and process counters.
 
     The calling thread's batched counters are published first, so its own
-    allocations are exact; other running threads may have up to a small batch
-    (at most 256 KiB, or 1/32 of the tightest budget they run under) not yet
-    published.
+    allocations are exact; each other running thread may have a small batch of
+    allocations or frees not yet published, at most 256 KiB and at most 1/32
+    of the tightest budget it runs under.
     """
     rt = _native.runtime()
     if rt is None:

@@ -119,8 +119,8 @@ static inline void release_block(void *p) {
     ap__tls_t *t = &ap__tls;
     /* Read everything needed from the header first: after the backend free,
      * another thread may own these bytes. Clearing the tag makes a double
-     * free look foreign, so the backend reports it instead of us crediting
-     * the block twice. */
+     * free look foreign, so the backend rejects it (as an invalid pointer)
+     * instead of us crediting the block twice. */
     h->size_tag = 0;
     if (AP__LIKELY(instance == t->cur && t->allow < t->limit)) {
         t->allow += (int64_t)size;

@@ -43,8 +43,9 @@ typedef struct {
 #define AP__HEADER_SIZE 16u
 #define AP__SIZE_MASK ((UINT64_C(1) << 48) - 1)
 
-/* Marks a header as ours; a pointer we did not hand out passes with a
- * probability of 2^-16, and is then still a valid block of the backend. */
+/* Marks a header as ours. Foreign pointers are rare to begin with (blocks
+ * that bypassed the interposed functions); one whose preceding bytes happen
+ * to hold this tag (a 2^-16 chance) would be misread as ours. */
 static inline uint64_t ap__tag(const void *user) {
     (void)user;
     return 0xA11Cu;
@@ -144,10 +145,6 @@ AP__HIDDEN int ap__charge_slow(uint64_t size, ap_domain domain);
 
 /* Requests above this are refused outright (the header keeps 48 bits). */
 #define AP__MAX_REQUEST (AP__SIZE_MASK - (UINT64_C(1) << 32))
-
-/* Frees of the current instance's blocks may run this far ahead of the last
- * publish before they are published. */
-#define AP__FREE_BATCH ((int64_t)1 << 20)
 
 /* The fast path of the decision, inlined into every hook. The unsigned
  * comparison also sends every oversized request to the slow path. */

@@ -208,7 +208,7 @@ ap_status ap_scope_find(const char *nm, uint32_t *scope_id) {
 void ap__policy_from_environment(void) {
     /* getenv allocates nothing. A malformed table leaves the defaults; the
      * Python side validated it, so this only happens when set by hand, and the
-     * `allocpolicy` package reports it when it loads. */
+     * `allocpolicy` package re-applies it when it loads and warns. */
     const char *table = getenv("ALLOCPOLICY_TABLE");
     if (table && *table)
         ap_configure(table, NULL);

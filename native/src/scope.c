@@ -193,11 +193,13 @@ refused:
 
 /* ---- Per-thread batching ----------------------------------------------------- */
 
-/* Only after a publish: anything not yet published would be lost. */
+/* Only after a publish: anything not yet published would be lost. Frees may
+ * run ahead of the last publish by as much as allocations may (the slack),
+ * so other threads' view of live is off by at most the slack either way. */
 static inline void reset_allow(ap__tls_t *t, int64_t allow) {
     t->allow = allow;
     t->mark = allow;
-    t->limit = allow + AP__FREE_BATCH;
+    t->limit = allow + (allow > AP__SLACK_MIN ? allow : AP__SLACK_MIN);
 }
 
 static void thread_exit(void *unused) {
@@ -260,7 +262,7 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->limit = AP_LIMIT_NONE;
         v->instance = t->cur;
         v->scope = cur->scope;
-        v->budget = instance_limit(t->cur);
+        v->budget = 0; /* no budget refused it */
         v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
     atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
@@ -298,10 +300,10 @@ AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
     register_thread(t);
     ap__publish(t);
     if (size > AP__MAX_REQUEST) {
-        /* No backend can satisfy it, and it would not fit the header. */
-        record(t, AP_REASON_OOM, domain, size, NULL);
+        /* No backend can satisfy it (and it would not fit the header): the
+         * same outcome as the backend returning NULL, in every mode. */
         reset_allow(t, 0);
-        return 0;
+        return ap__backend_failed(size, domain);
     }
     chain_result r;
     if (AP__LIKELY(chain_try_charge(t->cur, (int64_t)size, &r))) {

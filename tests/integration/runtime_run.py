@@ -25,16 +25,26 @@ def run_python(
     env: dict[str, str] | None = None,
     timeout: float = 300,
     preload: bool = True,
+    run_options: tuple[str, ...] = (),
+    table: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``code`` with ``policy`` (TOML text, or None for the built-in default)."""
+    """Run ``code`` with ``policy`` (TOML text, or None for the built-in default).
+
+    ``run_options`` go to ``allocpolicy run``; ``table`` replaces the compiled
+    policy in the child's environment (to test a table set by hand).
+    """
     script = tmp_path / "snippet.py"
     script.write_text(textwrap.dedent(code))
-    cmd = [sys.executable, "-m", "allocpolicy", "run"]
+    cmd = [sys.executable, "-m", "allocpolicy", "run", *run_options]
     if policy is not None:
         policy_file = tmp_path / "policy.toml"
         policy_file.write_text(textwrap.dedent(policy))
         cmd += ["--policy", str(policy_file)]
-    cmd += ["--", sys.executable, str(script), *args]
+    if table is not None:
+        cmd += ["--", "env", f"ALLOCPOLICY_TABLE={table}"]
+    else:
+        cmd += ["--"]
+    cmd += [sys.executable, str(script), *args]
     if not preload:
         cmd = [sys.executable, str(script), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

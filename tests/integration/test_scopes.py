@@ -358,3 +358,88 @@ def test_programs_that_never_import_allocpolicy_are_governed_too(tmp_path):
         tmp_path,
     )
     assert check(proc).split() == ["refused", "True"]
+
+
+def test_a_malformed_table_set_by_hand_is_reported(tmp_path):
+    # The library cannot complain before Python starts; the package does, as
+    # the interpreter starts (it is imported at startup under the preload).
+    proc = run_python(
+        """
+        import allocpolicy
+        print(sorted(allocpolicy.stats().scopes))
+        """,
+        None,
+        tmp_path,
+        table="v=1;scope=bad name:raise:1:0",
+    )
+    assert check(proc).strip() == "[]"  # nothing of the bad table was applied
+    assert "AllocPolicyWarning: ALLOCPOLICY_TABLE is malformed and was ignored" in proc.stderr
+
+
+def test_active_policy_reads_the_runtime_when_the_file_changed_after_launch(tmp_path):
+    out = check(
+        run_python(
+            """
+            import pathlib, sys, warnings, allocpolicy
+            pathlib.Path(sys.argv[1]).write_text("version = 'broken'")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                policy = allocpolicy.active_policy()
+            print(policy.source, policy.scopes["request"].budget, len(caught))
+            """,
+            """
+            version = 1
+            [scopes.request]
+            budget = "64 MiB"
+            """,
+            tmp_path,
+            args=("policy.toml",),
+        )
+    )
+    assert out.split() == ["<runtime>", str(64 << 20), "1"]
+
+
+def test_report_fd_override_sends_diagnostic_and_traceback_together(tmp_path):
+    proc = run_python(
+        """
+        import allocpolicy
+        def grab():
+            return bytearray(32 << 20)
+        with allocpolicy.scope("critical"):
+            grab()
+        """,
+        """
+        version = 1
+        [scopes.critical]
+        on_oom = "abort"
+        budget = "16 MiB"
+        """,
+        tmp_path,
+        run_options=("--report-fd", "1"),
+    )
+    assert proc.returncode == -signal.SIGABRT
+    assert "allocpolicy: allocation refused in scope 'critical'" in proc.stdout
+    assert "in grab" in proc.stdout
+    assert "Fatal Python error" not in proc.stderr
+
+
+def test_impossible_request_in_abort_mode_aborts_as_out_of_memory(tmp_path):
+    proc = run_python(
+        """
+        import ctypes, allocpolicy
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        with allocpolicy.scope("critical"):
+            libc.malloc(1 << 62)
+        print("not reached")
+        """,
+        """
+        version = 1
+        [scopes.critical]
+        on_oom = "abort"
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == -signal.SIGABRT
+    assert "reason=oom requested=4611686018427387904 bytes" in proc.stderr

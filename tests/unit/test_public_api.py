@@ -13,8 +13,9 @@ def test_error_hierarchy_subclasses_the_stdlib_errors_it_resembles():
     assert issubclass(allocpolicy.PolicyError, ValueError)
     assert issubclass(allocpolicy.UnknownScopeError, LookupError)
     assert issubclass(allocpolicy.RuntimeLoadError, OSError)
-    for exc in (allocpolicy.AllocError, allocpolicy.PolicyError,
-                allocpolicy.UnknownScopeError, allocpolicy.RuntimeLoadError):
+    assert issubclass(allocpolicy.ScopeCapacityError, RuntimeError)
+    for exc in (allocpolicy.AllocError, allocpolicy.PolicyError, allocpolicy.UnknownScopeError,
+                allocpolicy.RuntimeLoadError, allocpolicy.ScopeCapacityError):
         assert issubclass(exc, allocpolicy.AllocPolicyError)
 
 
@@ -27,7 +28,10 @@ def test_alloc_error_carries_its_facts_and_pickles():
     assert (back.scope, back.size, back.budget, back.live, back.reason, back.limit, back.task) == (
         "request", 100, 64, 10, "budget", "budget", "request")
     assert str(back) == str(err) == (
-        "allocation of 100 bytes refused in scope 'request' (budget: budget 64 bytes, 10 live)")
+        "allocation of 100 bytes refused in scope 'request': over its budget of 64 bytes "
+        "(10 bytes live)")
+    oom = allocpolicy.AllocError(scope="x", size=5, budget=None, live=0, reason="oom")
+    assert str(oom) == "allocation of 5 bytes refused in scope 'x': the allocator is out of memory"
 
 
 def test_wrong_arguments_name_the_argument():
