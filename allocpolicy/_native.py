@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
+import _thread
 
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
@@ -193,7 +193,7 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         self._exit = handle.ap_exit
-        self._local = threading.local()
+        self._local = _thread._local()
 
     # -- policy ---------------------------------------------------------------
 
@@ -312,7 +312,10 @@ class Runtime:
             raise RuntimeLoadError(f"installing the pymalloc arena hook failed ({status})")
 
 
-_lock = threading.Lock()
+# `_thread`, not `threading`: this module is imported when every interpreter
+# under `allocpolicy run` starts, and importing `threading` there changes what
+# programs observe (CPython's own test_threading checks it is not imported).
+_lock = _thread.allocate_lock()
 _runtime: Runtime | None = None
 _probed = False
 
