@@ -398,7 +398,7 @@ def bench_profile(binary: Path, lib: Path, null: Path, pairs: int, work: Path,
 # Python workload
 
 
-def py_command(lib: Path, variant: str, scale: float, api: str) -> tuple[list[str], dict[str, str]]:
+def py_command(lib: Path, variant: str, scale: float) -> tuple[list[str], dict[str, str]]:
     table = f"v=1;process=raise:0;scope=task:raise:{PY_BUDGET}:0"
     mode = {"plain": "plain", "preload": "plain", "task": "task", "tracemalloc": "tracemalloc",
             "memray": "memray", "malloc": "plain", "malloc+task": "task"}[variant]
@@ -406,13 +406,12 @@ def py_command(lib: Path, variant: str, scale: float, api: str) -> tuple[list[st
     env = preload_env(lib, table) if preload else base_env()
     if variant.startswith("malloc"):
         env["PYTHONMALLOC"] = "malloc"
-    cmd = [sys.executable, str(HERE / "workload.py"), "--scale", str(scale), "--mode", mode,
-           "--api", api]
+    cmd = [sys.executable, str(HERE / "workload.py"), "--scale", str(scale), "--mode", mode]
     return cmd, env
 
 
-def run_py_once(lib: Path, variant: str, scale: float, api: str) -> dict:
-    cmd, env = py_command(lib, variant, scale, api)
+def run_py_once(lib: Path, variant: str, scale: float) -> dict:
+    cmd, env = py_command(lib, variant, scale)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if out.returncode != 0:
         raise SystemExit(f"workload {variant} failed:\n{out.stderr.strip()}")
@@ -438,7 +437,7 @@ def _instructions(cmd: list[str], env: dict, out_file: Path) -> tuple[int, dict]
 PY_INSTR_VARIANTS = ("plain", "task", "malloc", "malloc+task")
 
 
-def bench_py_instructions(lib: Path, api: str, work: Path) -> dict:
+def bench_py_instructions(lib: Path, work: Path) -> dict:
     """Instructions per workload round, from one round and two rounds so that
     start-up (imports included) cancels out."""
     scales = (1 / 16, 2 / 16)  # workload.py runs round(16 * scale) rounds
@@ -446,7 +445,7 @@ def bench_py_instructions(lib: Path, api: str, work: Path) -> dict:
     for v in PY_INSTR_VARIANTS:
         totals, charged = [], []
         for sc in scales:
-            cmd, env = py_command(lib, v, sc, api)
+            cmd, env = py_command(lib, v, sc)
             env["PYTHONHASHSEED"] = "0"
             total, printed = _instructions(cmd, env, work / f"cg.py.{v}.{sc}")
             totals.append(total)
@@ -472,7 +471,7 @@ def have_memray() -> bool:
     return out.returncode == 0
 
 
-def bench_python(lib: Path, repeats: int, scale: float, api: str) -> dict:
+def bench_python(lib: Path, repeats: int, scale: float) -> dict:
     variants = list(PY_VARIANTS)
     skipped = {}
     if not have_memray():
@@ -485,7 +484,7 @@ def bench_python(lib: Path, repeats: int, scale: float, api: str) -> dict:
     for r in range(repeats):
         log(f"  python: repeat {r + 1}/{repeats}")
         for v in rotated(variants, r):
-            res = run_py_once(lib, v, scale, api)
+            res = run_py_once(lib, v, scale)
             samples[v].append(res["cpu"])
             wall[v].append(res["elapsed"])
             checks.add(res["check"])
@@ -610,7 +609,7 @@ def print_report(res: dict) -> None:
         task = p["last_run"].get("task", {})
         scope = task.get("scope", {})
         if scope:
-            out.write(f"  task scope via {task.get('api')} API: peak {scope.get('peak', 0) / 2**20:.1f} MiB, "
+            out.write(f"  task scope: peak {scope.get('peak', 0) / 2**20:.1f} MiB, "
                       f"{scope.get('allocations', 0):,} allocations charged, "
                       f"{scope.get('violations', 0)} violations\n")
     t = res.get("targets", {})
@@ -661,8 +660,6 @@ def main() -> None:
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
     ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python"],
                     help="run only this part (repeatable)")
-    ap.add_argument("--api", choices=["auto", "public", "ctypes"], default="auto",
-                    help="how the workload enters the task scope (default: public API if importable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
     args = ap.parse_args()
@@ -708,12 +705,12 @@ def main() -> None:
                 cg_variants = ("a", "c") if args.quick else ("a", "n", "b", "c")
                 res["callgrind"] = bench_callgrind(binary, lib, null, cg_pairs, work, cg_variants)
                 if not args.quick:  # about 40 s: the interpreter runs 30x slower under valgrind
-                    res["py_instructions"] = bench_py_instructions(lib, args.api, work)
+                    res["py_instructions"] = bench_py_instructions(lib, work)
             elif part == "profile":
                 res["profile"] = bench_profile(binary, lib, null, pairs, work,
                                                ("fixed64",) if args.quick else ("fixed64", "mix"))
             elif part == "python":
-                res["python"] = bench_python(lib, repeats, scale, args.api)
+                res["python"] = bench_python(lib, repeats, scale)
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)
