@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -62,14 +63,67 @@ static AP__NOINLINE void *realign(void *misaligned, uint64_t size, size_t align,
     return base;
 }
 
+/* ---- The small-block cache (see internal.h) ------------------------------ */
+
+static inline void *cache_pop(ap__tls_t *t, uint64_t size) {
+    uint32_t cls = ap__cache_class(size);
+    char *base = t->cache[cls];
+    if (!base)
+        return NULL;
+    t->cache[cls] = *(void **)(base + AP__HEADER_SIZE);
+    t->cached[cls]--;
+    return base;
+}
+
+/* Keep a freed block for reuse; 0 if it must go to the backend. */
+static inline int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64_t size) {
+    if (size > AP__CACHE_MAX || h->offset != AP__HEADER_SIZE || !t->registered)
+        return 0;
+    uint32_t cls = ap__cache_class(size);
+    if (t->cached[cls] >= AP__CACHE_DEPTH)
+        return 0;
+    h->size_tag = (uint64_t)AP__CACHED_TAG << 48;
+    *(void **)((char *)base + AP__HEADER_SIZE) = t->cache[cls];
+    t->cache[cls] = base;
+    t->cached[cls]++;
+    return 1;
+}
+
+void ap__cache_flush(ap__tls_t *t) {
+    for (uint32_t cls = 0; cls < AP__CACHE_CLASSES; cls++) {
+        while (t->cache[cls]) {
+            char *base = t->cache[cls];
+            t->cache[cls] = *(void **)(base + AP__HEADER_SIZE);
+            ((ap__header *)base)->size_tag = 0;
+            ap__next.free(base);
+        }
+        t->cached[cls] = 0;
+    }
+}
+
+/* 1 if `base` sits in this thread's cache, i.e. its block was freed already. */
+static int cached_here(const ap__tls_t *t, const void *base) {
+    for (uint32_t cls = 0; cls < AP__CACHE_CLASSES; cls++)
+        for (const char *b = t->cache[cls]; b; b = *(void *const *)(b + AP__HEADER_SIZE))
+            if (b == base)
+                return 1;
+    return 0;
+}
+
 /* Backend call for a block of `size` user bytes aligned to `align` (> 16 only
  * for the memalign family). Returns the user pointer. */
 static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
     void *base;
     if (AP__LIKELY(align <= AP__HEADER_SIZE)) {
         *offset = AP__HEADER_SIZE;
-        base = zero ? ap__next.calloc(1, size + AP__HEADER_SIZE)
-                    : ap__next.malloc(size + AP__HEADER_SIZE);
+        uint64_t capacity = ap__capacity(size);
+        if (capacity <= AP__CACHE_MAX && (base = cache_pop(&ap__tls, size)) != NULL) {
+            if (zero)
+                memset((char *)base + AP__HEADER_SIZE, 0, size);
+        } else {
+            base = zero ? ap__next.calloc(1, capacity + AP__HEADER_SIZE)
+                        : ap__next.malloc(capacity + AP__HEADER_SIZE);
+        }
     } else {
         /* The header sits just below the aligned user pointer, so the
          * smallest offset that keeps the alignment is the alignment itself. */
@@ -101,6 +155,11 @@ static inline void *alloc_block(uint64_t size, size_t align, int zero) {
 }
 
 static AP__NOINLINE void release_foreign(void *p) {
+    ap__header *h = ap__header_of(p);
+    if ((h->size_tag >> 48) == AP__CACHED_TAG && cached_here(&ap__tls, h)) {
+        /* The block is in this thread's cache: it was freed already. */
+        ap__abort_double_free(p);
+    }
     atomic_fetch_add_explicit(&foreign_frees, 1, memory_order_relaxed);
     ap__next.free(p);
 }
@@ -129,7 +188,8 @@ static inline void release_block(void *p) {
     } else {
         ap__credit_slow(instance, size);
     }
-    ap__next.free(base);
+    if (!cache_push(t, h, base, size))
+        ap__next.free(base);
 }
 
 AP__EXPORT void *malloc(size_t size) { return alloc_block(size, 0, 0); }
@@ -247,7 +307,10 @@ AP__EXPORT void *realloc(void *p, size_t size) {
     uint64_t charged = same ? (size > old ? size - old : 0) : size;
     if (charged && !ap__charge(charged, AP_DOMAIN_LIBC))
         return refuse();
-    void *nb = ap__next.realloc((char *)p - AP__HEADER_SIZE, size + AP__HEADER_SIZE);
+    /* Small blocks keep their class's full capacity, so that the block can
+     * go to the cache when freed. */
+    void *nb = ap__next.realloc((char *)p - AP__HEADER_SIZE,
+                                ap__capacity(size) + AP__HEADER_SIZE);
     if (AP__UNLIKELY(!nb)) {
         if (charged)
             ap__credit(ap__tls.cur, charged);

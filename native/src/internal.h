@@ -55,6 +55,30 @@ static inline ap__header *ap__header_of(void *user) {
     return (ap__header *)((char *)user - AP__HEADER_SIZE);
 }
 
+/* ---- Per-thread cache of small blocks (hooks_libc.c) ------------------------
+ *
+ * Freed blocks of up to AP__CACHE_MAX bytes are kept, a few per 16-byte size
+ * class, and handed out again by the same thread's next malloc of that class
+ * without a round trip through the backend. Such blocks were allocated with
+ * their class's full capacity, and a cached block carries AP__CACHED_TAG, so
+ * a second free of it is recognised. At most AP__CACHE_CLASSES x
+ * AP__CACHE_DEPTH blocks (32 KiB) stay with a thread; they go back to the
+ * backend when it exits. */
+#define AP__CACHE_CLASSES 16
+#define AP__CACHE_DEPTH 8
+#define AP__CACHE_MAX (AP__CACHE_CLASSES * 16)
+#define AP__CACHED_TAG 0xF4EEu
+
+static inline uint32_t ap__cache_class(uint64_t size) {
+    return size ? (uint32_t)((size - 1) >> 4) : 0;
+}
+
+/* What a block of `size` user bytes is allocated with: small blocks get the
+ * full capacity of their class, so any block of the class can serve them. */
+static inline uint64_t ap__capacity(uint64_t size) {
+    return size <= AP__CACHE_MAX ? ((uint64_t)ap__cache_class(size) + 1) << 4 : size;
+}
+
 /* ---- Scopes and instances -------------------------------------------------- */
 
 typedef struct {
@@ -131,8 +155,14 @@ typedef struct {
     uint32_t owner_bits;     /* AP__POOL_OWNER while this thread bootstraps */
     uint32_t registered;     /* thread-exit destructor registered */
     uint32_t in_report;
+    uint8_t cached[AP__CACHE_CLASSES];   /* blocks in each class's list */
+    void *cache[AP__CACHE_CLASSES];      /* backend pointers, linked through
+                                            the first word of the user area */
     ap_violation last;       /* last violation on this thread */
 } ap__tls_t;
+
+/* Give every cached block back to the backend (thread exit). */
+AP__HIDDEN void ap__cache_flush(ap__tls_t *t);
 
 extern AP__TLS ap__tls_t ap__tls;
 
@@ -180,6 +210,7 @@ AP__HIDDEN void ap__threads_init(void);
 
 AP__HIDDEN void ap__report_denial(const ap_violation *v, const char *mode_word);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_with(const ap_violation *v);
+__attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);
 
 /* ---- Policy (policy.c) ----------------------------------------------------------- */
 

@@ -108,6 +108,24 @@ void ap__report_denial(const ap_violation *v, const char *action) {
     errno = saved;
 }
 
+void ap__abort_double_free(const void *p) {
+    int saved = errno;
+    line l = {.len = 0};
+    put(&l, "allocpolicy: double free of the block at 0x");
+    char hex[17];
+    uintptr_t a = (uintptr_t)p;
+    for (int i = 15; i >= 0; i--, a >>= 4)
+        hex[i] = "0123456789abcdef"[a & 15];
+    hex[16] = '\0';
+    put(&l, hex);
+    put(&l, " (it was freed already); aborting\n");
+    int fd = atomic_load_explicit(&ap__settings.report_fd, memory_order_relaxed);
+    ssize_t w = write(fd, l.buf, l.len);
+    (void)w;
+    errno = saved;
+    abort();
+}
+
 void ap__abort_with(const ap_violation *v) {
     ap__tls_t *t = &ap__tls;
     if (!t->in_report) {

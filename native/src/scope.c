@@ -211,8 +211,10 @@ static void thread_exit(void *unused) {
         ap_exit();
     ap__publish(t);
     /* Later destructors may allocate again; they run through the slow path,
-     * which registers this destructor anew (glibc repeats destructor rounds). */
+     * which registers this destructor anew (glibc repeats destructor rounds).
+     * Until then frees bypass the cache (it only fills while registered). */
     t->registered = 0;
+    ap__cache_flush(t);
     reset_allow(t, 0);
 }
 
