@@ -3,7 +3,9 @@
  *
  *   malloc_pairs PATTERN THREADS SCOPE PAIRS
  *
- *   PATTERN  fixed64  malloc(64) then free it, PAIRS times
+ *   PATTERN  fixedN   malloc(N) then free it, PAIRS times (fixed64: a block
+ *                     the runtime's small-block cache serves; fixed1024: one it
+ *                     does not)
  *            mix      sizes 16..256 from a fixed table; each step frees the
  *                     block allocated RING steps earlier and allocates a new
  *                     one, so frees do not simply undo the last malloc
@@ -48,6 +50,7 @@ static attach_fn ap_attach_p;
 static exit_fn ap_exit_p;
 
 static int pattern_mix;
+static size_t fixed_size = 64;
 static int scope_mode; /* 0 none, 1 own, 2 shared */
 static long pairs;
 static uint32_t scope_id;
@@ -84,7 +87,7 @@ static void enter_scope(int index) {
 static __attribute__((noinline)) uint64_t run_fixed(long n) {
     uint64_t acc = 0;
     for (long i = 0; i < n; i++) {
-        char *p = malloc(64);
+        char *p = malloc(fixed_size);
         if (!p)
             die("malloc returned NULL");
         p[0] = (char)i;
@@ -146,11 +149,11 @@ static double now(void) {
 
 int main(int argc, char **argv) {
     if (argc != 5)
-        die("usage: malloc_pairs fixed64|mix THREADS none|own|shared PAIRS");
+        die("usage: malloc_pairs fixedN|mix THREADS none|own|shared PAIRS");
     if (strcmp(argv[1], "mix") == 0)
         pattern_mix = 1;
-    else if (strcmp(argv[1], "fixed64") != 0)
-        die("pattern must be fixed64 or mix");
+    else if (sscanf(argv[1], "fixed%zu", &fixed_size) != 1 || fixed_size == 0)
+        die("pattern must be fixedN (N > 0) or mix");
     int threads = atoi(argv[2]);
     if (threads < 1 || threads > 64)
         die("bad thread count");

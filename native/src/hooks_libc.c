@@ -2,9 +2,10 @@
  * hooks_libc.c - the malloc family, exported for LD_PRELOAD.
  *
  * Every hook has the same shape: decide (ap__charge, which is the whole fast
- * path), call the backend, write the header, or undo the charge when the
- * backend fails. Frees read the header, credit the instance named in it, then
- * call the backend. The entry points all funnel into alloc_block() and
+ * path), get a block (from the thread's small-block cache or the backend),
+ * write the header, or undo the charge when the backend fails. Frees read the
+ * header, credit the instance named in it, then keep the block in the cache or
+ * give it to the backend. The entry points all funnel into alloc_block() and
  * release_block(), so alignment and failure handling live in one place.
  *
  * Semantics follow glibc where the standards leave room: realloc(p, 0) frees
