@@ -1,4 +1,10 @@
-"""The active policy of this process and how Python changes it."""
+"""The active policy of this process and how Python changes it.
+
+Entering scopes needs only the scope ids; the policy model (with TOML
+parsing, dataclasses and their imports) is loaded when a policy is read or
+configured. Every module a program imports adds objects that each full
+garbage collection walks, so the scope path keeps its imports small.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,13 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from . import _native
 from ._errors import AllocPolicyWarning, PolicyError, UnknownScopeError
-from ._policy import (
-    Policy,
-    ProcessPolicy,
-    ScopePolicy,
-    default_policy,
-    load_policy,
-    policy_from_environment,
-    policy_from_mapping,
-)
+
+if TYPE_CHECKING:
+    from ._policy import Policy
 
 __all__ = ["configure", "active_policy", "is_active", "AllocPolicyWarning"]
 
@@ -39,6 +40,8 @@ def active_policy() -> Policy:
     ``allocpolicy run``, or the built-in default."""
     global _active
     if _active is None:
+        from ._policy import default_policy, policy_from_environment
+
         with _lock:
             if _active is None:
                 try:
@@ -60,6 +63,8 @@ def active_policy() -> Policy:
 
 def _policy_from_runtime(rt: _native.Runtime) -> Policy:
     """The policy the runtime enforces, read back from its scope table."""
+    from ._policy import Policy, ProcessPolicy, ScopePolicy
+
     proc = rt.process_stats()
     root = rt.scope_stats(0)
     scopes = []
@@ -96,6 +101,8 @@ def configure(policy: Policy | Mapping | str | os.PathLike) -> Policy:
     previous policy stays in force.
     """
     global _active
+    from ._policy import Policy, load_policy, policy_from_mapping
+
     if isinstance(policy, Policy):
         new = policy
     elif isinstance(policy, Mapping):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 import weakref
 from contextlib import ContextDecorator
@@ -71,6 +70,8 @@ class scope(ContextDecorator):
         self.name = _check_name(name, self._func)
 
     def __call__(self, func: F) -> F:
+        import inspect  # at decoration time only: it is a heavy import
+
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
                 f"{self._func}(): cannot decorate the coroutine function {func.__qualname__}: "

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +195,17 @@ def test_python_workload_identical_over_backend(run_preloaded, backend):
     expected = "jemalloc=1 mimalloc=0" if name == "jemalloc" else "jemalloc=0 mimalloc=1"
     assert f"facts preloaded=1 {expected}" in over_backend.stdout, over_backend.stdout
     assert "serves True" in over_backend.stdout, over_backend.stdout
+
+
+def test_task_server_example_over_backend(backend):
+    # The README's main job through `allocpolicy run --backend NAME`: the same
+    # outcome as over glibc (every task done, every bomb stopped, exit 0).
+    name, _ = backend
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "allocpolicy", "run", "--backend", name, "--",
+         sys.executable, str(repo / "examples" / "task_server.py"), "--tasks", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "8/8 ordinary tasks completed, 3/3 bombs stopped with AllocError" in proc.stdout

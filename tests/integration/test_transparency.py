@@ -104,13 +104,14 @@ def outcomes_from_junit(path: Path) -> dict[str, str]:
     return outcomes
 
 
-def run_pair(make_argv, workdir: Path, preload_lib: str, child, timeout: float = RUN_TIMEOUT):
-    """Run argv once without and once with the preload, concurrently.
+def run_pair(make_argv, workdir: Path, chain: list[str], child, timeout: float = RUN_TIMEOUT):
+    """Run argv once without and once with the preload ``chain`` (the runtime,
+    then possibly a backend), concurrently.
 
     make_argv(junit_path) -> argv. Returns (baseline Run, preloaded Run).
     """
     procs = {}
-    for label, preload in (("baseline", None), ("preloaded", [preload_lib])):
+    for label, preload in (("baseline", None), ("preloaded", chain)):
         cwd = workdir / label
         cwd.mkdir(parents=True, exist_ok=True)
         junit = cwd / "junit.xml"
@@ -208,7 +209,12 @@ def assert_preload_takes(allocpolicy_lib, child):
     assert "cannot be preloaded" not in proc.stderr, proc.stderr
 
 
-def test_cpython_regression_tests(allocpolicy_lib, child_process, tmp_path):
+@pytest.mark.parametrize("backend", [None, "jemalloc", "mimalloc"])
+def test_cpython_regression_tests(allocpolicy_lib, child_process, tmp_path, backend,
+                                  backend_library):
+    # Over a backend the baseline is still glibc without any preload: the
+    # suites must not tell the difference either way.
+    chain = [allocpolicy_lib, *([backend_library(backend)] if backend else [])]
     assert_preload_takes(allocpolicy_lib, child_process)
     if not has_module("test.libregrtest"):
         pytest.skip("this interpreter ships without its test suite (the `test` package)")
@@ -226,11 +232,11 @@ def test_cpython_regression_tests(allocpolicy_lib, child_process, tmp_path):
             ]
         return argv
 
-    base, pre = run_pair(regrtest(tests), tmp_path / "all", allocpolicy_lib, child_process)
+    base, pre = run_pair(regrtest(tests), tmp_path / "all", chain, child_process)
 
     def recheck(names):
         modules = sorted({n.split(".")[1] for n in names if n.startswith("test.")} or set(tests))
-        return run_pair(regrtest(modules), tmp_path / "recheck", allocpolicy_lib, child_process)
+        return run_pair(regrtest(modules), tmp_path / "recheck", chain, child_process)
 
     assert_same(base, pre, recheck)
     # The comparison means something only if the suites really ran. (Their
@@ -267,14 +273,14 @@ def test_numpy_tests(allocpolicy_lib, child_process, tmp_path):
             ]
         return argv
 
-    base, pre = run_pair(pytest_argv(modules), tmp_path / "all", allocpolicy_lib, child_process)
+    base, pre = run_pair(pytest_argv(modules), tmp_path / "all", [allocpolicy_lib], child_process)
 
     def recheck(names):
         # junit names are "<classname>::<test>"; rerun whole modules.
         touched = sorted(
             {m for m in modules for n in names if m.split("::")[0].rsplit(".", 1)[1] in n}
         )
-        return run_pair(pytest_argv(touched or modules), tmp_path / "recheck", allocpolicy_lib, child_process)
+        return run_pair(pytest_argv(touched or modules), tmp_path / "recheck", [allocpolicy_lib], child_process)
 
     assert_same(base, pre, recheck)
     assert len(base.outcomes) > 2000, summary(base)
