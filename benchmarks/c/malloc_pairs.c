@@ -4,8 +4,8 @@
  *   malloc_pairs PATTERN THREADS SCOPE PAIRS
  *
  *   PATTERN  fixedN   malloc(N) then free it, PAIRS times (fixed64: a block
- *                     the runtime's small-block cache serves; fixed1024: one it
- *                     does not)
+ *                     the runtime's small-block cache serves; fixed4096: one
+ *                     it does not, and glibc's own cache does not either)
  *            mix      sizes 16..256 from a fixed table; each step frees the
  *                     block allocated RING steps earlier and allocates a new
  *                     one, so frees do not simply undo the last malloc

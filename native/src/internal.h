@@ -57,26 +57,36 @@ static inline ap__header *ap__header_of(void *user) {
 
 /* ---- Per-thread cache of small blocks (hooks_libc.c) ------------------------
  *
- * Freed blocks of up to AP__CACHE_MAX bytes are kept, a few per 16-byte size
- * class, and handed out again by the same thread's next malloc of that class
- * without a round trip through the backend. Such blocks were allocated with
- * their class's full capacity, and a cached block carries AP__CACHED_TAG, so
- * a second free of it is recognised. At most AP__CACHE_CLASSES x
- * AP__CACHE_DEPTH blocks (32 KiB) stay with a thread; they go back to the
- * backend when it exits. */
-#define AP__CACHE_CLASSES 16
+ * Freed blocks of up to AP__CACHE_MAX bytes are kept, a few per size class,
+ * and handed out again by the same thread's next malloc of that class without
+ * a round trip through the backend. Classes are 16 bytes apart up to 256 and
+ * 64 bytes apart up to 1 KiB. The upper end matters: glibc's own per-thread
+ * cache stops at 1032-byte requests, and the header would push requests of
+ * 1009 to 1024 bytes past it, onto glibc's slow path, on every call.
+ *
+ * Cached blocks were allocated with their class's full capacity, and carry
+ * AP__CACHED_TAG, so a second free of one is recognised. At most
+ * AP__CACHE_DEPTH blocks per class (80 KiB in all) stay with a thread; they
+ * go back to the backend when it exits. */
+#define AP__CACHE_CLASSES 28
 #define AP__CACHE_DEPTH 8
-#define AP__CACHE_MAX (AP__CACHE_CLASSES * 16)
+#define AP__CACHE_MAX 1024
 #define AP__CACHED_TAG 0xF4EEu
 
 static inline uint32_t ap__cache_class(uint64_t size) {
-    return size ? (uint32_t)((size - 1) >> 4) : 0;
+    if (size <= 256)
+        return size ? (uint32_t)((size - 1) >> 4) : 0;
+    return 16 + (uint32_t)((size - 257) >> 6);
 }
 
-/* What a block of `size` user bytes is allocated with: small blocks get the
- * full capacity of their class, so any block of the class can serve them. */
+static inline uint64_t ap__class_capacity(uint32_t cls) {
+    return cls < 16 ? ((uint64_t)cls + 1) << 4 : 256 + (((uint64_t)cls - 15) << 6);
+}
+
+/* What a block of `size` user bytes is allocated with: cacheable blocks get
+ * the full capacity of their class, so any block of the class can serve them. */
 static inline uint64_t ap__capacity(uint64_t size) {
-    return size <= AP__CACHE_MAX ? ((uint64_t)ap__cache_class(size) + 1) << 4 : size;
+    return size <= AP__CACHE_MAX ? ap__class_capacity(ap__cache_class(size)) : size;
 }
 
 /* ---- Scopes and instances -------------------------------------------------- */

@@ -22,7 +22,7 @@ static int double_free(void) {
 static int calloc_zeroed(void) {
     /* Dirty a block of every small class, free it into the cache, then ask
      * for zeroed memory of the same class: it must come back all zero. */
-    for (size_t size = 1; size <= 256; size++) {
+    for (size_t size = 1; size <= 1024; size++) {
         unsigned char *p = malloc(size);
         memset(p, 0xAB, size);
         free(p);
@@ -42,11 +42,12 @@ static int shrink(void) {
     /* A block shrunk by realloc to a small size is cached under that size's
      * class; the next malloc of the class may write its whole capacity. */
     for (int round = 0; round < 1000; round++) {
-        size_t small = 1 + (size_t)round % 256;
+        size_t small = 1 + (size_t)round % 1024;
         char *p = malloc(4096);
         p = realloc(p, small);
         free(p);
-        size_t full = (small + 15) / 16 * 16;
+        /* the capacity of small's class: 16-byte steps to 256, then 64 */
+        size_t full = small <= 256 ? (small + 15) / 16 * 16 : 256 + (small - 256 + 63) / 64 * 64;
         char *q = malloc(full);
         memset(q, 0x5A, full);
         char *r = malloc(full); /* a neighbour the overflow would hit */
