@@ -21,12 +21,16 @@
 #include "internal.h"
 
 #define AP__EXPORT __attribute__((visibility("default")))
+/* The hot path is spread over small helpers for reading; they must still
+ * compile into one function per hook (the compiler's size heuristics would
+ * otherwise call out to backend_block from malloc). */
+#define AP__INLINE inline __attribute__((always_inline))
 
 static _Atomic uint64_t foreign_frees;
 
 uint64_t ap__foreign_frees(void) { return atomic_load_explicit(&foreign_frees, memory_order_relaxed); }
 
-static inline void write_header(void *user, uint64_t size, uint32_t offset) {
+static AP__INLINE void write_header(void *user, uint64_t size, uint32_t offset) {
     ap__header *h = ap__header_of(user);
     h->size_tag = size | ap__tag(user) << 48;
     h->instance = ap__tls.cur | ap__tls.owner_bits;
@@ -34,7 +38,7 @@ static inline void write_header(void *user, uint64_t size, uint32_t offset) {
 }
 
 /* 1 if `p` carries our header; blocks from the bootstrap pool do too. */
-static inline int is_ours(void *p) {
+static AP__INLINE int is_ours(void *p) {
     return (ap__header_of(p)->size_tag >> 48) == ap__tag(p);
 }
 
@@ -66,7 +70,7 @@ static AP__NOINLINE void *realign(void *misaligned, uint64_t size, size_t align,
 
 /* ---- The small-block cache (see internal.h) ------------------------------ */
 
-static inline void *cache_pop(ap__tls_t *t, uint64_t size) {
+static AP__INLINE void *cache_pop(ap__tls_t *t, uint64_t size) {
     uint32_t cls = ap__cache_class(size);
     char *base = t->cache[cls];
     if (!base)
@@ -77,7 +81,7 @@ static inline void *cache_pop(ap__tls_t *t, uint64_t size) {
 }
 
 /* Keep a freed block for reuse; 0 if it must go to the backend. */
-static inline int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64_t size) {
+static AP__INLINE int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64_t size) {
     if (size > AP__CACHE_MAX || h->offset != AP__HEADER_SIZE || !t->registered)
         return 0;
     uint32_t cls = ap__cache_class(size);
@@ -113,7 +117,7 @@ static int cached_here(const ap__tls_t *t, const void *base) {
 
 /* Backend call for a block of `size` user bytes aligned to `align` (> 16 only
  * for the memalign family). Returns the user pointer. */
-static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
+static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
     void *base;
     if (AP__LIKELY(align <= AP__HEADER_SIZE)) {
         *offset = AP__HEADER_SIZE;
@@ -139,7 +143,7 @@ static inline void *backend_block(uint64_t size, size_t align, int zero, uint32_
     return base ? (char *)base + *offset : NULL;
 }
 
-static inline void *alloc_block(uint64_t size, size_t align, int zero) {
+static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
     if (AP__UNLIKELY(align > (UINT64_C(1) << 31)))
         return refuse();
     if (AP__UNLIKELY(!ap__charge(size, AP_DOMAIN_LIBC)))
@@ -165,7 +169,7 @@ static AP__NOINLINE void release_foreign(void *p) {
     ap__next.free(p);
 }
 
-static inline void release_block(void *p) {
+static AP__INLINE void release_block(void *p) {
     if (AP__UNLIKELY(!is_ours(p))) {
         /* Not handed out by us (e.g. allocated before an interposer chain
          * changed). Give it to the backend untouched. */
