@@ -32,14 +32,14 @@ uint64_t ap__foreign_frees(void) { return atomic_load_explicit(&foreign_frees, m
 
 static AP__INLINE void write_header(void *user, uint64_t size, uint32_t offset) {
     ap__header *h = ap__header_of(user);
-    h->size_tag = size | ap__tag(user) << 48;
+    h->size_tag = size | (uint64_t)AP__TAG << 48;
     h->instance = ap__tls.cur | ap__tls.owner_bits;
     h->offset = offset;
 }
 
 /* 1 if `p` carries our header; blocks from the bootstrap pool do too. */
 static AP__INLINE int is_ours(void *p) {
-    return (ap__header_of(p)->size_tag >> 48) == ap__tag(p);
+    return (ap__header_of(p)->size_tag >> 48) == AP__TAG;
 }
 
 static inline uint64_t block_size(void *p) { return ap__header_of(p)->size_tag & AP__SIZE_MASK; }
@@ -286,20 +286,14 @@ AP__EXPORT void *realloc(void *p, size_t size) {
         free(p);
         return NULL;
     }
-    if (AP__UNLIKELY(ap__pool_owns(p) || !is_ours(p))) {
-        if (!ap__pool_owns(p))
-            return ap__next.realloc(p, size);
-        void *q = malloc(size);
-        if (q) {
-            uint64_t old = block_size(p);
-            memcpy(q, p, old < size ? old : size);
-        }
-        return q;
-    }
+    if (AP__UNLIKELY(!is_ours(p)))
+        return ap__next.realloc(p, size);
     ap__header *h = ap__header_of(p);
     uint64_t old = h->size_tag & AP__SIZE_MASK;
-    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE)) {
-        /* Aligned blocks: realloc promises malloc's alignment only. */
+    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE || ap__pool_owns(p))) {
+        /* Aligned blocks (realloc promises malloc's alignment only) and
+         * bootstrap-pool blocks (static storage; free() ignores them) move to
+         * a fresh block. */
         void *q = malloc(size);
         if (q) {
             memcpy(q, p, old < size ? old : size);

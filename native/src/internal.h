@@ -46,10 +46,7 @@ typedef struct {
 /* Marks a header as ours. Foreign pointers are rare to begin with (blocks
  * that bypassed the interposed functions); one whose preceding bytes happen
  * to hold this tag (a 2^-16 chance) would be misread as ours. */
-static inline uint64_t ap__tag(const void *user) {
-    (void)user;
-    return 0xA11Cu;
-}
+#define AP__TAG 0xA11Cu
 
 static inline ap__header *ap__header_of(void *user) {
     return (ap__header *)((char *)user - AP__HEADER_SIZE);
@@ -218,7 +215,6 @@ AP__HIDDEN void ap__threads_init(void);
 
 /* ---- Reports (report.c) ------------------------------------------------------ */
 
-AP__HIDDEN void ap__report_denial(const ap_violation *v, const char *mode_word);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_with(const ap_violation *v);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);
 

@@ -64,8 +64,25 @@ static const char *limit_word(uint32_t limit) {
     }
 }
 
-void ap__report_denial(const ap_violation *v, const char *action) {
+/* One write(2) of the whole line, resumed after EINTR or a short write. */
+static void emit(const line *l) {
     int saved = errno;
+    int fd = atomic_load_explicit(&ap__settings.report_fd, memory_order_relaxed);
+    const char *p = l->buf;
+    size_t left = l->len;
+    while (left) {
+        ssize_t w = write(fd, p, left);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            break;
+        p += w;
+        left -= (size_t)w;
+    }
+    errno = saved;
+}
+
+static void report_denial(const ap_violation *v, const char *action) {
     line l = {.len = 0};
     const ap__instance *cur = &ap__instances[ap__tls.cur];
     put(&l, "allocpolicy: allocation refused in scope '");
@@ -93,23 +110,10 @@ void ap__report_denial(const ap_violation *v, const char *action) {
     put(&l, "; ");
     put(&l, action);
     put(&l, "\n");
-    int fd = atomic_load_explicit(&ap__settings.report_fd, memory_order_relaxed);
-    const char *p = l.buf;
-    size_t left = l.len;
-    while (left) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            break;
-        p += w;
-        left -= (size_t)w;
-    }
-    errno = saved;
+    emit(&l);
 }
 
 void ap__abort_double_free(const void *p) {
-    int saved = errno;
     line l = {.len = 0};
     put(&l, "allocpolicy: double free of the block at 0x");
     char hex[17];
@@ -119,10 +123,7 @@ void ap__abort_double_free(const void *p) {
     hex[16] = '\0';
     put(&l, hex);
     put(&l, " (it was freed already); aborting\n");
-    int fd = atomic_load_explicit(&ap__settings.report_fd, memory_order_relaxed);
-    ssize_t w = write(fd, l.buf, l.len);
-    (void)w;
-    errno = saved;
+    emit(&l);
     abort();
 }
 
@@ -130,7 +131,7 @@ void ap__abort_with(const ap_violation *v) {
     ap__tls_t *t = &ap__tls;
     if (!t->in_report) {
         t->in_report = 1;
-        ap__report_denial(v, "mode=abort, aborting");
+        report_denial(v, "mode=abort, aborting");
     }
     /* SIGABRT: faulthandler (enabled by the Python package) prints the Python
      * traceback of every thread next. */
