@@ -40,6 +40,7 @@ typedef int ap_status;
 #define AP_EFULL (-3)     /* a fixed-size table is full */
 #define AP_ESTATE (-4)    /* the call does not fit the current state */
 #define AP_EPARSE (-5)    /* a policy table string could not be parsed */
+#define AP_EREFUSED (-6)  /* a reservation does not fit a budget (details out) */
 
 /* What a failed allocation does; decided by the innermost scope. */
 typedef enum {
@@ -63,13 +64,30 @@ typedef enum {
     AP_LIMIT_INSTANCE = 1, /* the scope's per-instance `budget` */
     AP_LIMIT_TOTAL = 2,    /* the scope's `total_budget` over live instances */
     AP_LIMIT_PROCESS = 3,  /* the process budget */
+    AP_LIMIT_RESERVATION = 4, /* an overdraft of a reservation (overdraft = raise) */
 } ap_limit;
+
+/* What a forbidden allocation or a reservation overdraft does. */
+typedef enum {
+    AP_ACTION_RAISE = 0, /* refuse it (NULL, a violation); later ones are counted */
+    AP_ACTION_ABORT = 1, /* write the diagnostic, then abort() */
+    AP_ACTION_WARN = 2,  /* grant it; the region's record says what happened */
+    AP_ACTION_COUNT = 3, /* grant it and count it */
+} ap_action;
 
 /* Where an allocation entered the runtime. */
 typedef enum {
     AP_DOMAIN_LIBC = 0,      /* the malloc family */
     AP_DOMAIN_PY_ARENA = 1,  /* pymalloc arenas (Python's small objects) */
+    AP_DOMAIN_PY_RAW = 2,    /* PyMem_RawMalloc and friends (in-process mode) */
+    AP_DOMAIN_PY_MEM = 3,    /* PyMem_Malloc and friends */
+    AP_DOMAIN_PY_OBJ = 4,    /* PyObject_Malloc and friends */
+    AP_DOMAIN_NUMPY = 5,     /* NumPy's array data handler (in-process mode) */
+    AP_DOMAIN_COUNT_ = 6
 } ap_domain;
+
+#define AP_DOMAIN_BIT(d) (1u << (d))
+#define AP_DOMAINS_ALL ((1u << AP_DOMAIN_COUNT_) - 1)
 
 #define AP_MAX_SCOPES 256
 #define AP_MAX_INSTANCES 65536
@@ -91,6 +109,7 @@ typedef struct {
     uint64_t requested; /* bytes asked for */
     int64_t budget;     /* the refusing limit, 0 = none */
     int64_t live;       /* live bytes under that limit when refused */
+    uint64_t index;     /* AP_REASON_INJECTED: the injection index (1-based) */
 } ap_violation;
 
 /* Counters of one scope, summed over its instances. */
@@ -109,6 +128,12 @@ typedef struct {
     int64_t escaped;        /* bytes still live when their instance ended */
     int64_t grace_bytes;    /* bytes granted from the unwind grace allowance */
     int64_t max_instance_peak; /* largest peak of a single instance */
+    uint64_t reservations;  /* reservations granted in its instances */
+    uint64_t refused_reservations;
+    uint64_t overdrafts;    /* allocations that went beyond a reservation */
+    int64_t overdraft_bytes; /* bytes beyond reservations */
+    uint64_t forbidden;     /* allocations (and frees) seen in forbid regions */
+    uint64_t injected;      /* failures injected in its instances */
 } ap_scope_stats;
 
 /* Counters of one instance. */
@@ -193,6 +218,144 @@ AP_API ap_status ap_last_violation(ap_violation *out);
 AP_API ap_status ap_get_scope_stats(uint32_t scope_id, ap_scope_stats *out);
 AP_API ap_status ap_get_instance_stats(uint32_t instance_id, ap_instance_stats *out);
 AP_API ap_status ap_get_process_stats(ap_process_stats *out);
+
+/* --- Reservations (fallible API) --------------------------------------------
+ *
+ * A reservation claims `nbytes` of budget up front in the calling thread's
+ * innermost instance: it is granted only if the instance, every enclosing
+ * instance, their scope totals and the process budget can all take it, and
+ * the bytes are then counted as live at every level. Allocations the thread
+ * makes directly in that instance draw on the reservation and are never
+ * refused for budget reasons while it lasts; frees of that instance's blocks
+ * give room back to it up to its size. Going beyond it is an overdraft,
+ * handled by `overdraft` (an ap_action): RAISE refuses the allocation
+ * (limit AP_LIMIT_RESERVATION), ABORT aborts, WARN and COUNT decide the excess
+ * as an ordinary allocation of the scope's mode and count it. Reservations
+ * nest (at most AP_MAX_RESERVATIONS per thread): an inner one draws on the
+ * outer one first, and gives its unused bytes back to it. Leaving the
+ * instance (ap_exit) releases the reservations made in it.
+ */
+#define AP_MAX_RESERVATIONS 16
+
+typedef struct {
+    uint32_t size;            /* sizeof(ap_reservation) */
+    uint32_t instance;        /* instance it was made in */
+    int64_t reserved;         /* bytes claimed */
+    int64_t left;             /* bytes unused (returned when released) */
+    int64_t peak_used;        /* largest amount drawn at once */
+    uint64_t overdrafts;      /* allocations beyond it */
+    int64_t overdraft_bytes;
+    uint64_t first_overdraft; /* size of the first allocation beyond it, 0 = none */
+    uint32_t action;          /* ap_action for overdrafts */
+    uint32_t refused;         /* overdrafts refused (RAISE) */
+    uint64_t serial;          /* per-thread number, 1 for the first */
+} ap_reservation;
+
+/*
+ * Make a reservation. AP_EREFUSED when a budget cannot take it: then
+ * `refusal` (if not NULL) says which, nothing is charged, and nothing is
+ * recorded as a violation. AP_EFULL when AP_MAX_RESERVATIONS are active.
+ */
+AP_API ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal);
+
+/* Release the innermost reservation; its unused bytes go back. */
+AP_API ap_status ap_unreserve(ap_reservation *out);
+
+/* Read the innermost reservation's record without releasing it. */
+AP_API ap_status ap_reservation_get(ap_reservation *out);
+
+/* --- Regions: forbid and count allocations (per thread) ---------------------
+ *
+ * A region watches the allocations (and, with `frees`, the frees) that the
+ * calling thread makes through the given domains (AP_DOMAIN_BIT mask, 0 =
+ * all). ap_region_enter(AP_ACTION_COUNT, ...) is a plain counter; RAISE
+ * refuses the first allocation of the region (reason AP_REASON_FORBIDDEN) and
+ * counts the rest, ABORT aborts at the first, WARN counts. Regions nest (at most
+ * AP_MAX_REGIONS per thread); every active region sees every event, and
+ * the strictest action decides. Entering an instance of a scope declared
+ * with `forbid` pushes a region too, popped when that instance is left.
+ */
+#define AP_MAX_REGIONS 16
+
+typedef struct {
+    uint32_t size;          /* sizeof(ap_region) */
+    uint32_t action;        /* ap_action */
+    uint32_t frees;         /* 1 if frees count as violations too */
+    uint32_t domains;       /* AP_DOMAIN_BIT mask watched */
+    uint32_t instance;      /* the forbid scope's instance, 0 for API regions */
+    uint32_t first_domain;  /* domain of the first event */
+    uint64_t allocations;   /* allocation requests seen */
+    uint64_t frees_seen;    /* frees seen */
+    uint64_t bytes;         /* bytes requested by those allocations */
+    uint64_t bytes_freed;   /* bytes freed, where the size is known */
+    uint64_t first_size;    /* size of the first allocation, 0 = none */
+    uint64_t refused;       /* allocations refused by this region */
+} ap_region;
+
+AP_API ap_status ap_region_enter(uint32_t action, uint32_t frees, uint32_t domains);
+
+/* Leave the innermost API region (AP_ESTATE if the innermost is a scope's). */
+AP_API ap_status ap_region_exit(ap_region *out);
+
+/* The record of the region most recently left on this thread (also forbid
+ * scopes' regions, which end in ap_exit). */
+AP_API ap_status ap_region_last(ap_region *out);
+
+/* Process-wide census: while at least one census is open, every thread's
+ * allocations and frees are counted (at an atomic increment each). */
+typedef struct {
+    uint32_t size;        /* sizeof(ap_census) */
+    uint32_t open;        /* censuses open */
+    uint64_t allocations;
+    uint64_t frees;
+    uint64_t bytes;       /* bytes requested */
+    uint64_t bytes_freed;
+} ap_census;
+
+AP_API ap_status ap_census_open(void);
+AP_API ap_status ap_census_close(void);
+/* Monotonic totals since the library loaded (only counted while open). */
+AP_API ap_status ap_census_read(ap_census *out);
+
+/* --- Fault injection ---------------------------------------------------------
+ *
+ * Allocations matching the filters (scope on the chain, domain, size range)
+ * are numbered 1, 2, 3, ... in the order they reach the runtime. Index i
+ * fails if any trigger picks it: i == nth; start <= i < stop; i % every == 0;
+ * or a hash of (seed, i) falls under `probability` (out of 2^32). With
+ * AP_INJECT_PERSISTENT, every matching allocation after the first injected
+ * one fails too. Injected failures follow the scope's mode, as a budget
+ * refusal does (AP_REASON_INJECTED, with the index in the violation).
+ */
+#define AP_INJECT_PERSISTENT 1u
+#define AP_INJECT_ANY_SCOPE UINT32_MAX
+
+typedef struct {
+    uint32_t size;        /* sizeof(ap_inject_config) */
+    uint32_t flags;       /* AP_INJECT_* */
+    uint64_t nth;         /* 0 = off */
+    uint64_t start, stop; /* stop == 0: off */
+    uint64_t every;       /* 0 = off */
+    uint64_t probability; /* out of 2^32, 0 = off */
+    uint64_t seed;
+    uint64_t min_size;    /* 0 = no lower bound */
+    uint64_t max_size;    /* 0 = no upper bound */
+    uint32_t scope;       /* scope id, or AP_INJECT_ANY_SCOPE */
+    uint32_t domains;     /* AP_DOMAIN_BIT mask, 0 = all */
+} ap_inject_config;
+
+typedef struct {
+    uint32_t size;        /* sizeof(ap_inject_stats) */
+    uint32_t active;
+    uint64_t seen;        /* matching allocations so far (the last index) */
+    uint64_t injected;    /* failures injected */
+    uint64_t first_index; /* 0 = none yet */
+    uint64_t last_index;
+} ap_inject_stats;
+
+/* Replace the injection settings (NULL turns injection off); counters restart. */
+AP_API ap_status ap_inject_set(const ap_inject_config *cfg);
+AP_API ap_status ap_inject_get(ap_inject_stats *out);
 
 /* --- Python's small-object allocator ---------------------------------------- */
 

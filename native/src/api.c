@@ -55,6 +55,12 @@ ap_status ap_get_scope_stats(uint32_t id, ap_scope_stats *out) {
         .grace_bytes = atomic_load(&sc->grace_bytes),
         .max_instance_peak = id == AP_SCOPE_PROCESS ? atomic_load(&c->peak)
                                                     : atomic_load(&sc->max_instance_peak),
+        .reservations = atomic_load(&sc->reservations),
+        .refused_reservations = atomic_load(&sc->refused_reservations),
+        .overdrafts = atomic_load(&sc->overdrafts),
+        .overdraft_bytes = atomic_load(&sc->overdraft_bytes),
+        .forbidden = atomic_load(&sc->forbidden),
+        .injected = atomic_load(&sc->injected),
     };
     memcpy(s.name, sc->name, sizeof s.name);
     return copy_out(out, &s, sizeof s);

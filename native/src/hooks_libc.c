@@ -151,7 +151,7 @@ static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
     uint32_t offset;
     void *user = backend_block(size, align, zero, &offset);
     if (AP__UNLIKELY(!user)) {
-        ap__credit(ap__tls.cur, size);
+        ap__credit(ap__tls.cur, size, AP__UNDO);
         ap__backend_failed(size, AP_DOMAIN_LIBC);
         return refuse();
     }
@@ -186,12 +186,13 @@ static AP__INLINE void release_block(void *p) {
      * free look foreign, so the backend rejects it (as an invalid pointer)
      * instead of us crediting the block twice. */
     h->size_tag = 0;
-    if (AP__LIKELY(instance == t->cur && t->allow < t->limit)) {
+    if (AP__LIKELY(instance == t->cur && t->allow < t->limit &&
+                   !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
         t->allow += (int64_t)size;
     } else if (AP__UNLIKELY(instance & AP__POOL_OWNER)) {
         return; /* bootstrap pool: static storage, never reused */
     } else {
-        ap__credit_slow(instance, size);
+        ap__credit_slow(instance, size, AP_DOMAIN_LIBC);
     }
     if (!cache_push(t, h, base, size))
         ap__next.free(base);
@@ -312,15 +313,15 @@ AP__EXPORT void *realloc(void *p, size_t size) {
                                 ap__capacity(size) + AP__HEADER_SIZE);
     if (AP__UNLIKELY(!nb)) {
         if (charged)
-            ap__credit(ap__tls.cur, charged);
+            ap__credit(ap__tls.cur, charged, AP__UNDO);
         ap__backend_failed(size, AP_DOMAIN_LIBC);
         return refuse();
     }
     if (same) {
         if (old > size)
-            ap__credit(owner, old - size);
+            ap__credit(owner, old - size, AP_DOMAIN_LIBC);
     } else {
-        ap__credit(owner, old);
+        ap__credit(owner, old, AP_DOMAIN_LIBC);
     }
     void *user = (char *)nb + AP__HEADER_SIZE;
     write_header(user, size, AP__HEADER_SIZE);

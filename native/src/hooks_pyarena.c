@@ -89,14 +89,14 @@ static void *arena_alloc(void *ctx, size_t size) {
         return NULL;
     void *p = original.alloc(original.ctx, size);
     if (!p) {
-        ap__credit(ap__tls.cur, size);
+        ap__credit(ap__tls.cur, size, AP__UNDO);
         ap__backend_failed(size, AP_DOMAIN_PY_ARENA);
         return NULL;
     }
     if (remember((uintptr_t)p, ap__tls.cur)) {
         atomic_fetch_add(&arenas_live, 1);
     } else {
-        ap__credit(ap__tls.cur, size); /* table full: leave it uncounted */
+        ap__credit(ap__tls.cur, size, AP__UNDO); /* table full: leave it uncounted */
     }
     return p;
 }
@@ -109,7 +109,7 @@ static void arena_free(void *ctx, void *p, size_t size) {
      * installed are not in the table and were never charged. */
     if (p && forget((uintptr_t)p, &instance)) {
         atomic_fetch_sub(&arenas_live, 1);
-        ap__credit(instance, size);
+        ap__credit(instance, size, AP_DOMAIN_PY_ARENA);
     }
     original.free(original.ctx, p, size);
 }

@@ -100,6 +100,9 @@ typedef struct {
     _Atomic uint32_t mode;          /* ap_mode */
     _Atomic int64_t budget;         /* per instance, 0 = none */
     _Atomic int64_t total_budget;   /* across live instances, 0 = none */
+    _Atomic uint32_t forbid;        /* 0, or 1 + the ap_action of a forbid scope */
+    _Atomic uint32_t forbid_frees;  /* frees in it are violations too */
+    _Atomic uint32_t overdraft;     /* ap_action for reservation overdrafts */
     /* Written on slow paths only; own cache line so readers of the settings
      * above are not disturbed. */
     _Alignas(AP__CACHELINE) ap__counters total;
@@ -108,6 +111,12 @@ typedef struct {
     _Atomic int64_t escaped;
     _Atomic int64_t grace_bytes;
     _Atomic int64_t max_instance_peak;
+    _Atomic uint64_t reservations;
+    _Atomic uint64_t refused_reservations;
+    _Atomic uint64_t overdrafts;
+    _Atomic int64_t overdraft_bytes;
+    _Atomic uint64_t forbidden;
+    _Atomic uint64_t injected;
 } ap__scope;
 
 enum { AP__INST_FREE = 0, AP__INST_ACTIVE = 1, AP__INST_ENDED = 2 };
@@ -162,16 +171,47 @@ typedef struct {
     uint32_t owner_bits;     /* AP__POOL_OWNER while this thread bootstraps */
     uint32_t registered;     /* thread-exit destructor registered */
     uint32_t in_report;
+    uint32_t watch;          /* regions active on this thread (see observe.c) */
+    uint32_t nregions;
+    uint32_t nres;           /* reservations active on this thread */
+    uint64_t res_serial;
     uint8_t cached[AP__CACHE_CLASSES];   /* blocks in each class's list */
     void *cache[AP__CACHE_CLASSES];      /* backend pointers, linked through
                                             the first word of the user area */
     ap_violation last;       /* last violation on this thread */
+    /* Rarely touched: after the fast-path fields so those share lines. */
+    ap_reservation res[AP_MAX_RESERVATIONS]; /* innermost last */
+    ap_region regions[AP_MAX_REGIONS];        /* innermost last */
+    ap_region last_region;                    /* the region left most recently */
 } ap__tls_t;
+
+/* ---- Watching: regions, census, injection (observe.c) ----------------------
+ *
+ * `ap__watch` is non-zero while a census is open or injection is active
+ * anywhere in the process; the thread's own `watch` while it has a region. A
+ * watching thread takes the slow path for every allocation and free (the
+ * fast paths test both), where ap__observe_alloc/free see each event.
+ *
+ * Hooks that do no accounting of their own (the PyMem MEM and OBJ domains)
+ * call these directly when ap__watching() says so:
+ *     if (AP__UNLIKELY(ap__watching(t)) && !ap__observe_alloc(t, size, dom))
+ *         return NULL;
+ */
+extern _Atomic uint32_t ap__watch;
+
+/* 1 to go on, 0 to refuse (the violation is recorded; ABORT actions abort). */
+AP__HIDDEN int ap__observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain);
+/* `size` 0 when the hook does not know it. */
+AP__HIDDEN void ap__observe_free(ap__tls_t *t, uint64_t size, ap_domain domain);
 
 /* Give every cached block back to the backend (thread exit). */
 AP__HIDDEN void ap__cache_flush(ap__tls_t *t);
 
 extern AP__TLS ap__tls_t ap__tls;
+
+static inline int ap__watching(const ap__tls_t *t) {
+    return (int)(atomic_load_explicit(&ap__watch, memory_order_relaxed) | t->watch);
+}
 
 /* ---- Accounting (scope.c) -------------------------------------------------- */
 
@@ -184,10 +224,13 @@ AP__HIDDEN int ap__charge_slow(uint64_t size, ap_domain domain);
 #define AP__MAX_REQUEST (AP__SIZE_MASK - (UINT64_C(1) << 32))
 
 /* The fast path of the decision, inlined into every hook. The unsigned
- * comparison also sends every oversized request to the slow path. */
+ * comparison also sends every oversized request to the slow path; a watching
+ * thread has `allow` 0, and the process-wide switch is one read of a line
+ * that is written only when a census or injection starts or stops. */
 static inline int ap__charge(uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
-    if (AP__LIKELY(size <= (uint64_t)t->allow)) {
+    if (AP__LIKELY(size <= (uint64_t)t->allow &&
+                   !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
         t->allow -= (int64_t)size;
         t->pend_n++;
         return 1;
@@ -195,22 +238,38 @@ static inline int ap__charge(uint64_t size, ap_domain domain) {
     return ap__charge_slow(size, domain);
 }
 
-AP__HIDDEN void ap__credit_slow(uint32_t instance, uint64_t size);
+/* As the domain of a credit: it undoes a charge whose block never existed
+ * (the backend failed), so observers must not see a free. */
+#define AP__UNDO ((ap_domain)AP_DOMAIN_COUNT_)
 
-/* Credit a freed block to the instance that made it (semantics 2). */
-static inline void ap__credit(uint32_t instance, uint64_t size) {
+AP__HIDDEN void ap__credit_slow(uint32_t instance, uint64_t size, ap_domain domain);
+
+/* Credit a freed block to the instance that made it (semantics 2). A
+ * watching thread has `limit` 0, so only the process-wide switch needs its
+ * own test here. */
+static inline void ap__credit(uint32_t instance, uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
-    if (AP__LIKELY(instance == t->cur && t->allow < t->limit)) {
+    if (AP__LIKELY(instance == t->cur && t->allow < t->limit &&
+                   !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
         t->allow += (int64_t)size;
         return;
     }
-    ap__credit_slow(instance, size);
+    ap__credit_slow(instance, size, domain);
 }
 
 /* Undo a charge that the backend could not satisfy; records an OOM violation. */
 AP__HIDDEN int ap__backend_failed(uint64_t size, ap_domain domain);
 
 AP__HIDDEN void ap__publish(ap__tls_t *t);
+/* After a publish: what the fast path may take next (reservation-aware). */
+AP__HIDDEN void ap__refill(ap__tls_t *t);
+/* An injected failure, decided in observe.c; follows the scope's mode. */
+AP__HIDDEN int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t index);
+/* Number a reservation for injection: 0, or the injected index. */
+AP__HIDDEN uint64_t ap__inject_reservation(ap__tls_t *t, uint64_t size);
+/* Forbid scopes open a region on entry and close it on exit. */
+AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
+AP__HIDDEN void ap__regions_leave_instance(ap__tls_t *t, uint32_t instance);
 AP__HIDDEN void ap__threads_init(void);
 
 /* ---- Reports (report.c) ------------------------------------------------------ */

@@ -9,10 +9,19 @@
  *
  *   table   := "v=1" (";" entry)*
  *   entry   := "grace=" N | "fd=" N | "process=" MODE ":" N
- *            | "scope=" NAME ":" MODE ":" N ":" N      (budget, total_budget)
+ *            | "scope=" NAME ":" MODE ":" N ":" N (":" OPTION)*  (budget, total_budget)
+ *            | "inject=" TRIGGER ("," TRIGGER)* | "inject=off"
+ *   OPTION  := "forbid=" ACTION | "forbid=none" | "frees=" ("0"|"1") | "overdraft=" ACTION
+ *   TRIGGER := ("nth" | "start" | "stop" | "every" | "p" | "seed" | "min" | "max"
+ *               | "domains" | "persist") "=" N | "scope=" NAME
  *   MODE    := "raise" | "abort" | "fallible"
- *   N       := decimal bytes, 0 meaning "no limit"
+ *   ACTION  := "raise" | "abort" | "warn" | "count"
+ *   N       := decimal, bytes for sizes, 0 meaning "no limit"
  *   NAME    := [A-Za-z0-9_.-]{1,63}
+ *
+ * `p` is a probability out of 2^32; `domains` an AP_DOMAIN_BIT mask. A table
+ * without an `inject` entry leaves injection as it is (it may have been set
+ * through ap_inject_set); `inject=off` turns it off.
  *
  * The whole string is parsed into a staging copy first; the live policy is
  * changed only when every entry parsed (bad input changes nothing).
@@ -28,10 +37,16 @@ typedef struct {
     uint32_t mode;
     int64_t budget;
     int64_t total_budget;
+    uint32_t forbid; /* 0, or 1 + ap_action */
+    uint32_t frees;
+    uint32_t overdraft;
 } staged_scope;
 
 typedef struct {
     int have_grace, have_fd, have_process;
+    int have_inject, inject_on;
+    ap_inject_config inject;
+    char inject_scope[AP_SCOPE_NAME_MAX]; /* "" = any */
     int64_t grace;
     int fd;
     uint32_t process_mode;
@@ -77,6 +92,28 @@ static int mode(cursor *c, uint32_t *out) {
     return 1;
 }
 
+static int action(cursor *c, uint32_t *out) {
+    if (take(c, "raise"))
+        *out = AP_ACTION_RAISE;
+    else if (take(c, "abort"))
+        *out = AP_ACTION_ABORT;
+    else if (take(c, "warn"))
+        *out = AP_ACTION_WARN;
+    else if (take(c, "count"))
+        *out = AP_ACTION_COUNT;
+    else
+        return 0;
+    return 1;
+}
+
+static int flag(cursor *c, uint32_t *out) {
+    int64_t v;
+    if (!number(c, &v) || v > 1)
+        return 0;
+    *out = (uint32_t)v;
+    return 1;
+}
+
 static int name_char(char ch) {
     return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
            ch == '_' || ch == '.' || ch == '-';
@@ -93,9 +130,76 @@ static int name(cursor *c, char *out) {
     return n > 0 && strcmp(out, "process") != 0;
 }
 
+static int inject(cursor *c, staged *st) {
+    ap_inject_config *ic = &st->inject;
+    memset(ic, 0, sizeof *ic);
+    ic->size = sizeof *ic;
+    ic->scope = AP_INJECT_ANY_SCOPE;
+    st->inject_scope[0] = '\0';
+    st->have_inject = 1;
+    if (take(c, "off")) {
+        st->inject_on = 0;
+        return 1;
+    }
+    st->inject_on = 1;
+    do {
+        static const struct {
+            const char *key;
+            size_t offset;
+        } fields[] = {
+            {"nth=", offsetof(ap_inject_config, nth)},
+            {"start=", offsetof(ap_inject_config, start)},
+            {"stop=", offsetof(ap_inject_config, stop)},
+            {"every=", offsetof(ap_inject_config, every)},
+            {"p=", offsetof(ap_inject_config, probability)},
+            {"seed=", offsetof(ap_inject_config, seed)},
+            {"min=", offsetof(ap_inject_config, min_size)},
+            {"max=", offsetof(ap_inject_config, max_size)},
+        };
+        int matched = 0;
+        int64_t v;
+        for (size_t i = 0; i < sizeof fields / sizeof fields[0] && !matched; i++) {
+            if (take(c, fields[i].key)) {
+                if (!number(c, &v))
+                    return 0;
+                *(uint64_t *)((char *)ic + fields[i].offset) = (uint64_t)v;
+                matched = 1;
+            }
+        }
+        if (matched)
+            continue;
+        if (take(c, "domains=")) {
+            if (!number(c, &v) || v > AP_DOMAINS_ALL)
+                return 0;
+            ic->domains = (uint32_t)v;
+        } else if (take(c, "persist=")) {
+            uint32_t f;
+            if (!flag(c, &f))
+                return 0;
+            ic->flags = f ? AP_INJECT_PERSISTENT : 0;
+        } else if (take(c, "scope=")) {
+            /* "process" is a valid target here, unlike in scope entries. */
+            size_t n = 0;
+            while (name_char(*c->pos)) {
+                if (n + 1 >= AP_SCOPE_NAME_MAX)
+                    return 0;
+                st->inject_scope[n++] = *c->pos++;
+            }
+            st->inject_scope[n] = '\0';
+            if (!n)
+                return 0;
+        } else {
+            return 0;
+        }
+    } while (take(c, ","));
+    return ic->probability <= (UINT64_C(1) << 32) && (!ic->stop || ic->stop >= ic->start) &&
+           (!ic->max_size || ic->max_size >= ic->min_size);
+}
+
 static int parse(const char *table, staged *st, size_t *error_offset) {
     cursor c = {table, table};
     memset(st, 0, offsetof(staged, scopes));
+    st->inject.size = sizeof st->inject;
     if (!take(&c, "v=1"))
         goto bad;
     while (*c.pos) {
@@ -120,11 +224,34 @@ static int parse(const char *table, staged *st, size_t *error_offset) {
             if (st->nscopes >= AP_MAX_SCOPES - 1)
                 goto bad;
             staged_scope *sc = &st->scopes[st->nscopes];
+            memset(sc, 0, sizeof *sc);
             if (!name(&c, sc->name) || !take(&c, ":") || !mode(&c, &sc->mode) ||
                 !take(&c, ":") || !number(&c, &sc->budget) || !take(&c, ":") ||
                 !number(&c, &sc->total_budget))
                 goto bad;
+            sc->overdraft = AP_ACTION_COUNT;
+            while (take(&c, ":")) {
+                if (take(&c, "forbid=")) {
+                    if (take(&c, "none"))
+                        sc->forbid = 0;
+                    else if (action(&c, &sc->forbid))
+                        sc->forbid += 1;
+                    else
+                        goto bad;
+                } else if (take(&c, "frees=")) {
+                    if (!flag(&c, &sc->frees))
+                        goto bad;
+                } else if (take(&c, "overdraft=")) {
+                    if (!action(&c, &sc->overdraft))
+                        goto bad;
+                } else {
+                    goto bad;
+                }
+            }
             st->nscopes++;
+        } else if (take(&c, "inject=")) {
+            if (!inject(&c, st))
+                goto bad;
         } else {
             goto bad;
         }
@@ -154,6 +281,18 @@ static ap_status apply(const staged *st) {
             added++;
     if (n + added > AP_MAX_SCOPES)
         return AP_EFULL;
+    /* The injection target must be a scope of the process once applied. */
+    int inject_scope_new = 0;
+    if (st->have_inject && st->inject_on && st->inject_scope[0]) {
+        if (find(st->inject_scope) == UINT32_MAX) {
+            inject_scope_new = 1;
+            for (uint32_t i = 0; i < st->nscopes; i++)
+                if (strcmp(st->scopes[i].name, st->inject_scope) == 0)
+                    inject_scope_new = 0;
+            if (inject_scope_new)
+                return AP_ENOENT;
+        }
+    }
     if (st->have_grace)
         atomic_store(&ap__settings.grace, st->grace);
     if (st->have_fd)
@@ -174,9 +313,22 @@ static ap_status apply(const staged *st) {
         atomic_store(&sc->mode, in->mode);
         atomic_store(&sc->budget, in->budget);
         atomic_store(&sc->total_budget, in->total_budget);
+        atomic_store(&sc->forbid, in->forbid);
+        atomic_store(&sc->forbid_frees, in->frees);
+        atomic_store(&sc->overdraft, in->overdraft);
         /* Publish the new scope only once it is complete. */
         if (fresh)
             atomic_store(&ap__nscopes, id + 1);
+    }
+    if (st->have_inject) {
+        if (st->inject_on) {
+            ap_inject_config ic = st->inject;
+            if (st->inject_scope[0])
+                ic.scope = find(st->inject_scope);
+            ap_inject_set(&ic);
+        } else {
+            ap_inject_set(NULL);
+        }
     }
     return AP_OK;
 }

@@ -60,6 +60,7 @@ static const char *limit_word(uint32_t limit) {
     case AP_LIMIT_INSTANCE: return "budget";
     case AP_LIMIT_TOTAL: return "total_budget";
     case AP_LIMIT_PROCESS: return "process budget";
+    case AP_LIMIT_RESERVATION: return "reservation";
     default: return "budget";
     }
 }
@@ -101,6 +102,11 @@ static void report_denial(const ap_violation *v, const char *action) {
         put(&l, ap__scopes[v->scope].name);
         put(&l, "'=");
         put_i64(&l, v->budget);
+        put(&l, " live=");
+        put_i64(&l, v->live);
+    } else if (v->reason == AP_REASON_INJECTED) {
+        put(&l, "; injected failure #");
+        put_u64(&l, v->index);
         put(&l, " live=");
         put_i64(&l, v->live);
     } else {

@@ -133,7 +133,7 @@ static inline void note_room(chain_result *r, int64_t limit, int64_t now) {
  * already added are taken back, so a refused request leaves no trace in the
  * counters (semantics 3) beyond a brief overshoot others may observe.
  */
-static int chain_try_charge(uint32_t start, int64_t size, chain_result *r) {
+static int chain_try_charge(uint32_t start, int64_t size, uint64_t count, chain_result *r) {
     _Atomic int64_t *undo[2 * (AP_MAX_DEPTH + 2)];
     int n = 0;
     r->limit = AP_LIMIT_NONE;
@@ -173,11 +173,11 @@ static int chain_try_charge(uint32_t start, int64_t size, chain_result *r) {
     /* Granted: the bytes are in; now peaks and counts. */
     for (uint32_t id = start;;) {
         ap__instance *in = &ap__instances[id];
-        atomic_fetch_add_explicit(&in->c.allocations, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&in->c.allocations, count, memory_order_relaxed);
         raise_peak(&in->c.peak, atomic_load_explicit(&in->c.live, memory_order_relaxed));
         if (in->counts_scope) {
             ap__counters *tc = &ap__scopes[in->scope].total;
-            atomic_fetch_add_explicit(&tc->allocations, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&tc->allocations, count, memory_order_relaxed);
             raise_peak(&tc->peak, atomic_load_explicit(&tc->live, memory_order_relaxed));
         }
         if (id == AP_INSTANCE_PROCESS)
@@ -195,20 +195,57 @@ refused:
 
 /* Only after a publish: anything not yet published would be lost. Frees may
  * run ahead of the last publish by as much as allocations may (the slack),
- * so other threads' view of live is off by at most the slack either way. */
+ * so other threads' view of live is off by at most the slack either way. A
+ * watching thread (observe.c) gets nothing, so every event takes the slow
+ * path. */
 static inline void reset_allow(ap__tls_t *t, int64_t allow) {
+    if (AP__UNLIKELY(t->watch)) {
+        t->allow = t->mark = t->limit = 0;
+        return;
+    }
     t->allow = allow;
     t->mark = allow;
     t->limit = allow + (allow > AP__SLACK_MIN ? allow : AP__SLACK_MIN);
 }
 
+/* The innermost reservation, if it serves the thread's current instance. */
+static inline ap_reservation *active_res(ap__tls_t *t) {
+    if (AP__LIKELY(!t->nres))
+        return NULL;
+    ap_reservation *r = &t->res[t->nres - 1];
+    return r->instance == t->cur ? r : NULL;
+}
+
+/*
+ * After a publish: set what the fast path may do next. Inside a reservation
+ * the fast path draws on it directly (`allow` is what is left of it) and
+ * frees give room back up to its size (`limit`); see ap__publish.
+ * Otherwise the next allocation takes the slow path and computes `allow`.
+ */
+void ap__refill(ap__tls_t *t) {
+    ap_reservation *r = active_res(t);
+    if (r && !t->watch) {
+        t->allow = t->mark = r->left;
+        t->limit = r->reserved;
+        return;
+    }
+    reset_allow(t, 0);
+}
+
+static void release_reservation(ap__tls_t *t);
+
 static void thread_exit(void *unused) {
     (void)unused;
     ap__tls_t *t = &ap__tls;
     /* A thread that ends inside scopes leaves them, or their instances would
-     * never end (and never be reclaimed). */
+     * never end (and never be reclaimed); its reservations go back first, its
+     * regions end with it. */
+    while (t->nres)
+        release_reservation(t);
     while (t->depth)
         ap_exit();
+    t->nregions = 0;
+    t->watch = 0;
     ap__publish(t);
     /* Later destructors may allocate again; they run through the slow path,
      * which registers this destructor anew (glibc repeats destructor rounds).
@@ -233,7 +270,37 @@ static inline void register_thread(ap__tls_t *t) {
     }
 }
 
+/* Settle the fast path's batch against a reservation: what was drawn comes
+ * off it, what was freed goes back into it up to its size, and only the rest
+ * reaches the shared counters (where the reservation already stands). */
+static void publish_reserved(ap__tls_t *t, ap_reservation *r) {
+    int64_t net = t->mark - t->allow;
+    int64_t give = 0;
+    if (net > 0) {
+        r->left -= net;
+        if (r->reserved - r->left > r->peak_used)
+            r->peak_used = r->reserved - r->left;
+    } else if (net < 0) {
+        int64_t back = r->reserved - r->left;
+        give = -net;
+        if (back > give)
+            back = give;
+        r->left += back;
+        give -= back;
+    }
+    uint64_t n = t->pend_n;
+    t->mark = t->allow;
+    t->pend_n = 0;
+    if (give || n)
+        chain_apply(t->cur, -give, n);
+}
+
 void ap__publish(ap__tls_t *t) {
+    ap_reservation *r = active_res(t);
+    if (AP__UNLIKELY(r != NULL)) {
+        publish_reserved(t, r);
+        return;
+    }
     int64_t pend = t->mark - t->allow;
     if (pend || t->pend_n) {
         uint64_t n = t->pend_n;
@@ -267,6 +334,7 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->budget = 0; /* no budget refused it */
         v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
+    v->index = 0;
     atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
     if (t->cur != AP_INSTANCE_PROCESS) {
         atomic_fetch_add_explicit(&ap__scopes[cur->scope].total.violations, 1,
@@ -289,12 +357,94 @@ static inline void set_allow(ap__tls_t *t, const chain_result *r) {
 }
 
 /*
- * Grant without checking budgets: fallible scopes, and the unwind grace. The
- * bytes still go to every level so the books stay exact.
+ * Grant without checking budgets: fallible scopes, the unwind grace and
+ * overdrafts. The bytes still go to every level so the books stay exact.
  */
 static void charge_unchecked(ap__tls_t *t, int64_t size) {
     chain_apply(t->cur, size, 1);
-    reset_allow(t, 0);
+}
+
+/* The unwind grace: the scope already refused once on this thread, so it is
+ * unwinding (or its code caught the MemoryError). Let the unwind, the scope
+ * exit and the AllocError construction allocate, within a bounded allowance. */
+static int take_grace(ap__tls_t *t, uint64_t size) {
+    if (t->grace_inst != t->cur || t->grace_left < (int64_t)size)
+        return 0;
+    t->grace_left -= (int64_t)size;
+    atomic_fetch_add_explicit(&ap__scopes[ap__instances[t->cur].scope].grace_bytes,
+                              (int64_t)size, memory_order_relaxed);
+    return 1;
+}
+
+static void open_grace(ap__tls_t *t) {
+    if (t->grace_inst != t->cur) {
+        t->grace_inst = t->cur;
+        t->grace_left = atomic_load_explicit(&ap__settings.grace, memory_order_relaxed);
+    }
+}
+
+/*
+ * An ordinary decision for `size` bytes against the chain of the current
+ * instance, after the batch was published. On a grant the bytes are
+ * accounted and `r->slack`/`r->headroom` say how far the fast path may go.
+ */
+static int decide(ap__tls_t *t, uint64_t size, ap_domain domain, chain_result *r) {
+    if (AP__LIKELY(chain_try_charge(t->cur, (int64_t)size, 1, r)))
+        return 1;
+    uint32_t mode = current_mode(t);
+    if (domain == AP_DOMAIN_PY_ARENA && mode != AP_MODE_FALLIBLE) {
+        /* A refused arena is not a failure anyone sees: pymalloc falls back to
+         * PyMem_RawMalloc for the object, which reaches malloc and is charged
+         * (exactly) there. So no violation, no grace, no abort here. */
+        return 0;
+    }
+    if (mode == AP_MODE_FALLIBLE || (mode == AP_MODE_RAISE && take_grace(t, size))) {
+        /* Budgets bind fallible scopes only at explicit fallible call sites. */
+        charge_unchecked(t, (int64_t)size);
+        return 1;
+    }
+    record(t, AP_REASON_BUDGET, domain, size, r);
+    if (mode == AP_MODE_ABORT)
+        ap__abort_with(&t->last);
+    open_grace(t);
+    return 0;
+}
+
+/* An allocation that does not fit what is left of the reservation. */
+static int overdraw(ap__tls_t *t, ap_reservation *res, uint64_t size, ap_domain domain) {
+    int64_t excess = (int64_t)size - res->left;
+    ap__scope *sc = &ap__scopes[ap__instances[t->cur].scope];
+    res->overdrafts++;
+    res->overdraft_bytes += excess;
+    if (!res->first_overdraft)
+        res->first_overdraft = size;
+    atomic_fetch_add_explicit(&sc->overdrafts, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&sc->overdraft_bytes, excess, memory_order_relaxed);
+    int granted;
+    if (res->action == AP_ACTION_RAISE || res->action == AP_ACTION_ABORT) {
+        granted = res->action == AP_ACTION_RAISE && take_grace(t, (uint64_t)excess);
+        if (granted) {
+            charge_unchecked(t, excess);
+        } else {
+            chain_result r = {.limit = AP_LIMIT_RESERVATION, .instance = t->cur,
+                              .budget = res->reserved, .live = res->reserved - res->left};
+            record(t, AP_REASON_BUDGET, domain, size, &r);
+            if (res->action == AP_ACTION_ABORT)
+                ap__abort_with(&t->last);
+            res->refused++;
+            open_grace(t);
+        }
+    } else {
+        /* WARN and COUNT: beyond the reservation the allocation is an
+         * ordinary one of the scope's mode. */
+        chain_result r;
+        granted = decide(t, (uint64_t)excess, domain, &r);
+    }
+    if (granted) {
+        res->left = 0;
+        res->peak_used = res->reserved;
+    }
+    return granted;
 }
 
 AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
@@ -304,44 +454,51 @@ AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
     if (size > AP__MAX_REQUEST) {
         /* No backend can satisfy it (and it would not fit the header): the
          * same outcome as the backend returning NULL, in every mode. */
-        reset_allow(t, 0);
+        ap__refill(t);
         return ap__backend_failed(size, domain);
     }
+    if (AP__UNLIKELY(ap__watching(t)) && !ap__observe_alloc(t, size, domain)) {
+        ap__refill(t);
+        return 0;
+    }
+    ap_reservation *res = active_res(t);
+    if (AP__UNLIKELY(res != NULL)) {
+        int granted = 1;
+        if ((int64_t)size <= res->left) {
+            res->left -= (int64_t)size;
+            if (res->reserved - res->left > res->peak_used)
+                res->peak_used = res->reserved - res->left;
+            t->pend_n++;
+        } else {
+            granted = overdraw(t, res, size, domain);
+        }
+        ap__refill(t);
+        return granted;
+    }
     chain_result r;
-    if (AP__LIKELY(chain_try_charge(t->cur, (int64_t)size, &r))) {
-        set_allow(t, &r);
+    if (AP__LIKELY(decide(t, size, domain, &r))) {
+        if (r.limit == AP_LIMIT_NONE) /* granted within every budget */
+            set_allow(t, &r);
+        else
+            reset_allow(t, 0);
         return 1;
     }
     reset_allow(t, 0);
-    uint32_t mode = current_mode(t);
-    if (domain == AP_DOMAIN_PY_ARENA && mode != AP_MODE_FALLIBLE) {
-        /* A refused arena is not a failure anyone sees: pymalloc falls back to
-         * PyMem_RawMalloc for the object, which reaches malloc and is charged
-         * (exactly) there. So no violation, no grace, no abort here. */
-        return 0;
-    }
-    if (mode == AP_MODE_FALLIBLE) {
-        /* Budgets bind fallible scopes only at explicit fallible call sites. */
-        charge_unchecked(t, (int64_t)size);
-        return 1;
-    }
-    if (mode == AP_MODE_RAISE && t->grace_inst == t->cur && t->grace_left >= (int64_t)size) {
-        /* The scope already refused once on this thread: it is unwinding (or
-         * its code caught the MemoryError). Let the unwind, the scope exit and
-         * the AllocError construction allocate, within a bounded allowance. */
-        t->grace_left -= (int64_t)size;
-        atomic_fetch_add_explicit(&ap__scopes[ap__instances[t->cur].scope].grace_bytes,
-                                  (int64_t)size, memory_order_relaxed);
-        charge_unchecked(t, (int64_t)size);
-        return 1;
-    }
-    record(t, AP_REASON_BUDGET, domain, size, &r);
-    if (mode == AP_MODE_ABORT)
+    return 0;
+}
+
+/* Called from the hooks and observe.c for an injected failure: it follows the
+ * scope's mode, as a budget refusal does. */
+int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t index) {
+    record(t, AP_REASON_INJECTED, domain, size, NULL);
+    t->last.index = index;
+    atomic_fetch_add_explicit(&ap__scopes[ap__instances[t->cur].scope].injected, 1,
+                              memory_order_relaxed);
+    if (domain == AP_DOMAIN_PY_ARENA)
+        return 0; /* pymalloc falls back to malloc; nobody sees it */
+    if (current_mode(t) == AP_MODE_ABORT)
         ap__abort_with(&t->last);
-    if (t->grace_inst != t->cur) {
-        t->grace_inst = t->cur;
-        t->grace_left = atomic_load_explicit(&ap__settings.grace, memory_order_relaxed);
-    }
+    open_grace(t);
     return 0;
 }
 
@@ -355,17 +512,19 @@ int ap__backend_failed(uint64_t size, ap_domain domain) {
     return 0;
 }
 
-AP__NOINLINE void ap__credit_slow(uint32_t instance, uint64_t size) {
+AP__NOINLINE void ap__credit_slow(uint32_t instance, uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
+    if (AP__UNLIKELY(ap__watching(t)) && domain != AP__UNDO)
+        ap__observe_free(t, size, domain);
     if (instance == t->cur) {
-        /* Own instance, but the batch of frees grew large: publish it, and
-         * have the next allocation recompute `allow` from the shared
-         * counters, so the room freed here is shared with other threads
-         * rather than kept for this one. */
+        /* Own instance, but the batch of frees grew large (or the thread is
+         * watched): publish it, and have the next allocation recompute
+         * `allow` from the shared counters, so the room freed here is shared
+         * with other threads rather than kept for this one. */
         t->allow += (int64_t)size;
         register_thread(t);
         ap__publish(t);
-        reset_allow(t, 0);
+        ap__refill(t);
         return;
     }
     chain_apply(instance, -(int64_t)size, 0);
@@ -453,7 +612,7 @@ static void end_instance(uint32_t id) {
 static inline void switch_to(ap__tls_t *t, uint32_t id) {
     ap__publish(t);
     t->cur = id;
-    reset_allow(t, 0);
+    ap__refill(t);
 }
 
 ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
@@ -490,6 +649,8 @@ ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
     register_thread(t);
     t->stack[t->depth++] = parent;
     switch_to(t, id);
+    if (AP__UNLIKELY(atomic_load_explicit(&sc->forbid, memory_order_relaxed)))
+        ap__regions_enter_instance(t, id);
     *instance_id = id;
     return AP_OK;
 }
@@ -533,6 +694,9 @@ ap_status ap_attach(uint32_t id) {
     register_thread(t);
     t->stack[t->depth++] = t->cur;
     switch_to(t, id);
+    if (AP__UNLIKELY(atomic_load_explicit(&ap__scopes[ap__instances[id].scope].forbid,
+                                          memory_order_relaxed)))
+        ap__regions_enter_instance(t, id);
     return AP_OK;
 }
 
@@ -542,6 +706,12 @@ ap_status ap_exit(void) {
     if (t->depth == 0)
         return AP_ESTATE;
     uint32_t left = t->cur;
+    /* Reservations made in the instance go back with it (ap_unreserve after
+     * this finds them gone), and its forbid region ends. */
+    while (t->nres && t->res[t->nres - 1].instance == left)
+        release_reservation(t);
+    if (AP__UNLIKELY(t->nregions))
+        ap__regions_leave_instance(t, left);
     switch_to(t, t->stack[--t->depth]);
     if (t->grace_inst == left)
         t->grace_inst = AP__NO_INSTANCE;
@@ -561,7 +731,7 @@ ap_status ap_current(uint32_t *instance_id, uint32_t *depth) {
 void ap_flush(void) {
     ap__tls_t *t = &ap__tls;
     ap__publish(t);
-    reset_allow(t, 0);
+    ap__refill(t);
 }
 
 ap_status ap_last_violation(ap_violation *out) {
@@ -572,4 +742,117 @@ ap_status ap_last_violation(ap_violation *out) {
     v.size = (uint32_t)n;
     memcpy(out, &v, n);
     return AP_OK;
+}
+
+/* ---- Reservations (see allocpolicy.h) ----------------------------------------------- */
+
+ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) {
+    ap__tls_t *t = &ap__tls;
+    if (nbytes < 0 || (uint64_t)nbytes > AP__MAX_REQUEST || overdraft > AP_ACTION_COUNT)
+        return AP_EINVAL;
+    if (t->nres >= AP_MAX_RESERVATIONS)
+        return AP_EFULL;
+    register_thread(t);
+    ap__publish(t);
+    ap__scope *sc = &ap__scopes[ap__instances[t->cur].scope];
+    ap_violation v = {.size = sizeof v};
+    int refused = 0;
+    uint64_t index = ap__inject_reservation(t, (uint64_t)nbytes);
+    ap_reservation *outer = active_res(t);
+    int64_t from_outer = outer ? (outer->left < nbytes ? outer->left : nbytes) : 0;
+    if (index) {
+        refused = 1;
+        v.reason = AP_REASON_INJECTED;
+        v.index = index;
+        v.scope = ap__instances[t->cur].scope;
+        v.instance = t->cur;
+        atomic_fetch_add_explicit(&sc->injected, 1, memory_order_relaxed);
+    } else if (nbytes > from_outer) {
+        /* The part the outer reservation cannot cover is claimed from the
+         * chain, checked and counted like an allocation but not numbered as
+         * one. */
+        chain_result r;
+        if (!chain_try_charge(t->cur, nbytes - from_outer, 0, &r)) {
+            refused = 1;
+            v.reason = AP_REASON_BUDGET;
+            v.limit = r.limit;
+            v.instance = r.instance;
+            v.scope = ap__instances[r.instance].scope;
+            v.budget = r.budget;
+            v.live = r.live;
+        }
+    }
+    if (refused) {
+        v.requested = (uint64_t)nbytes;
+        v.domain = AP_DOMAIN_LIBC;
+        atomic_fetch_add_explicit(&sc->refused_reservations, 1, memory_order_relaxed);
+        if (refusal && refusal->size >= sizeof(uint32_t)) {
+            uint32_t size = refusal->size;
+            memcpy(refusal, &v, size < sizeof v ? size : sizeof v);
+            refusal->size = size;
+        }
+        ap__refill(t);
+        return AP_EREFUSED;
+    }
+    if (outer)
+        outer->left -= from_outer;
+    ap_reservation *res = &t->res[t->nres++];
+    memset(res, 0, sizeof *res);
+    res->size = sizeof *res;
+    res->instance = t->cur;
+    res->reserved = nbytes;
+    res->left = nbytes;
+    res->action = overdraft;
+    res->serial = ++t->res_serial;
+    atomic_fetch_add_explicit(&sc->reservations, 1, memory_order_relaxed);
+    ap__refill(t);
+    return AP_OK;
+}
+
+/* Pop the innermost reservation: its unused bytes go back into the outer
+ * reservation of the same instance (up to that one's size), the rest off the
+ * chain. The record stays readable in the popped slot. */
+static void release_reservation(ap__tls_t *t) {
+    ap__publish(t);
+    ap_reservation *res = &t->res[--t->nres];
+    int64_t give = res->left;
+    ap_reservation *outer = t->nres ? &t->res[t->nres - 1] : NULL;
+    if (outer && outer->instance == res->instance) {
+        int64_t back = outer->reserved - outer->left;
+        if (back > give)
+            back = give;
+        outer->left += back;
+        give -= back;
+    }
+    if (give)
+        chain_apply(res->instance, -give, 0);
+    ap__refill(t);
+}
+
+static ap_status copy_reservation(const ap_reservation *res, ap_reservation *out) {
+    if (!out)
+        return AP_OK;
+    if (out->size < sizeof(uint32_t))
+        return AP_EINVAL;
+    uint32_t size = out->size;
+    memcpy(out, res, size < sizeof *res ? size : sizeof *res);
+    out->size = size;
+    return AP_OK;
+}
+
+ap_status ap_unreserve(ap_reservation *out) {
+    ap__tls_t *t = &ap__tls;
+    if (!t->nres)
+        return AP_ESTATE;
+    release_reservation(t);
+    return copy_reservation(&t->res[t->nres], out);
+}
+
+ap_status ap_reservation_get(ap_reservation *out) {
+    ap__tls_t *t = &ap__tls;
+    if (!t->nres)
+        return AP_ESTATE;
+    /* Settle the batch so `left` is exact. */
+    ap__publish(t);
+    return copy_reservation(&t->res[t->nres - 1], out);
 }
