@@ -53,8 +53,13 @@ class AllocError(AllocPolicyError, MemoryError):
         live: bytes live under that limit when it refused.
         reason: ``"budget"``, ``"oom"``, ``"injected"`` or ``"forbidden"``.
         limit: which limit refused: ``"budget"`` (the instance's own),
-            ``"total_budget"``, ``"process"``, or ``None``.
+            ``"total_budget"``, ``"process"``, ``"reservation"`` (an overdraft
+            of a reservation whose policy is ``overdraft = "raise"``), or ``None``.
         task: name of the task boundary that converted the error.
+        count: for ``"forbidden"``: how many offending allocations (and frees,
+            where they count) the region saw; 1 otherwise.
+        index: for ``"injected"``: the injection index of the failed
+            allocation, which reproduces it (``nth=index`` in the same scope).
     """
 
     def __init__(
@@ -67,6 +72,8 @@ class AllocError(AllocPolicyError, MemoryError):
         reason: str,
         limit: str | None = None,
         task: str | None = None,
+        count: int = 1,
+        index: int | None = None,
     ) -> None:
         self.scope = scope
         self.size = size
@@ -75,19 +82,32 @@ class AllocError(AllocPolicyError, MemoryError):
         self.reason = reason
         self.limit = limit
         self.task = task
+        self.count = count
+        self.index = index
         super().__init__(self._message())
 
     def _message(self) -> str:
         text = f"allocation of {self.size} bytes refused in scope {self.scope!r}"
         if self.reason == "budget" and self.budget is not None:
+            if self.limit == "reservation":
+                return (
+                    f"{text}: beyond its reservation of {self.budget} bytes "
+                    f"({self.live} bytes of it in use)"
+                )
             what = {"total_budget": "its total_budget", "process": "the process budget"}.get(
                 self.limit or "", "its budget"
             )
             return f"{text}: over {what} of {self.budget} bytes ({self.live} bytes live)"
+        if self.reason == "injected" and self.index is not None:
+            return f"{text}: injected failure #{self.index} (replay with nth={self.index})"
+        if self.reason == "forbidden":
+            if not self.size:
+                return f"a free in scope {self.scope!r}: frees are forbidden here ({self.count} in all)"
+            more = f" ({self.count} offences in all)" if self.count > 1 else ""
+            return f"{text}: allocation is forbidden here{more}"
         why = {
             "oom": "the allocator is out of memory",
             "injected": "an injected failure",
-            "forbidden": "allocation is forbidden here",
         }.get(self.reason, self.reason)
         return f"{text}: {why}"
 
@@ -102,12 +122,22 @@ class AllocError(AllocPolicyError, MemoryError):
             self.reason,
             self.limit,
             self.task,
+            self.count,
+            self.index,
         )
 
 
-def _rebuild_alloc_error(scope, size, budget, live, reason, limit, task):
+def _rebuild_alloc_error(scope, size, budget, live, reason, limit, task, count=1, index=None):
     return AllocError(
-        scope=scope, size=size, budget=budget, live=live, reason=reason, limit=limit, task=task
+        scope=scope,
+        size=size,
+        budget=budget,
+        live=live,
+        reason=reason,
+        limit=limit,
+        task=task,
+        count=count,
+        index=index,
     )
 
 

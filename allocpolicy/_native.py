@@ -24,10 +24,16 @@ LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
 
 # Status codes of allocpolicy.h.
-OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE = 0, -1, -2, -3, -4, -5
+OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
 MODES = ("raise", "abort", "fallible")
 REASONS = ("none", "budget", "oom", "injected", "forbidden")
-LIMITS = (None, "budget", "total_budget", "process")
+LIMITS = (None, "budget", "total_budget", "process", "reservation")
+#: ap_action, by index: what a forbidden allocation or an overdraft does.
+ACTIONS = ("raise", "abort", "warn", "count")
+#: ap_domain, by index.
+DOMAINS = ("libc", "py_arena", "py_raw", "py_mem", "py_obj", "numpy")
+INJECT_PERSISTENT = 1
+INJECT_ANY_SCOPE = 0xFFFFFFFF
 
 
 class Violation(ctypes.Structure):
@@ -42,6 +48,7 @@ class Violation(ctypes.Structure):
         ("requested", ctypes.c_uint64),
         ("budget", ctypes.c_int64),
         ("live", ctypes.c_int64),
+        ("index", ctypes.c_uint64),
     ]
 
 
@@ -61,6 +68,12 @@ class ScopeStatsC(ctypes.Structure):
         ("escaped", ctypes.c_int64),
         ("grace_bytes", ctypes.c_int64),
         ("max_instance_peak", ctypes.c_int64),
+        ("reservations", ctypes.c_uint64),
+        ("refused_reservations", ctypes.c_uint64),
+        ("overdrafts", ctypes.c_uint64),
+        ("overdraft_bytes", ctypes.c_int64),
+        ("forbidden", ctypes.c_uint64),
+        ("injected", ctypes.c_uint64),
     ]
 
 
@@ -95,6 +108,78 @@ class ProcessStatsC(ctypes.Structure):
         ("grace", ctypes.c_int64),
         ("report_fd", ctypes.c_int32),
         ("reserved", ctypes.c_uint32),
+    ]
+
+
+class ReservationC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("instance", ctypes.c_uint32),
+        ("reserved", ctypes.c_int64),
+        ("left", ctypes.c_int64),
+        ("peak_used", ctypes.c_int64),
+        ("overdrafts", ctypes.c_uint64),
+        ("overdraft_bytes", ctypes.c_int64),
+        ("first_overdraft", ctypes.c_uint64),
+        ("action", ctypes.c_uint32),
+        ("refused", ctypes.c_uint32),
+        ("serial", ctypes.c_uint64),
+    ]
+
+
+class RegionC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("action", ctypes.c_uint32),
+        ("frees", ctypes.c_uint32),
+        ("domains", ctypes.c_uint32),
+        ("instance", ctypes.c_uint32),
+        ("first_domain", ctypes.c_uint32),
+        ("allocations", ctypes.c_uint64),
+        ("frees_seen", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("bytes_freed", ctypes.c_uint64),
+        ("first_size", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64),
+    ]
+
+
+class CensusC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("open", ctypes.c_uint32),
+        ("allocations", ctypes.c_uint64),
+        ("frees", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("bytes_freed", ctypes.c_uint64),
+    ]
+
+
+class InjectConfigC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("nth", ctypes.c_uint64),
+        ("start", ctypes.c_uint64),
+        ("stop", ctypes.c_uint64),
+        ("every", ctypes.c_uint64),
+        ("probability", ctypes.c_uint64),
+        ("seed", ctypes.c_uint64),
+        ("min_size", ctypes.c_uint64),
+        ("max_size", ctypes.c_uint64),
+        ("scope", ctypes.c_uint32),
+        ("domains", ctypes.c_uint32),
+    ]
+
+
+class InjectStatsC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("active", ctypes.c_uint32),
+        ("seen", ctypes.c_uint64),
+        ("injected", ctypes.c_uint64),
+        ("first_index", ctypes.c_uint64),
+        ("last_index", ctypes.c_uint64),
     ]
 
 
@@ -181,6 +266,17 @@ class Runtime:
                 ctypes.c_int,
             ),
             "ap_get_process_stats": ([ctypes.POINTER(ProcessStatsC)], ctypes.c_int),
+            "ap_reserve": ([ctypes.c_int64, ctypes.c_uint32, ctypes.POINTER(Violation)], ctypes.c_int),
+            "ap_unreserve": ([ctypes.POINTER(ReservationC)], ctypes.c_int),
+            "ap_reservation_get": ([ctypes.POINTER(ReservationC)], ctypes.c_int),
+            "ap_region_enter": ([ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32], ctypes.c_int),
+            "ap_region_exit": ([ctypes.POINTER(RegionC)], ctypes.c_int),
+            "ap_region_last": ([ctypes.POINTER(RegionC)], ctypes.c_int),
+            "ap_census_open": ([], ctypes.c_int),
+            "ap_census_close": ([], ctypes.c_int),
+            "ap_census_read": ([ctypes.POINTER(CensusC)], ctypes.c_int),
+            "ap_inject_set": ([ctypes.POINTER(InjectConfigC)], ctypes.c_int),
+            "ap_inject_get": ([ctypes.POINTER(InjectStatsC)], ctypes.c_int),
         }
         for name, (argtypes, restype) in sig.items():
             fn = getattr(handle, name)
@@ -297,6 +393,78 @@ class Runtime:
     def process_stats(self) -> ProcessStatsC:
         out = _sized(ProcessStatsC)
         self._lib.ap_get_process_stats(ctypes.byref(out))
+        return out
+
+    # -- reservations -----------------------------------------------------------------
+
+    def reserve(self, nbytes: int, overdraft: int) -> Violation | None:
+        """Make a reservation; ``None`` when granted, else the refusal."""
+        refusal = _sized(Violation)
+        status = self._lib.ap_reserve(nbytes, overdraft, ctypes.byref(refusal))
+        if status == OK:
+            return None
+        if status == EREFUSED:
+            return refusal
+        if status == EFULL:
+            raise ScopeCapacityError("at most 16 reservations can be active on one thread")
+        raise RuntimeLoadError(f"ap_reserve({nbytes}) failed with status {status}")
+
+    def unreserve(self) -> ReservationC | None:
+        """Release the innermost reservation; ``None`` if there is none."""
+        out = _sized(ReservationC)
+        if self._lib.ap_unreserve(ctypes.byref(out)) != OK:
+            return None
+        return out
+
+    def reservation(self) -> ReservationC | None:
+        """The innermost reservation's record, ``None`` if there is none."""
+        out = _sized(ReservationC)
+        if self._lib.ap_reservation_get(ctypes.byref(out)) != OK:
+            return None
+        return out
+
+    # -- regions, census, injection -----------------------------------------------------
+
+    def region_enter(self, action: int, frees: bool, domains: int) -> None:
+        status = self._lib.ap_region_enter(action, int(frees), domains)
+        if status == EFULL:
+            raise ScopeCapacityError("at most 16 regions can be open on one thread")
+        if status != OK:
+            raise RuntimeLoadError(f"ap_region_enter failed with status {status}")
+
+    def region_exit(self) -> RegionC | None:
+        """Leave the innermost region; ``None`` if the innermost is not an API region."""
+        out = _sized(RegionC)
+        if self._lib.ap_region_exit(ctypes.byref(out)) != OK:
+            return None
+        return out
+
+    def region_last(self) -> RegionC:
+        out = _sized(RegionC)
+        self._lib.ap_region_last(ctypes.byref(out))
+        return out
+
+    def census_open(self) -> None:
+        self._lib.ap_census_open()
+
+    def census_close(self) -> None:
+        self._lib.ap_census_close()
+
+    def census_read(self) -> CensusC:
+        out = _sized(CensusC)
+        self._lib.ap_census_read(ctypes.byref(out))
+        return out
+
+    def inject_set(self, config: InjectConfigC | None) -> None:
+        if config is not None:
+            config.size = ctypes.sizeof(InjectConfigC)
+        status = self._lib.ap_inject_set(ctypes.byref(config) if config is not None else None)
+        if status != OK:
+            raise RuntimeLoadError(f"the runtime rejected the injection settings ({status})")
+
+    def inject_stats(self) -> InjectStatsC:
+        out = _sized(InjectStatsC)
+        self._lib.ap_inject_get(ctypes.byref(out))
         return out
 
     # -- Python's small objects ------------------------------------------------------

@@ -15,6 +15,8 @@ __all__ = ["scope", "task", "bind"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_INJECTED = _native.REASONS.index("injected")
+
 # Per-thread record of what each `with` entered, so that exits pair with
 # entries even when one scope object is used by many threads at once.
 _frames = threading.local()
@@ -50,6 +52,7 @@ def _to_alloc_error(rt: _native.Runtime, since_seq: int, task: str | None) -> Al
         reason=_native.REASONS[v.reason] if v.reason < len(_native.REASONS) else "budget",
         limit=_native.LIMITS[v.limit] if v.limit < len(_native.LIMITS) else None,
         task=task,
+        index=v.index if v.reason == _INJECTED else None,
     )
 
 
