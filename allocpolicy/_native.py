@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import _thread
+from typing import Any
 
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
@@ -25,9 +26,14 @@ SCOPE_NAME_MAX = 64
 
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
+EXIT_REGION = 1
+ACTION_FROM_SCOPE = 0xFFFFFFFF
 MODES = ("raise", "abort", "fallible")
 REASONS = ("none", "budget", "oom", "injected", "forbidden")
 LIMITS = (None, "budget", "total_budget", "process", "reservation")
+#: Not a native limit: a reservation refused because the machine (cgroup or
+#: MemAvailable, minus the policy's reserve_margin) cannot take it.
+LIMIT_MACHINE = "machine"
 #: ap_action, by index: what a forbidden allocation or an overdraft does.
 ACTIONS = ("raise", "abort", "warn", "count")
 #: ap_domain, by index.
@@ -323,8 +329,9 @@ class Runtime:
             raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
         return out.value
 
-    def exit(self) -> None:
-        """Leave the innermost instance.
+    def exit(self) -> int:
+        """Leave the innermost instance; :data:`EXIT_REGION` if it was of a
+        forbid scope (its region record is then :meth:`region_last`).
 
         The C side allocates nothing, but the ctypes call itself may allocate a
         little while the scope is still innermost; if that allocation is
@@ -332,9 +339,9 @@ class Runtime:
         within it.
         """
         try:
-            self._exit()
+            return self._exit()
         except MemoryError:
-            self._exit()
+            return self._exit()
 
     def hold(self, instance: int) -> bool:
         return self._lib.ap_hold(instance) == OK
@@ -425,7 +432,19 @@ class Runtime:
 
     # -- regions, census, injection -----------------------------------------------------
 
+    def _region_buffer(self) -> tuple[RegionC, Any]:
+        # Made before a region opens and reused, so that closing one does not
+        # itself allocate inside it.
+        local = self._local
+        try:
+            return local.region
+        except AttributeError:
+            buf = _sized(RegionC)
+            local.region = (buf, ctypes.pointer(buf))
+            return local.region
+
     def region_enter(self, action: int, frees: bool, domains: int) -> None:
+        self._region_buffer()
         status = self._lib.ap_region_enter(action, int(frees), domains)
         if status == EFULL:
             raise ScopeCapacityError("at most 16 regions can be open on one thread")
@@ -433,11 +452,13 @@ class Runtime:
             raise RuntimeLoadError(f"ap_region_enter failed with status {status}")
 
     def region_exit(self) -> RegionC | None:
-        """Leave the innermost region; ``None`` if the innermost is not an API region."""
-        out = _sized(RegionC)
-        if self._lib.ap_region_exit(ctypes.byref(out)) != OK:
+        """Leave the innermost region; ``None`` if the innermost is not an API
+        region. The record is returned as a copy, made after the region closed."""
+        buf, ptr = self._region_buffer()
+        buf.size = ctypes.sizeof(RegionC)
+        if self._lib.ap_region_exit(ptr) != OK:
             return None
-        return out
+        return RegionC.from_buffer_copy(buf)
 
     def region_last(self) -> RegionC:
         out = _sized(RegionC)

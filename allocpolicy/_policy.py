@@ -69,6 +69,9 @@ CONFIGURE_SOURCE = "<configure>"
 
 POLICY_VERSION = 1
 MODES = ("raise", "abort", "fallible")
+#: What a forbidden allocation (``on_violation``) or a reservation overdraft
+#: (``overdraft``) does.
+ACTIONS = ("raise", "abort", "warn", "count")
 PROCESS_SCOPE = "process"
 
 # The native side keeps AP_MAX_SCOPES (256) scopes, the process scope included.
@@ -80,6 +83,7 @@ MAX_FD = 1 << 20
 SCOPE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}")
 
 DEFAULT_GRACE = 4 * MiB
+DEFAULT_RESERVE_MARGIN = 64 * MiB
 DEFAULT_REPORT_FD = 2
 
 _PROC_ROOT = "/proc"
@@ -125,6 +129,29 @@ def _mode(value: object) -> str:
     return value
 
 
+def _action(value: object) -> str:
+    choices = ", ".join(repr(a) for a in ACTIONS)
+    if not isinstance(value, str):
+        raise ValueError(f"expected one of {choices}, got {_kind(value)}")
+    if value not in ACTIONS:
+        raise ValueError(
+            f"unknown action {value!r}{_did_you_mean(value, ACTIONS)}; expected one of {choices}"
+        )
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _margin(value: object) -> int | Percent:
+    if isinstance(value, Percent):
+        return value
+    return parse_size(value, allow_percent=True)
+
+
 def _size(value: object) -> int:
     return parse_size(value)  # type: ignore[return-value]
 
@@ -155,6 +182,91 @@ def _fd(value: object) -> int:
     return value
 
 
+# Module patterns (``modules = ["PIL.*", "myapp.thumbnails"]``) are dotted
+# module names whose segments may be ``*``. A ``*`` stands for exactly one
+# segment, except as the last segment, where it stands for one or more: "PIL.*"
+# is every module under PIL, at any depth, but not PIL itself. Whole segments
+# only, so that two patterns can be checked for overlap exactly when the policy
+# is loaded instead of failing later on whichever module is imported first.
+_MODULE_EXAMPLE = '["PIL.*", "myapp.thumbnails"]'
+
+
+def _module_pattern_problem(pattern: object) -> str | None:
+    if not isinstance(pattern, str):
+        return f"expected a module name, got {_kind(pattern)}"
+    if not pattern:
+        return "an empty string is not a module name"
+    segments = pattern.split(".")
+    for seg in segments:
+        if seg == "*":
+            continue
+        if not seg:
+            return "empty name segment (a leading, trailing or doubled '.')"
+        if "*" in seg:
+            return f"'*' must stand for a whole name segment: {seg!r} mixes it with letters"
+        if not seg.isidentifier():
+            return f"{seg!r} is not a valid module name segment"
+    if all(seg == "*" for seg in segments):
+        return "would bind every module; the [process] table governs code outside scopes"
+    if segments[0] == "allocpolicy":
+        return "allocpolicy's own modules cannot be bound to a scope"
+    return None
+
+
+def _module_patterns(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected an array of module names such as {_MODULE_EXAMPLE}, got {_kind(value)}")
+    problems = []
+    patterns: list[str] = []
+    for pattern in value:
+        problem = _module_pattern_problem(pattern)
+        if problem:
+            problems.append(f"{pattern!r}: {problem}")
+        elif pattern not in patterns:
+            patterns.append(pattern)  # type: ignore[arg-type]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(patterns)
+
+
+def module_patterns_overlap(a: str, b: str) -> str | None:
+    """A module name that both patterns match, or ``None`` when none can."""
+    sa, sb = a.split("."), b.split(".")
+    # A trailing "*" matches one or more segments, any other part exactly one.
+    open_a, open_b = sa[-1] == "*", sb[-1] == "*"
+    if not open_a and not open_b and len(sa) != len(sb):
+        return None
+    if (open_a and not open_b and len(sb) < len(sa)) or (open_b and not open_a and len(sa) < len(sb)):
+        return None
+    witness = []
+    for i in range(max(len(sa), len(sb))):
+        x = sa[i] if i < len(sa) else "*"
+        y = sb[i] if i < len(sb) else "*"
+        if x != "*" and y != "*" and x != y:
+            return None
+        witness.append(x if x != "*" else y if y != "*" else "mod")
+    return ".".join(witness)
+
+
+def _module_conflicts(scopes: Iterable["ScopePolicy"]) -> list[tuple[str, str]]:
+    """(scope name, message) for each pattern that claims modules another scope claims."""
+    out = []
+    earlier: list[tuple[str, str]] = []
+    for sc in scopes:
+        for pattern in sc.modules:
+            for other, other_pattern in earlier:
+                witness = module_patterns_overlap(pattern, other_pattern)
+                if witness:
+                    out.append((
+                        sc.name,
+                        f"{pattern!r} and {other_pattern!r} of scope {other!r} both match modules "
+                        f"such as {witness!r}, which would be claimed by scopes {other!r} and "
+                        f"{sc.name!r}; a module can be bound to one scope only",
+                    ))
+        earlier += [(sc.name, p) for p in sc.modules]
+    return out
+
+
 # --- Declarative key tables ---------------------------------------------------
 #
 # One line per key: its name (also the name of the dataclass field that holds
@@ -172,12 +284,19 @@ _PROCESS_KEYS: dict[str, _Key] = {
     "budget": _Key(_process_budget, optional=True),
     "grace": _Key(_size),
     "report_fd": _Key(_fd),
+    "overdraft": _Key(_action),
+    "reserve_margin": _Key(_margin),
 }
 
 _SCOPE_KEYS: dict[str, _Key] = {
     "on_oom": _Key(_mode),
     "budget": _Key(_budget, optional=True),
     "total_budget": _Key(_budget, optional=True),
+    "overdraft": _Key(_action),
+    "forbid": _Key(_bool),
+    "on_violation": _Key(_action),
+    "frees": _Key(_bool),
+    "modules": _Key(_module_patterns),
 }
 
 _TOP_KEYS = ("version", "process", "scopes")
@@ -206,13 +325,17 @@ class ProcessPolicy:
     the policy is applied), or ``None`` for no limit. ``grace`` is the allowance
     a thread may still allocate in an instance after a refusal, so that building
     and raising the error and unwinding succeed. ``report_fd`` receives
-    diagnostics.
+    diagnostics. ``overdraft`` is what going beyond a reservation made outside
+    any scope does. ``reserve_margin`` is the memory a reservation must leave
+    free on the machine (bytes or a :class:`Percent` of the memory limit).
     """
 
     on_oom: str = "raise"
     budget: int | Percent | None = None
     grace: int = DEFAULT_GRACE
     report_fd: int = DEFAULT_REPORT_FD
+    overdraft: str = "count"
+    reserve_margin: int | Percent = DEFAULT_RESERVE_MARGIN
 
     def __post_init__(self) -> None:
         _check_fields(self, _PROCESS_KEYS)
@@ -224,12 +347,21 @@ class ScopePolicy:
 
     ``budget`` applies to each instance (each entry into the scope);
     ``total_budget`` to all live instances of the scope together.
+    ``overdraft`` is what an allocation beyond a reservation made in the scope
+    does. ``forbid`` makes the scope a no-allocation region, whose offences
+    ``on_violation`` handles; with ``frees`` frees count as offences too.
     """
 
     name: str
     on_oom: str = "raise"
     budget: int | None = None
     total_budget: int | None = None
+    overdraft: str = "count"
+    forbid: bool = False
+    on_violation: str = "raise"
+    frees: bool = False
+    #: Module patterns whose code runs in this scope (see docs/binding.rst).
+    modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problem = _scope_name_problem(self.name)
@@ -319,6 +451,8 @@ class Policy:
             raise ValueError(
                 f"Policy(): argument 'scopes': at most {MAX_SCOPES} scopes, got {len(self.scopes)}"
             )
+        for name, message in _module_conflicts(self.scopes.values()):
+            raise ValueError(f"Policy(): argument 'scopes': scope {name!r}: modules: {message}")
 
     def compile(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
         """The flat table string the native library parses (``ap_configure``,
@@ -345,12 +479,14 @@ class Policy:
             f"v={self.version}",
             f"grace={p.grace}",
             f"fd={p.report_fd}",
-            f"process={p.on_oom}:{budget or 0}",
+            f"process={p.on_oom}:{budget or 0}" + _overdraft_option(p.overdraft),
         ]
-        parts += [
-            f"scope={sc.name}:{sc.on_oom}:{sc.budget or 0}:{sc.total_budget or 0}"
-            for sc in self.scopes.values()
-        ]
+        for sc in self.scopes.values():
+            entry = f"scope={sc.name}:{sc.on_oom}:{sc.budget or 0}:{sc.total_budget or 0}"
+            entry += _overdraft_option(sc.overdraft)
+            if sc.forbid:
+                entry += f":forbid={sc.on_violation}:frees={int(sc.frees)}"
+            parts.append(entry)
         return ";".join(parts)
 
     def describe(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
@@ -371,6 +507,12 @@ class Policy:
             ("budget", budget),
             ("grace", f"{_bytes(p.grace)}  (may still be allocated per thread and instance after a refusal)"),
             ("report_fd", f"{p.report_fd}  (diagnostics are written here)"),
+            ("overdraft", f"{p.overdraft}  ({_ACTION_HELP[p.overdraft]} beyond a reservation)"),
+            (
+                "reserve_margin",
+                f"{p.reserve_margin if isinstance(p.reserve_margin, Percent) else _bytes(p.reserve_margin)}"
+                "  (reservations leave this much of the machine free)",
+            ),
         ]
         lines += _rows(rows)
         if not self.scopes:
@@ -385,10 +527,39 @@ class Policy:
                         "total_budget",
                         _limit(sc.total_budget) + ("  over all live instances" if sc.total_budget else ""),
                     ),
+                    ("overdraft", f"{sc.overdraft}  ({_ACTION_HELP[sc.overdraft]} beyond a reservation)"),
                 ]
             )
+            if sc.forbid:
+                frees = " and every free" if sc.frees else ""
+                lines += _rows(
+                    [
+                        ("forbid", f"true  (no allocation{frees} in this scope)"),
+                        ("on_violation", f"{sc.on_violation}  ({_ACTION_HELP[sc.on_violation]})"),
+                        ("frees", "true" if sc.frees else "false"),
+                    ]
+                )
+            if sc.modules:
+                patterns = ", ".join(f'"{m}"' for m in sc.modules)
+                # Padded like the rows above, whose longest key is total_budget.
+                lines.append(
+                    f"  {'modules':<12} = [{patterns}]  (code of these modules, and what it calls, "
+                    "runs in this scope)"
+                )
         return "\n".join(lines)
 
+
+def _overdraft_option(action: str) -> str:
+    # "count" is the native default; leaving it out keeps tables short.
+    return "" if action == "count" else f":overdraft={action}"
+
+
+_ACTION_HELP = {
+    "raise": "refuse the allocation: AllocError",
+    "abort": "print a diagnostic and abort the process",
+    "warn": "allow it, warn once per region",
+    "count": "allow it, count it in stats",
+}
 
 _MODE_HELP = {
     "raise": "a refused allocation raises AllocError at the nearest task boundary",
@@ -519,6 +690,8 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
         values = out.table(raw, table, _SCOPE_KEYS)
         if not name_problem:
             scopes.append(ScopePolicy(name, **values))
+    for name, message in _module_conflicts(scopes):
+        out.add(_table_name("scopes", name), "modules", message)
 
     if out.problems:
         raise PolicyError(out.problems)

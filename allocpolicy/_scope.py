@@ -90,9 +90,15 @@ class scope(ContextDecorator):
             _stack().append((False, 0))
             return self
         sid = _config.scope_id(rt, self.name)
-        seq = rt.last_violation().seq
-        rt.enter(sid)
-        _stack().append((True, seq))
+        # Recorded before entering: inside, the list's growth would be an
+        # allocation of the scope (and refused in a forbid scope).
+        stack = _stack()
+        stack.append((True, rt.last_violation().seq))
+        try:
+            rt.enter(sid)
+        except BaseException:
+            stack.pop()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -100,8 +106,20 @@ class scope(ContextDecorator):
         if not entered:
             return False
         rt = _native.runtime()
-        rt.exit()
+        left_region = rt.exit() == _native.EXIT_REGION
         try:
+            if left_region:
+                # A forbid scope: its region ended with it.
+                from ._regions import region_outcome
+
+                err = region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3)
+                if err is not None:
+                    try:
+                        if exc is not None:
+                            raise err.with_traceback(tb) from None
+                        raise err
+                    finally:
+                        err = None
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its

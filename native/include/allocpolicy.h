@@ -75,6 +75,9 @@ typedef enum {
     AP_ACTION_COUNT = 3, /* grant it and count it */
 } ap_action;
 
+/* For ap_reserve: use the `overdraft` setting of the instance's scope. */
+#define AP_ACTION_FROM_SCOPE UINT32_MAX
+
 /* Where an allocation entered the runtime. */
 typedef enum {
     AP_DOMAIN_LIBC = 0,      /* the malloc family */
@@ -203,7 +206,10 @@ AP_API ap_status ap_attach(uint32_t instance_id);
 AP_API ap_status ap_hold(uint32_t instance_id);
 AP_API ap_status ap_release(uint32_t instance_id);
 
-/* Leave the innermost instance of the calling thread. Never allocates. */
+/* Leave the innermost instance of the calling thread. Never allocates.
+ * Returns AP_EXIT_REGION instead of AP_OK when the instance was of a forbid
+ * scope: its region's record is then available from ap_region_last(). */
+#define AP_EXIT_REGION 1
 AP_API ap_status ap_exit(void);
 
 /* The calling thread's innermost instance and its nesting depth. */

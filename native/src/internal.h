@@ -269,7 +269,8 @@ AP__HIDDEN int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, 
 AP__HIDDEN uint64_t ap__inject_reservation(ap__tls_t *t, uint64_t size);
 /* Forbid scopes open a region on entry and close it on exit. */
 AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
-AP__HIDDEN void ap__regions_leave_instance(ap__tls_t *t, uint32_t instance);
+/* 1 if the instance had a region (its record is then the thread's last). */
+AP__HIDDEN int ap__regions_leave_instance(ap__tls_t *t, uint32_t instance);
 AP__HIDDEN void ap__threads_init(void);
 
 /* ---- Reports (report.c) ------------------------------------------------------ */

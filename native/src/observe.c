@@ -189,12 +189,13 @@ void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance) {
 
 /* ... and leaving it closes the region, wherever it sits in the stack (API
  * regions opened inside the scope and not closed stay open). */
-void ap__regions_leave_instance(ap__tls_t *t, uint32_t instance) {
+int ap__regions_leave_instance(ap__tls_t *t, uint32_t instance) {
     for (uint32_t i = t->nregions; i-- > 0;)
         if (t->regions[i].instance == instance) {
             remove_region(t, i);
-            return;
+            return 1;
         }
+    return 0;
 }
 
 /* ---- Census ---------------------------------------------------------------------- */

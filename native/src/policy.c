@@ -8,7 +8,7 @@
  * heap and can run inside the first malloc call:
  *
  *   table   := "v=1" (";" entry)*
- *   entry   := "grace=" N | "fd=" N | "process=" MODE ":" N
+ *   entry   := "grace=" N | "fd=" N | "process=" MODE ":" N [":overdraft=" ACTION]
  *            | "scope=" NAME ":" MODE ":" N ":" N (":" OPTION)*  (budget, total_budget)
  *            | "inject=" TRIGGER ("," TRIGGER)* | "inject=off"
  *   OPTION  := "forbid=" ACTION | "forbid=none" | "frees=" ("0"|"1") | "overdraft=" ACTION
@@ -50,6 +50,7 @@ typedef struct {
     int64_t grace;
     int fd;
     uint32_t process_mode;
+    uint32_t process_overdraft;
     int64_t process_budget;
     uint32_t nscopes;
     staged_scope scopes[AP_MAX_SCOPES];
@@ -219,6 +220,9 @@ static int parse(const char *table, staged *st, size_t *error_offset) {
             if (!mode(&c, &st->process_mode) || !take(&c, ":") ||
                 !number(&c, &st->process_budget))
                 goto bad;
+            st->process_overdraft = AP_ACTION_COUNT;
+            if (take(&c, ":overdraft=") && !action(&c, &st->process_overdraft))
+                goto bad;
             st->have_process = 1;
         } else if (take(&c, "scope=")) {
             if (st->nscopes >= AP_MAX_SCOPES - 1)
@@ -298,6 +302,7 @@ static ap_status apply(const staged *st) {
     if (st->have_fd)
         atomic_store(&ap__settings.report_fd, st->fd);
     if (st->have_process) {
+        atomic_store(&ap__scopes[0].overdraft, st->process_overdraft);
         atomic_store(&ap__scopes[0].mode, st->process_mode);
         atomic_store(&ap__scopes[0].budget, st->process_budget);
     }

@@ -31,7 +31,7 @@
 #define AP__SLACK_MIN ((int64_t)4 * 1024)
 #define AP__NO_INSTANCE UINT32_MAX
 
-ap__scope ap__scopes[AP_MAX_SCOPES] = {[0] = {.name = "process"}};
+ap__scope ap__scopes[AP_MAX_SCOPES] = {[0] = {.name = "process", .overdraft = AP_ACTION_COUNT}};
 _Atomic uint32_t ap__nscopes = 1;
 /* Zero-initialised (so it costs no file size and only the pages touched):
  * instance 0 is the process root, whose fields are never read for its state,
@@ -710,13 +710,12 @@ ap_status ap_exit(void) {
      * this finds them gone), and its forbid region ends. */
     while (t->nres && t->res[t->nres - 1].instance == left)
         release_reservation(t);
-    if (AP__UNLIKELY(t->nregions))
-        ap__regions_leave_instance(t, left);
+    int had_region = t->nregions && ap__regions_leave_instance(t, left);
     switch_to(t, t->stack[--t->depth]);
     if (t->grace_inst == left)
         t->grace_inst = AP__NO_INSTANCE;
     leave(left);
-    return AP_OK;
+    return had_region ? AP_EXIT_REGION : AP_OK;
 }
 
 ap_status ap_current(uint32_t *instance_id, uint32_t *depth) {
@@ -748,6 +747,9 @@ ap_status ap_last_violation(ap_violation *out) {
 
 ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) {
     ap__tls_t *t = &ap__tls;
+    if (overdraft == AP_ACTION_FROM_SCOPE)
+        overdraft = atomic_load_explicit(&ap__scopes[ap__instances[t->cur].scope].overdraft,
+                                         memory_order_relaxed);
     if (nbytes < 0 || (uint64_t)nbytes > AP__MAX_REQUEST || overdraft > AP_ACTION_COUNT)
         return AP_EINVAL;
     if (t->nres >= AP_MAX_RESERVATIONS)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import allocpolicy._cli as cli
+from allocpolicy._policy import _SCOPE_KEYS
 
 # The package these tests imported; the child must run the same one.
 PACKAGE_ROOT = str(Path(cli.__file__).resolve().parents[1])
@@ -86,7 +87,7 @@ def test_check_reports_every_mistake_one_line_each(tmp_path):
         f"allocpolicy: error: {path}: [process] key 'on_oom': unknown mode 'rasie' "
         "(did you mean 'raise'?); expected one of 'raise', 'abort', 'fallible'",
         f"allocpolicy: error: {path}: [scopes.request] key 'budgt': unknown key 'budgt' "
-        "(did you mean 'budget'?); allowed keys: on_oom, budget, total_budget",
+        "(did you mean 'budget'?); allowed keys: " + ", ".join(_SCOPE_KEYS),
         f"allocpolicy: error: {path}: [scopes.request] key 'budget': sizes cannot be negative, got '-3 MiB'",
         lines[3],
     ]
