@@ -26,6 +26,12 @@ class ScopeStats:
     escaped: int  #: bytes still live when their instance ended (summed)
     grace_bytes: int  #: bytes granted from the unwind grace after a refusal
     max_instance_peak: int  #: the largest peak of a single instance
+    reservations: int = 0  #: reservations granted in its instances
+    refused_reservations: int = 0  #: reservations refused by a budget
+    overdrafts: int = 0  #: allocations that went beyond a reservation
+    overdraft_bytes: int = 0  #: bytes allocated beyond reservations
+    forbidden: int = 0  #: offences seen in its forbid regions
+    injected: int = 0  #: failures injected in its instances
 
 
 @dataclass(frozen=True)
@@ -122,5 +128,11 @@ def stats() -> Stats:
             escaped=s.escaped,
             grace_bytes=s.grace_bytes,
             max_instance_peak=s.max_instance_peak,
+            reservations=s.reservations,
+            refused_reservations=s.refused_reservations,
+            overdrafts=s.overdrafts,
+            overdraft_bytes=s.overdraft_bytes,
+            forbidden=s.forbidden,
+            injected=s.injected,
         )
     return Stats(active=True, process=process, scopes=scopes)
