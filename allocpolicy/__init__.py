@@ -141,6 +141,13 @@ def _activate() -> None:
     rt.install_arena_hook()
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
+    source = _os.environ.get("ALLOCPOLICY_POLICY")
+    if source and not source.startswith("<"):
+        # A policy file may bind scopes to modules, which must hold before the
+        # program imports them; the built-in policy binds none.
+        from . import _modules
+
+        _modules.activate_from_environment(source)
 
 
 _activate()

@@ -119,6 +119,11 @@ def configure(policy: Policy | Mapping | str | os.PathLike) -> Policy:
         if rt is not None:
             rt.configure(new.compile())
         _active = new
+    if rt is not None:
+        # After the scopes exist in the runtime: bindings enter them by id.
+        from . import _modules
+
+        _modules.apply(new, rt)
     return new
 
 

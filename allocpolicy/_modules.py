@@ -1,0 +1,591 @@
+"""Scopes bound to Python modules: ``modules = ["PIL.*"]`` in a ``[scopes.NAME]`` table.
+
+While code of a matching module runs, and everything that code calls, the
+thread's allocations are governed by that scope, as if the call had been
+wrapped in ``with allocpolicy.scope(NAME)``. Only the outermost entry from code
+that is not bound to the scope enters a new instance: recursion and calls from
+one bound function to another stay in that instance. When a ``MemoryError``
+caused by a refused allocation leaves the outermost bound frame of a scope
+whose ``on_oom`` is ``"raise"``, it leaves as :class:`AllocError`, as at a task
+boundary.
+
+Two mechanisms, chosen by the Python version (docs/binding.rst compares them):
+
+Python 3.12 and later: ``sys.monitoring``
+    A tool of our own gets PY_START/PY_RESUME/PY_THROW when a frame starts or
+    resumes, and PY_RETURN/PY_YIELD/PY_UNWIND when it returns, suspends or
+    unwinds. The first event for a code object decides whether it belongs to a
+    bound module (by the ``__name__`` of its globals); code that does not
+    returns ``DISABLE``, so CPython stops calling us for it and unbound code
+    pays nothing after its first call. PY_THROW and PY_UNWIND cannot be
+    disabled; they cost a callback where a generator is thrown into or an
+    exception leaves a frame.
+
+Python 3.11: wrapping functions
+    3.11 has no ``sys.monitoring``. ``sys.setprofile`` would call a Python
+    function on every call and return of every function of the program, bound
+    or not: about 580 ns on each call of a 60 ns function in our measurement,
+    for all code, and it cannot replace the exception that unwinds. So the
+    functions and methods defined in a bound module are replaced, in the
+    module's and its classes' namespaces, by wrappers that enter and leave the
+    scope; modules imported later are wrapped right after they execute, by a
+    finder at the front of ``sys.meta_path``. Only bound code pays (about
+    160 ns per call). References taken before the wrapping (decorator
+    registries, ``from m import f`` done earlier) keep the unwrapped function.
+
+Each thread keeps a stack of the activations of bound code it is in. An entry
+that starts a scope's outermost activation entered an instance; the matching
+end leaves it. Activations on one thread are strictly nested (a generator that
+yields ends its activation, its resumption starts a new one), so the end event
+of a code object pops its own entry without consulting the bindings, and
+bindings can be replaced while bound code runs in other threads.
+"""
+
+from __future__ import annotations
+
+import _thread
+import functools
+import sys
+from types import FunctionType, ModuleType
+
+from . import _native
+
+__all__ = ["apply", "activate_from_environment", "bound_scope"]
+
+# Code flags (the values of inspect.CO_*; inspect itself is a heavy import).
+_CO_OPTIMIZED = 0x0001
+_CO_GENERATOR = 0x0020
+_CO_COROUTINE = 0x0080
+_CO_ASYNC_GENERATOR = 0x0200
+
+# sys.monitoring tool ids without an assigned meaning (0 debugger, 1 coverage,
+# 2 profiler, 5 optimizer), so that we coexist with the tools that use those.
+_TOOL_IDS = (4, 3)
+_TOOL_NAME = "allocpolicy"
+
+_MONITORING = sys.version_info >= (3, 12)
+
+# Marks our 3.11 wrappers: never wrap twice.
+_MARK = "__allocpolicy_module__"
+
+
+class _Binding:
+    """A scope that code of some modules runs in."""
+
+    __slots__ = ("name", "sid", "convert")
+
+    def __init__(self, name: str, sid: int, convert: bool) -> None:
+        self.name = name
+        self.sid = sid
+        # Only a raise-mode scope turns a refused allocation into MemoryError
+        # in the first place; it converts it like a task boundary would.
+        self.convert = convert
+
+
+# --- Matching module names ---------------------------------------------------
+#
+# Patterns are validated by _policy: dotted names whose segments may be "*",
+# a "*" matching exactly one segment except as the last segment, where it
+# matches one or more.
+
+_patterns: list[tuple[list[str], bool, _Binding]] = []
+_cache: dict[str, _Binding | None] = {}
+_firsts: frozenset[str] | None = frozenset()  # first segments of every pattern, None if one is "*"
+
+
+def _lookup(module: str) -> _Binding | None:
+    """The binding of a module name (uncached)."""
+    if module == "allocpolicy" or module.startswith("allocpolicy."):
+        return None
+    parts = module.split(".")
+    for segments, open_ended, binding in _patterns:
+        if len(parts) < len(segments) or (not open_ended and len(parts) != len(segments)):
+            continue
+        if all(p == "*" or p == n for p, n in zip(segments, parts)):
+            return binding
+    return None
+
+
+def bound_scope(module: str) -> str | None:
+    """Name of the scope the module ``module`` is bound to, if any."""
+    binding = _match(module)
+    return binding.name if binding else None
+
+
+def _match(module: str) -> _Binding | None:
+    try:
+        return _cache[module]
+    except KeyError:
+        pass
+    if _firsts is not None and module.partition(".")[0] not in _firsts:
+        binding = None
+    else:
+        binding = _lookup(module)
+    _cache[module] = binding
+    return binding
+
+
+# --- Per-thread activations ------------------------------------------------------
+
+
+class _Thread(_thread._local):
+    def __init__(self) -> None:
+        # (key, binding, violation seq at entry or -1) per activation of bound
+        # code; key is the code object (3.12+) or None (3.11 wrappers).
+        self.stack: list[tuple[object, _Binding, int]] = []
+        # scope id -> activations of it on the stack
+        self.depth: dict[int, int] = {}
+
+
+_tls = _Thread()
+_rt: _native.Runtime | None = None
+_to_alloc_error = None  # _scope._to_alloc_error, bound when a policy is applied
+_AllocError: type | None = None
+_inflight = 0  # entries on all threads' stacks (3.12+: when the tool may be released)
+
+
+def _push(key: object, binding: _Binding) -> None:
+    global _inflight
+    t = _tls
+    sid = binding.sid
+    n = t.depth.get(sid, 0)
+    if n:
+        # Already in an instance of this scope that bound code entered: stay in it.
+        t.depth[sid] = n + 1
+        t.stack.append((key, binding, -1))
+    else:
+        rt = _rt
+        seq = rt.last_violation().seq
+        # May raise ScopeCapacityError into the bound code; then nothing is
+        # recorded and the frame's end event finds no entry of its own.
+        rt.enter(sid)
+        t.depth[sid] = 1
+        t.stack.append((key, binding, seq))
+    _inflight += 1
+
+
+def _pop(t: _Thread, exc: BaseException | None) -> None:
+    global _inflight
+    _key, binding, seq = t.stack.pop()
+    _inflight -= 1
+    sid = binding.sid
+    n = t.depth[sid] - 1
+    if n:
+        t.depth[sid] = n
+        return
+    del t.depth[sid]
+    rt = _rt
+    rt.exit()
+    if _release_pending and not _inflight:
+        _release_monitoring()
+    if exc is None or not binding.convert or not isinstance(exc, MemoryError) or isinstance(exc, _AllocError):
+        return
+    err = _to_alloc_error(rt, seq, binding.name)
+    if err is None:
+        return  # a MemoryError the runtime did not cause: leave it alone
+    try:
+        raise err.with_traceback(exc.__traceback__) from None
+    finally:
+        # This frame ends up in the AllocError's traceback: its locals must not
+        # keep the failed call's frames alive (see _scope.scope.__exit__).
+        err = exc = None
+
+
+# --- Python 3.12+: sys.monitoring --------------------------------------------------
+
+_codes: dict[object, _Binding] = {}  # code objects of bound modules
+_tool: int | None = None
+_release_pending = False
+
+
+def _classify(code, frame) -> _Binding | None:
+    # Module and class bodies run once, at import: their objects live as long
+    # as the module, and charging them to a short-lived instance would pin
+    # that instance forever. Functions, methods, lambdas, generators and
+    # coroutines have optimized locals.
+    if not code.co_flags & _CO_OPTIMIZED:
+        return None
+    name = frame.f_globals.get("__name__")
+    binding = _match(name) if isinstance(name, str) else None
+    if binding is not None:
+        _codes[code] = binding
+    return binding
+
+
+def _on_start(code, offset):
+    """PY_START, PY_RESUME: a frame starts or resumes."""
+    binding = _codes.get(code)
+    if binding is None:
+        binding = _classify(code, sys._getframe(1))
+        if binding is None:
+            return _DISABLE
+    _push(code, binding)
+
+
+def _on_throw(code, offset, exc):
+    """PY_THROW: a generator or coroutine resumes by throw() (cannot be disabled)."""
+    binding = _codes.get(code)
+    if binding is None:
+        binding = _classify(code, sys._getframe(1))
+        if binding is None:
+            return
+    _push(code, binding)
+
+
+def _on_leave(code, offset, value):
+    """PY_RETURN, PY_YIELD: a frame returns or suspends."""
+    t = _tls
+    stack = t.stack
+    if stack and stack[-1][0] is code:
+        _pop(t, None)
+    elif code not in _codes and _classify(code, sys._getframe(1)) is None:
+        return _DISABLE
+    # A bound frame that started before the binding was applied has no entry:
+    # nothing to leave.
+
+
+def _on_unwind(code, offset, exc):
+    """PY_UNWIND: an exception leaves a frame (cannot be disabled)."""
+    t = _tls
+    stack = t.stack
+    if stack and stack[-1][0] is code:
+        _pop(t, exc)
+
+
+if _MONITORING:
+    _DISABLE = sys.monitoring.DISABLE
+    _EVENTS = sys.monitoring.events
+    _CALLBACKS = (
+        (_EVENTS.PY_START, _on_start),
+        (_EVENTS.PY_RESUME, _on_start),
+        (_EVENTS.PY_THROW, _on_throw),
+        (_EVENTS.PY_RETURN, _on_leave),
+        (_EVENTS.PY_YIELD, _on_leave),
+        (_EVENTS.PY_UNWIND, _on_unwind),
+    )
+
+
+def _install_monitoring() -> bool:
+    global _tool, _release_pending
+    _release_pending = False
+    mon = sys.monitoring
+    if _tool is None:
+        for tool in _TOOL_IDS:
+            if mon.get_tool(tool) is None:
+                mon.use_tool_id(tool, _TOOL_NAME)
+                _tool = tool
+                break
+        else:
+            _warn(
+                "modules cannot be bound to scopes: the sys.monitoring tool ids "
+                f"{', '.join(map(str, _TOOL_IDS))} are all taken by other tools"
+            )
+            return False
+        events = 0
+        for event, callback in _CALLBACKS:
+            mon.register_callback(_tool, event, callback)
+            events |= event
+        mon.set_events(_tool, events)
+    else:
+        # Code that an earlier binding disabled may be bound now.
+        mon.restart_events()
+    return True
+
+
+def _release_monitoring() -> None:
+    global _tool, _release_pending
+    _release_pending = False
+    if _tool is None:
+        return
+    mon = sys.monitoring
+    mon.set_events(_tool, 0)
+    for event, _ in _CALLBACKS:
+        mon.register_callback(_tool, event, None)
+    mon.free_tool_id(_tool)
+    _tool = None
+
+
+# --- Python 3.11: wrappers -----------------------------------------------------------
+
+
+def _wrap_function(fn: FunctionType, module: str) -> FunctionType | None:
+    """A wrapper of ``fn`` that runs it in the scope ``module`` is bound to
+    (looked up on every call, so that a new policy takes effect at once)."""
+    flags = fn.__code__.co_flags
+    if flags & _CO_ASYNC_GENERATOR:
+        # Stepping an async generator from outside would need a proxy for
+        # asend/athrow/aclose; its body runs bound when driven from bound code.
+        return None
+    if flags & _CO_GENERATOR:
+
+        def bound(*args, **kwargs):
+            return (yield from _steps(fn(*args, **kwargs), module))
+
+    elif flags & _CO_COROUTINE:
+
+        async def bound(*args, **kwargs):
+            return await _Steps(fn(*args, **kwargs), module)
+
+    else:
+
+        def bound(*args, **kwargs):
+            binding = _match(module)
+            if binding is None:
+                return fn(*args, **kwargs)
+            _push(None, binding)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                _pop(_tls, exc)
+                raise
+            _pop(_tls, None)
+            return result
+
+    functools.update_wrapper(bound, fn)
+    setattr(bound, _MARK, module)
+    return bound
+
+
+class _Steps:
+    """Awaitable that runs each step of a coroutine in the bound scope."""
+
+    __slots__ = ("inner", "module")
+
+    def __init__(self, inner, module: str) -> None:
+        self.inner = inner
+        self.module = module
+
+    def __await__(self):
+        return _steps(self.inner, self.module)
+
+
+def _steps(inner, module: str):
+    """Drive a generator or coroutine, in the bound scope during each step and
+    outside it while suspended, like ``yield from inner`` otherwise."""
+    value = None
+    error = None
+    while True:
+        binding = _match(module)
+        if binding is not None:
+            _push(None, binding)
+        try:
+            if error is None:
+                item = inner.send(value)
+            else:
+                item = inner.throw(error)
+        except StopIteration as stop:
+            if binding is not None:
+                _pop(_tls, None)
+            return stop.value
+        except BaseException as exc:
+            if binding is not None:
+                _pop(_tls, exc)
+            raise
+        finally:
+            error = value = None
+        if binding is not None:
+            _pop(_tls, None)
+        try:
+            value = yield item
+        except GeneratorExit:
+            binding = _match(module)
+            if binding is not None:
+                _push(None, binding)
+            try:
+                inner.close()
+            except BaseException as exc:
+                if binding is not None:
+                    _pop(_tls, exc)
+                raise
+            if binding is not None:
+                _pop(_tls, None)
+            raise
+        except BaseException as exc:
+            error = exc
+
+
+def _wrapped(value: object, module: str) -> object | None:
+    """The bound replacement of a namespace entry defined in ``module``, or None."""
+    if isinstance(value, FunctionType):
+        if value.__module__ == module and not hasattr(value, _MARK):
+            return _wrap_function(value, module)
+        return None
+    if isinstance(value, (staticmethod, classmethod)):
+        inner = _wrapped(value.__func__, module)
+        return type(value)(inner) if inner is not None else None
+    if type(value) is property:
+        parts = [value.fget, value.fset, value.fdel]
+        new = [_wrapped(p, module) if p is not None else None for p in parts]
+        if not any(new):
+            return None
+        return property(*(n or p for n, p in zip(new, parts)), value.__doc__)
+    return None
+
+
+def _bind_class(cls: type, module: str, seen: set[int]) -> None:
+    if id(cls) in seen:
+        return
+    seen.add(id(cls))
+    for attr, value in list(vars(cls).items()):
+        if isinstance(value, type):
+            if value.__module__ == module and value.__qualname__.startswith(cls.__qualname__ + "."):
+                _bind_class(value, module, seen)
+            continue
+        new = _wrapped(value, module)
+        if new is None:
+            continue
+        try:
+            setattr(cls, attr, new)
+        except (AttributeError, TypeError):
+            return  # an extension type or a metaclass that refuses: leave the class as it is
+
+
+def _bind_module(module: ModuleType) -> None:
+    name = getattr(module, "__name__", None)
+    if not isinstance(name, str) or _match(name) is None:
+        return
+    namespace = getattr(module, "__dict__", None)
+    if not isinstance(namespace, dict):
+        return
+    seen: set[int] = set()
+    for attr, value in list(namespace.items()):
+        if isinstance(value, type):
+            if value.__module__ == name:
+                _bind_class(value, name, seen)
+            continue
+        new = _wrapped(value, name)
+        if new is not None:
+            namespace[attr] = new
+
+
+class _Finder:
+    """First on ``sys.meta_path``: wraps bound modules right after they execute."""
+
+    def find_spec(self, name, path=None, target=None):
+        if _match(name) is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        # Loaders shared by every module (classes with classmethods, such as
+        # BuiltinImporter) are left alone; file loaders are one per module.
+        if loader is None or isinstance(loader, type) or not hasattr(loader, "exec_module"):
+            return spec
+        original = loader.exec_module
+
+        def exec_module(module):
+            try:
+                original(module)
+            finally:
+                try:
+                    del loader.exec_module  # back to the class's method
+                except AttributeError:
+                    pass
+            _bind_module(module)
+
+        try:
+            loader.exec_module = exec_module
+        except AttributeError:
+            pass  # __slots__: the module stays unwrapped until the next policy is applied
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+_finder = _Finder()
+
+
+def _install_wrappers() -> None:
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+    for name, module in list(sys.modules.items()):
+        if isinstance(module, ModuleType) and _match(name) is not None:
+            _bind_module(module)
+
+
+# --- Applying a policy ---------------------------------------------------------------
+
+_lock = _thread.allocate_lock()
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    from ._errors import AllocPolicyWarning
+
+    warnings.warn(message, AllocPolicyWarning, stacklevel=4)
+
+
+def apply(policy, rt: _native.Runtime | None = None) -> None:
+    """Bind the modules of ``policy``'s scopes, replacing earlier bindings.
+
+    Called whenever a policy is applied (startup, :func:`allocpolicy.configure`).
+    Without a preloaded runtime there is nothing to enter and nothing is bound.
+    """
+    global _rt, _to_alloc_error, _AllocError, _patterns, _cache, _firsts, _release_pending
+    rt = rt or _native.runtime()
+    if rt is None:
+        return
+    scoped = [sc for sc in policy.scopes.values() if sc.modules]
+    if not scoped and not _patterns:
+        return  # never bound anything: stay out of the way entirely
+    from . import _config
+    from ._errors import AllocError
+    from ._scope import _to_alloc_error as convert
+
+    patterns = []
+    for sc in scoped:
+        binding = _Binding(sc.name, _config.scope_id(rt, sc.name), sc.on_oom == "raise")
+        for pattern in sc.modules:
+            segments = pattern.split(".")
+            patterns.append((segments, segments[-1] == "*", binding))
+    firsts = {segments[0] for segments, _, _ in patterns}
+    with _lock:
+        _rt, _to_alloc_error, _AllocError = rt, convert, AllocError
+        _patterns = patterns
+        _firsts = None if "*" in firsts else frozenset(firsts)
+        _cache = {}
+        if _MONITORING:
+            _codes.clear()
+            if patterns:
+                _install_monitoring()
+            elif _inflight:
+                # Threads are inside bound code: keep the tool until they
+                # leave it, so that their entries are popped.
+                _release_pending = True
+            else:
+                _release_monitoring()
+        elif patterns:
+            _install_wrappers()
+        elif _finder in sys.meta_path:
+            # Existing wrappers stay in place and find no binding.
+            sys.meta_path.remove(_finder)
+
+
+def activate_from_environment(source: str) -> None:
+    """At startup under ``allocpolicy run --policy FILE``: bind the file's modules.
+
+    Most policies bind no module, and every interpreter started under the
+    runtime comes here; a file that cannot declare the key (neither the word
+    nor a TOML escape that could spell it) is not parsed at all.
+    """
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return
+    if b"modules" not in raw and b"\\" not in raw:
+        return
+    from . import _config
+
+    apply(_config.active_policy())
