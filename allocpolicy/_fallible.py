@@ -309,8 +309,12 @@ def try_reserve(nbytes: int, *, overdraft: str | None = None) -> Reservation | A
     Without a preloaded runtime every reservation is granted (and governs
     nothing), after a one-time :class:`AllocPolicyWarning`.
     """
-    nbytes = _check_nbytes(nbytes, "try_reserve")
-    action = _check_overdraft(overdraft, "try_reserve")
+    return _try_reserve(nbytes, overdraft, "try_reserve")
+
+
+def _try_reserve(nbytes: int, overdraft: str | None, func: str) -> Reservation | AllocError:
+    nbytes = _check_nbytes(nbytes, func)
+    action = _check_overdraft(overdraft, func)
     rt = _native.runtime()
     if rt is None:
         _config.warn_inactive()
@@ -345,7 +349,7 @@ def reserve(nbytes: int, *, overdraft: str | None = None) -> Reservation:
     :class:`AllocError` with ``limit="reservation"``), ``"abort"`` aborts,
     ``"warn"`` allows it and warns when the block ends, ``"count"`` allows it.
     """
-    result = try_reserve(nbytes, overdraft=overdraft)
+    result = _try_reserve(nbytes, overdraft, "reserve")
     if isinstance(result, AllocError):
         raise result
     return result
