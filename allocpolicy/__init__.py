@@ -35,6 +35,8 @@ __all__ = [
     "AllocError",
     "AllocPolicyError",
     "AllocPolicyWarning",
+    "InjectSettings",
+    "InjectStats",
     "Policy",
     "PolicyError",
     "PolicyProblem",
@@ -54,11 +56,14 @@ __all__ = [
     "configure",
     "count_allocs",
     "default_policy",
+    "inject",
+    "inject_stats",
     "is_active",
     "library_path",
     "load_policy",
     "machine_headroom",
     "no_alloc",
+    "replay_setting",
     "reserve",
     "scope",
     "stats",
@@ -103,6 +108,11 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
+    "InjectSettings": "_inject",
+    "InjectStats": "_inject",
+    "inject": "_inject",
+    "inject_stats": "_inject",
+    "replay_setting": "_inject",
 }
 
 
@@ -138,6 +148,11 @@ def _activate() -> None:
                 AllocPolicyWarning,
                 stacklevel=2,
             )
+    if _os.environ.get("ALLOCPOLICY_INJECT"):
+        # After the table: the setting may name a scope it declares.
+        from . import _inject
+
+        _inject.activate_from_environment(rt)
     rt.install_arena_hook()
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)

@@ -2,7 +2,8 @@
 
 ::
 
-    allocpolicy run [--policy FILE] [--backend system|jemalloc|mimalloc] [--report-fd N] -- CMD ...
+    allocpolicy run [--policy FILE] [--backend system|jemalloc|mimalloc] [--report-fd N]
+                    [--inject SETTING] -- CMD ...
     allocpolicy check [FILE]
     allocpolicy lib
     allocpolicy --version
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._errors import PolicyError, RuntimeLoadError
+from ._inject import ENV_INJECT
 from ._policy import BUILTIN_SOURCE, ENV_POLICY, ENV_TABLE, MAX_FD, Policy, default_policy, load_policy
 
 PROG = "allocpolicy"
@@ -144,6 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = dataclasses.replace(
             policy, process=dataclasses.replace(policy.process, report_fd=args.report_fd)
         )
+    inject_text = args.inject if args.inject is not None else os.environ.get(ENV_INJECT)
+    if inject_text:
+        policy = _with_injection(policy, inject_text)
     table = policy.compile()
     backend = find_backend(args.backend)
 
@@ -156,6 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     env["LD_PRELOAD"] = _preload(library, backend, env.get("LD_PRELOAD", ""))
     env[ENV_TABLE] = table
     env[ENV_POLICY] = os.path.abspath(args.policy) if args.policy is not None else BUILTIN_SOURCE
+    if inject_text:
+        # The canonical form carries the seed, so that the Python side of the
+        # command applies exactly what the table holds.
+        env[ENV_INJECT] = str(policy.inject)
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -169,6 +178,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _with_injection(policy: Policy, text: str) -> Policy:
+    """``policy`` with the injection setting ``text`` (--inject or ALLOCPOLICY_INJECT)
+    in place of its ``[inject]`` table, compiled into the table so that it
+    holds from the command's first allocation, whatever the command is."""
+    from ._inject import InjectSettings
+
+    try:
+        settings = InjectSettings.from_string(text)
+    except ValueError as exc:
+        raise UserError(f"run: injection setting {text!r}: {exc}") from None
+    if settings.scope not in (None, "process") and settings.scope not in policy.scopes:
+        declared = ", ".join(policy.scopes) or "none"
+        raise UserError(
+            f"run: injection setting {text!r}: scope {settings.scope!r} is not declared in the "
+            f"policy (declared scopes: {declared})"
+        )
+    policy = dataclasses.replace(policy, inject=settings)
+    if settings.probability is not None and "seed" not in text:
+        print(f"{PROG}: {ENV_INJECT}={settings} (seed drawn for this run)", file=sys.stderr)
+    return policy
 
 
 # --- check, lib -----------------------------------------------------------------
@@ -215,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run COMMAND with the allocpolicy runtime preloaded and the policy applied.",
         usage=(
             "%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--report-fd N] "
-            "-- COMMAND [ARG ...]"
+            "[--inject SETTING] -- COMMAND [ARG ...]"
         ),
     )
     run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
@@ -227,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--report-fd", metavar="N", type=_fd, help="file descriptor for diagnostics (overrides the policy)"
+    )
+    run.add_argument(
+        "--inject",
+        metavar="SETTING",
+        help=f"fault injection, e.g. 'scope=task,nth=17' (overrides the policy's [inject] "
+        f"and {ENV_INJECT})",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)

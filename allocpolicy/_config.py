@@ -119,6 +119,11 @@ def configure(policy: Policy | Mapping | str | os.PathLike) -> Policy:
         if rt is not None:
             rt.configure(new.compile())
         _active = new
+    if rt is not None and new.inject is not None:
+        # The table carried it; inject() must know it to put it back.
+        from . import _inject
+
+        _inject.applied(new.inject)
     if rt is not None:
         # After the scopes exist in the runtime: bindings enter them by id.
         from . import _modules

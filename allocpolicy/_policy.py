@@ -55,6 +55,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ._errors import PolicyError, PolicyProblem
+from ._inject import VALIDATORS as _INJECT_VALIDATORS
+from ._inject import InjectSettings, check_combination
 from ._sizes import MAX_SIZE, MiB, Percent, format_size, parse_size
 
 #: Environment variable carrying the compiled table to a preloaded library.
@@ -299,7 +301,11 @@ _SCOPE_KEYS: dict[str, _Key] = {
     "modules": _Key(_module_patterns),
 }
 
-_TOP_KEYS = ("version", "process", "scopes")
+# [inject]: fault injection from the start of the process (see _inject.py).
+# Every key is optional; the validators are those of allocpolicy.inject().
+_INJECT_KEYS: dict[str, _Key] = {key: _Key(check, optional=True) for key, check in _INJECT_VALIDATORS.items()}
+
+_TOP_KEYS = ("version", "process", "scopes", "inject")
 
 
 def _check_fields(obj: object, keys: Mapping[str, _Key]) -> None:
@@ -437,6 +443,8 @@ class Policy:
     process: ProcessPolicy = field(default_factory=ProcessPolicy)
     scopes: Mapping[str, ScopePolicy] = field(default_factory=ScopeMap)
     source: str = CONFIGURE_SOURCE
+    #: Fault injection in force from the start (the ``[inject]`` table), or ``None``.
+    inject: InjectSettings | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or self.version != POLICY_VERSION:
@@ -453,6 +461,15 @@ class Policy:
             )
         for name, message in _module_conflicts(self.scopes.values()):
             raise ValueError(f"Policy(): argument 'scopes': scope {name!r}: modules: {message}")
+        if self.inject is not None:
+            if not isinstance(self.inject, InjectSettings):
+                raise TypeError(
+                    "Policy(): argument 'inject' must be an InjectSettings, "
+                    f"not {type(self.inject).__name__}"
+                )
+            problem = _inject_scope_problem(self.inject.scope, self.scopes)
+            if problem:
+                raise ValueError(f"Policy(): argument 'inject': {problem}")
 
     def compile(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
         """The flat table string the native library parses (``ap_configure``,
@@ -487,6 +504,9 @@ class Policy:
             if sc.forbid:
                 entry += f":forbid={sc.on_violation}:frees={int(sc.frees)}"
             parts.append(entry)
+        if self.inject is not None:
+            # Last: the injection may target a scope declared above.
+            parts.append(self.inject.to_table())
         return ";".join(parts)
 
     def describe(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
@@ -546,7 +566,47 @@ class Policy:
                     f"  {'modules':<12} = [{patterns}]  (code of these modules, and what it calls, "
                     "runs in this scope)"
                 )
+        if self.inject is not None:
+            lines += ["", "[inject]"] + _rows(_inject_rows(self.inject))
         return "\n".join(lines)
+
+
+def _inject_scope_problem(scope: str | None, scopes: Mapping[str, ScopePolicy]) -> str | None:
+    if scope is None or scope == PROCESS_SCOPE or scope in scopes:
+        return None
+    declared = ", ".join(scopes) or "none"
+    return (
+        f"scope {scope!r} is not declared in this policy (declared scopes: {declared}; "
+        "'process' stands for every allocation)"
+    )
+
+
+def _inject_rows(inj: InjectSettings) -> list[tuple[str, str]]:
+    where = "every allocation" if inj.scope in (None, PROCESS_SCOPE) else (
+        f"allocations made inside instances of scope {inj.scope!r}"
+    )
+    rows = [("numbers", where)]
+    if inj.min_size is not None or inj.max_size is not None:
+        low = _bytes(inj.min_size) if inj.min_size is not None else "any size"
+        high = _bytes(inj.max_size) if inj.max_size is not None else "any size"
+        rows.append(("sizes", f"{low} to {high}"))
+    if inj.domains:
+        rows.append(("domains", ", ".join(inj.domains)))
+    if inj.nth is not None:
+        rows.append(("nth", f"{inj.nth}  (fails allocation #{inj.nth})"))
+    if inj.start is not None or inj.stop is not None:
+        stop = f"#{inj.stop - 1}" if inj.stop is not None else "the end"
+        rows.append(("window", f"fails #{inj.start or 1} to {stop}"))
+    if inj.every is not None:
+        rows.append(("every", f"{inj.every}  (fails every {inj.every}th)"))
+    if inj.probability is not None:
+        rows.append(("probability", f"{inj.probability!r} with seed {inj.seed}  (the same seed fails the same indices)"))
+    if inj.persistent:
+        rows.append(("persistent", "true  (every allocation after the first failure fails too)"))
+    if not inj.fails_anything:
+        rows.append(("triggers", "none: allocations are numbered, nothing fails"))
+    rows.append(("setting", f"{inj}  (as ALLOCPOLICY_INJECT takes it)"))
+    return rows
 
 
 def _overdraft_option(action: str) -> str:
@@ -693,6 +753,13 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
     for name, message in _module_conflicts(scopes):
         out.add(_table_name("scopes", name), "modules", message)
 
+    inject = None
+    raw_inject = data.get("inject")
+    if raw_inject is not None and not isinstance(raw_inject, Mapping):
+        out.add("", "inject", f"expected a table [inject], got {_kind(raw_inject)}")
+    elif raw_inject is not None:
+        inject = _build_inject(out, raw_inject, {sc.name for sc in scopes} | set(raw_scopes))
+
     if out.problems:
         raise PolicyError(out.problems)
     return Policy(
@@ -700,7 +767,27 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
         process=ProcessPolicy(**process_values),
         scopes=ScopeMap(scopes),
         source=source,
+        inject=inject,
     )
+
+
+def _build_inject(out: _Collector, raw: Mapping[Any, Any], declared: set) -> InjectSettings | None:
+    before = len(out.problems)
+    values = {k: v for k, v in out.table(raw, "inject", _INJECT_KEYS).items() if v is not None}
+    wrong = check_combination(values)
+    if wrong:
+        out.add("inject", wrong[0], wrong[1])
+    scope = values.get("scope")
+    if scope is not None and scope != PROCESS_SCOPE and scope not in declared:
+        out.add("inject", "scope", _inject_scope_problem(scope, dict.fromkeys(sorted(declared))) or "")
+    if len(out.problems) > before:
+        return None
+    if "probability" in values and "seed" not in values:
+        # A file is read again by every process that needs the policy: a
+        # seed drawn at random here would differ between them, so the file's
+        # default is fixed (ALLOCPOLICY_INJECT draws one per run instead).
+        values["seed"] = 0
+    return InjectSettings(**values)
 
 
 def policy_from_mapping(
