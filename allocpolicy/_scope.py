@@ -102,11 +102,16 @@ class scope(ContextDecorator):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        entered, seq = _stack().pop()
+        stack = _stack()
+        entered, seq = stack[-1]
         if not entered:
+            stack.pop()
             return False
         rt = _native.runtime()
         left_region = rt.exit() == _native.EXIT_REGION
+        # Popped after leaving: shrinking the list may allocate (a forbid
+        # scope would refuse it).
+        stack.pop()
         try:
             if left_region:
                 # A forbid scope: its region ended with it.

@@ -289,7 +289,7 @@ typedef struct {
     uint32_t frees;         /* 1 if frees count as violations too */
     uint32_t domains;       /* AP_DOMAIN_BIT mask watched */
     uint32_t instance;      /* the forbid scope's instance, 0 for API regions */
-    uint32_t first_domain;  /* domain of the first event */
+    uint32_t first_domain;  /* domain of the first allocation */
     uint64_t allocations;   /* allocation requests seen */
     uint64_t frees_seen;    /* frees seen */
     uint64_t bytes;         /* bytes requested by those allocations */
@@ -371,6 +371,72 @@ AP_API ap_status ap_inject_get(ap_inject_stats *out);
  * calls them and nothing else of Python. Must be called with the GIL held.
  */
 AP_API ap_status ap_py_install_arena_hook(void *get_arena, void *set_arena);
+
+/* --- Python's allocator domains and NumPy's data handler (hooks_pymem.c) -----
+ *
+ * `get` and `set` are the addresses of PyMem_GetAllocator and
+ * PyMem_SetAllocator; `domain` is CPython's PyMemAllocatorDomain. Every
+ * function of this section that takes them must be called with the GIL held.
+ * Our wrappers ("layers") wrap the allocator they find and call it with its
+ * own ctx; see docs/inprocess.rst for what each mode sees.
+ */
+#define AP_PYMEM_RAW 0u
+#define AP_PYMEM_MEM 1u
+#define AP_PYMEM_OBJ 2u
+#define AP_PYMEM_BIT(d) (1u << (d))
+
+/* What a domain's layer does. */
+typedef enum {
+    AP_PYHOOK_OBSERVE = 1,       /* show requests to regions, census, injection */
+    AP_PYHOOK_ACCOUNT = 2,       /* charge every block; below it: plain malloc */
+    AP_PYHOOK_ACCOUNT_DEBUG = 3, /* the same, below CPython's debug hooks */
+} ap_pyhook;
+
+/*
+ * Make sure a layer of kind `how` sees the domain's requests (an accounting
+ * layer also observes). Harmless when one already does, also below another
+ * tool's hook. AP_ESTATE (nothing changed) when the allocator below does not
+ * lay out blocks as `how` says; AP_EFULL when the layer table is full.
+ */
+AP_API ap_status ap_py_hook_domain(void *get, void *set, uint32_t domain, uint32_t how);
+
+/*
+ * Take our layers off the top of the domain, each giving back exactly the
+ * allocator it found, and stop every layer of the domain from counting.
+ * AP_ESTATE when a layer of ours is still called from under another tool's
+ * hook: it passes calls through until that tool restores it and a later call
+ * finds it on top. Blocks charged by a layer stay valid blocks of the
+ * allocator below it, whoever frees them.
+ */
+AP_API ap_status ap_py_unhook_domain(void *get, void *set, uint32_t domain);
+
+/* Observing layers for the domains in the AP_PYMEM_BIT mask, installed once,
+ * the first time something watches Python's allocations. */
+AP_API ap_status ap_py_install_domain_hooks(void *get, void *set, uint32_t domains);
+
+/*
+ * AP_PYMEM_BIT mask of the domains whose active layer no longer sees requests
+ * as far as a cheap check can tell (the allocator in force is neither ours nor
+ * one a probe showed leads to ours): e.g. tracemalloc.stop() restored the
+ * allocator it found below our layer. ap_py_hook_domain() settles it.
+ */
+AP_API uint32_t ap_py_hooks_lost(void);
+
+/* ap_enter(), then ap_py_hooks_lost() into *lost (0 if the entry failed). */
+AP_API ap_status ap_py_enter(uint32_t scope_id, uint32_t *instance_id, uint32_t *lost);
+
+/*
+ * NumPy's data memory (NEP 49). `previous` is the PyDataMem_Handler of the
+ * handler in force; out comes a PyDataMem_Handler that charges array data
+ * (AP_DOMAIN_NUMPY) and allocates through `previous`, and the name its capsule
+ * must have ("mem_handler", static storage). The same handler is returned for
+ * the same `previous`. AP_EFULL after 8 different previous handlers.
+ */
+AP_API ap_status ap_numpy_handler(const void *previous, void **handler,
+                                  const char **capsule_name);
+
+/* Charge (1) or only pass through (0); arrays keep the handler that made them. */
+AP_API ap_status ap_numpy_set_active(const void *handler, uint32_t active);
 
 #ifdef __cplusplus
 }

@@ -77,20 +77,17 @@ static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int i
             r->allocations++;
             r->bytes += size;
         }
-        if (before == 0) {
-            r->first_size = size;
+        if (!is_free && !r->first_size) {
+            r->first_size = size ? size : 1;
             r->first_domain = domain;
-            if (r->action == AP_ACTION_RAISE)
-                *first_offence = 1;
         }
-        if (r->action != AP_ACTION_COUNT) {
-            if (r->instance)
-                atomic_fetch_add_explicit(
-                    &ap__scopes[ap__instances[r->instance].scope].forbidden, 1,
-                    memory_order_relaxed);
-            if (stricter(r->action, action))
-                action = r->action;
-        }
+        if (before == 0 && r->action == AP_ACTION_RAISE)
+            *first_offence = 1;
+        if (r->instance) /* a forbid scope's region: its stats count every offence */
+            atomic_fetch_add_explicit(&ap__scopes[ap__instances[r->instance].scope].forbidden, 1,
+                                      memory_order_relaxed);
+        if (stricter(r->action, action))
+            action = r->action;
     }
     return action;
 }
