@@ -130,8 +130,8 @@ def _match(module: str) -> _Binding | None:
 
 class _Thread(_thread._local):
     def __init__(self) -> None:
-        # (key, binding, violation seq at entry or -1) per activation of bound
-        # code; key is the code object (3.12+) or None (3.11 wrappers).
+        # (key, binding, instance entered or 0) per activation of bound code;
+        # key is the code object (3.12+) or None (3.11 wrappers).
         self.stack: list[tuple[object, _Binding, int]] = []
         # scope id -> activations of it on the stack
         self.depth: dict[int, int] = {}
@@ -152,21 +152,19 @@ def _push(key: object, binding: _Binding) -> None:
     if n:
         # Already in an instance of this scope that bound code entered: stay in it.
         t.depth[sid] = n + 1
-        t.stack.append((key, binding, -1))
+        t.stack.append((key, binding, 0))
     else:
-        rt = _rt
-        seq = rt.last_violation().seq
         # May raise ScopeCapacityError into the bound code; then nothing is
         # recorded and the frame's end event finds no entry of its own.
-        rt.enter(sid)
+        instance = _rt.enter(sid)
         t.depth[sid] = 1
-        t.stack.append((key, binding, seq))
+        t.stack.append((key, binding, instance))
     _inflight += 1
 
 
 def _pop(t: _Thread, exc: BaseException | None) -> None:
     global _inflight
-    _key, binding, seq = t.stack.pop()
+    _key, binding, instance = t.stack.pop()
     _inflight -= 1
     sid = binding.sid
     n = t.depth[sid] - 1
@@ -175,14 +173,22 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         return
     del t.depth[sid]
     rt = _rt
+    refused = False
+    if exc is not None and binding.convert and isinstance(exc, MemoryError) and not isinstance(exc, _AllocError):
+        # Did the runtime cause it? A refusal is counted on the instance that
+        # was innermost, whichever limit refused; ours was entered by this
+        # activation, so a count there is a refusal during it. (Reading the
+        # thread's violation sequence number at every entry instead would
+        # cost a second native call on every call into bound code.) Read it
+        # before leaving: an instance that ends may be reused at once.
+        stats = rt.instance_stats(instance)
+        refused = stats is not None and stats.violations > 0
     rt.exit()
     if _release_pending and not _inflight:
         _release_monitoring()
-    if exc is None or not binding.convert or not isinstance(exc, MemoryError) or isinstance(exc, _AllocError):
-        return
-    err = _to_alloc_error(rt, seq, binding.name)
-    if err is None:
-        return  # a MemoryError the runtime did not cause: leave it alone
+    if not refused:
+        return  # no error, or a MemoryError the runtime did not cause: leave it alone
+    err = _to_alloc_error(rt, -1, binding.name)  # this thread's newest violation
     try:
         raise err.with_traceback(exc.__traceback__) from None
     finally:
@@ -193,7 +199,11 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
 
 # --- Python 3.12+: sys.monitoring --------------------------------------------------
 
-_codes: dict[object, _Binding] = {}  # code objects of bound modules
+# Code objects of bound modules, by identity: code objects compare equal by
+# content, and two modules may well hold equal functions. _alive keeps them,
+# so that their ids stay theirs.
+_codes: dict[int, _Binding] = {}
+_alive: list[object] = []
 _tool: int | None = None
 _release_pending = False
 
@@ -208,13 +218,14 @@ def _classify(code, frame) -> _Binding | None:
     name = frame.f_globals.get("__name__")
     binding = _match(name) if isinstance(name, str) else None
     if binding is not None:
-        _codes[code] = binding
+        _codes[id(code)] = binding
+        _alive.append(code)
     return binding
 
 
 def _on_start(code, offset):
     """PY_START, PY_RESUME: a frame starts or resumes."""
-    binding = _codes.get(code)
+    binding = _codes.get(id(code))
     if binding is None:
         binding = _classify(code, sys._getframe(1))
         if binding is None:
@@ -224,7 +235,7 @@ def _on_start(code, offset):
 
 def _on_throw(code, offset, exc):
     """PY_THROW: a generator or coroutine resumes by throw() (cannot be disabled)."""
-    binding = _codes.get(code)
+    binding = _codes.get(id(code))
     if binding is None:
         binding = _classify(code, sys._getframe(1))
         if binding is None:
@@ -238,7 +249,7 @@ def _on_leave(code, offset, value):
     stack = t.stack
     if stack and stack[-1][0] is code:
         _pop(t, None)
-    elif code not in _codes and _classify(code, sys._getframe(1)) is None:
+    elif id(code) not in _codes and _classify(code, sys._getframe(1)) is None:
         return _DISABLE
     # A bound frame that started before the binding was applied has no entry:
     # nothing to leave.
@@ -557,6 +568,7 @@ def apply(policy, rt: _native.Runtime | None = None) -> None:
         _cache = {}
         if _MONITORING:
             _codes.clear()
+            _alive.clear()
             if patterns:
                 _install_monitoring()
             elif _inflight:
@@ -587,5 +599,10 @@ def activate_from_environment(source: str) -> None:
     if b"modules" not in raw and b"\\" not in raw:
         return
     from . import _config
+    from ._errors import AllocPolicyError
 
-    apply(_config.active_policy())
+    try:
+        apply(_config.active_policy())
+    except AllocPolicyError as err:
+        # At interpreter startup nobody could catch it: say so and run unbound.
+        _warn(f"the modules of the policy {source} are not bound to their scopes: {err}")

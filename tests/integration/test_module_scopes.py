@@ -231,6 +231,22 @@ def test_module_imported_before_configure_and_bindings_replaced(tmp_path):
     assert out.splitlines() == ["unbound 0", "bound to a 1 1 0", "bound to b 1 0 1", "unbound again 0"]
 
 
+def test_an_unbound_module_with_the_same_code_stays_unbound(tmp_path):
+    # Code objects compare equal by content: binding must go by identity.
+    (tmp_path / "twin.py").write_text(MYLIB)
+    out = check(
+        run_with_mylib(
+            """
+            import mylib, twin
+            print(twin.where(), mylib.where(), twin.where(), twin.rec(3), mylib.rec(3))
+            """,
+            work_policy(),
+            tmp_path,
+        )
+    )
+    assert out.split() == ["0", "1", "0", "0", "1"]
+
+
 def test_methods_static_and_class_methods_and_properties_are_bound(tmp_path):
     out = check(
         run_with_mylib(
