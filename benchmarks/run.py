@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Four parts, each optional (--only PART, repeatable):
+Five parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -24,6 +24,8 @@ python     an object-heavy Python workload without preload, under the preload
            inside allocpolicy.task("task") with a budget, under tracemalloc,
            under memray, and with PYTHONMALLOC=malloc with and without the
            preload.
+modules    ns per call into a module bound to a scope, within bound code and
+           unbound, on this Python (module_scope_calls.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -614,6 +616,10 @@ def print_report(res: dict) -> None:
             out.write(f"  task scope: peak {scope.get('peak', 0) / 2**20:.1f} MiB, "
                       f"{scope.get('allocations', 0):,} allocations charged, "
                       f"{scope.get('violations', 0)} violations\n")
+    if "modules" in res:
+        import module_scope_calls
+
+        out.write(module_scope_calls.report(res["modules"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -669,7 +675,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -679,7 +685,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -722,6 +728,10 @@ def main() -> None:
                                                ("fixed64",) if args.quick else ("fixed64", "mix"))
             elif part == "python":
                 res["python"] = bench_python(lib, repeats, scale)
+            elif part == "modules":
+                import module_scope_calls  # beside this script
+
+                res["modules"] = module_scope_calls.measure(lib, quick=args.quick, repeats=repeats)
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)
