@@ -9,8 +9,6 @@ import pytest
 
 from runtime_run import check, run_python
 
-pytest.importorskip("numpy", reason="the regions are checked around NumPy operations")
-
 N = 1_000_000  # float64 elements: 8 MB per array
 
 NUMPY_REGIONS = f"""
@@ -82,6 +80,7 @@ print(json.dumps(res))
 
 
 def test_no_alloc_around_numpy_operations(tmp_path):
+    pytest.importorskip("numpy", reason="the regions are checked around NumPy operations")
     res = json.loads(check(run_python(NUMPY_REGIONS, None, tmp_path)))
     size = 8 * N
     assert res["inplace_ok"] == 6.0
