@@ -58,7 +58,9 @@ __all__ = [
     "default_policy",
     "inject",
     "inject_stats",
+    "install",
     "is_active",
+    "is_installed",
     "library_path",
     "load_policy",
     "machine_headroom",
@@ -74,6 +76,7 @@ __all__ = [
     "try_extend",
     "try_insert",
     "try_reserve",
+    "uninstall",
 ]
 
 # Every interpreter started under `allocpolicy run` imports this package (see
@@ -83,6 +86,9 @@ _LAZY = {
     "active_policy": "_config",
     "configure": "_config",
     "is_active": "_config",
+    "install": "_inprocess",
+    "is_installed": "_inprocess",
+    "uninstall": "_inprocess",
     "Policy": "_policy",
     "ProcessPolicy": "_policy",
     "ScopePolicy": "_policy",

@@ -500,6 +500,24 @@ class Runtime:
         if status != OK:
             raise RuntimeLoadError(f"installing the pymalloc arena hook failed ({status})")
 
+    # -- Python's allocator domains (hooks_pymem.c) --------------------------------
+
+    def install_domain_hooks(self, domains: int | None = None) -> None:
+        """Show the requests of Python's MEM and OBJ domains to regions, the
+        census and fault injection (observing layers, see hooks_pymem.c).
+
+        Meant to be called the first time something watches Python's
+        allocations, so that runs that never do pay nothing; calling it again
+        is cheap and puts the layers back if another tool removed them.
+        """
+        fn = self._gil_lib.ap_py_install_domain_hooks
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
+        fn.restype = ctypes.c_int
+        get, set_ = _pymem_accessors()
+        status = fn(get, set_, PYMEM_MEM_OBJ if domains is None else domains)
+        if status != OK:
+            raise RuntimeLoadError(f"installing the Python allocator observers failed ({status})")
+
 
 # `_thread`, not `threading`: this module is imported when every interpreter
 # under `allocpolicy run` starts, and importing `threading` there changes what
@@ -533,3 +551,282 @@ def _load_preloaded() -> Runtime | None:
         # dlopen()ed RTLD_GLOBAL by someone): it governs nothing.
         return None
     return rt
+
+
+# -- In-process mode (allocpolicy.install(), see _inprocess.py) ------------------------
+#
+# Without the preload, install() loads a variant of the library built for
+# dlopen() (general TLS model: a late dlopen() finds no room in the static TLS
+# block), wraps Python's allocator domains and NumPy's data handler with it,
+# and makes runtime() return it.
+
+INPROCESS_LIBRARY_NAME = "liballocpolicy_inproc.so"
+
+#: CPython's PyMemAllocatorDomain values.
+PYMEM_RAW, PYMEM_MEM, PYMEM_OBJ = 0, 1, 2
+PYMEM_DOMAIN_NAMES = ("RAW", "MEM", "OBJ")
+PYMEM_MEM_OBJ = (1 << PYMEM_MEM) | (1 << PYMEM_OBJ)
+#: ap_pyhook: what a layer over a domain does.
+PYHOOK_OBSERVE, PYHOOK_ACCOUNT, PYHOOK_ACCOUNT_DEBUG = 1, 2, 3
+
+# NumPy's C API table (numpy/_core/include/numpy/__multiarray_api.h); the
+# indices are part of NumPy's ABI and do not change between releases.
+_NPY_FEATURE_VERSION_INDEX = 211
+_NPY_SET_HANDLER_INDEX = 304
+_NPY_GET_HANDLER_INDEX = 305
+_NPY_1_22_API_VERSION = 0x0F  # the first with PyDataMem_SetHandler (NEP 49)
+
+
+class PyAllocatorC(ctypes.Structure):
+    """CPython's PyMemAllocatorEx."""
+
+    _fields_ = [
+        ("ctx", ctypes.c_void_p),
+        ("malloc", ctypes.c_void_p),
+        ("calloc", ctypes.c_void_p),
+        ("realloc", ctypes.c_void_p),
+        ("free", ctypes.c_void_p),
+    ]
+
+    def key(self) -> tuple:
+        return (self.ctx, self.malloc, self.calloc, self.realloc, self.free)
+
+
+class ArenaAllocatorC(ctypes.Structure):
+    """CPython's PyObjectArenaAllocator."""
+
+    _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ctypes.c_void_p), ("free", ctypes.c_void_p)]
+
+    def key(self) -> tuple:
+        return (self.ctx, self.alloc, self.free)
+
+
+_pyapi_handle: ctypes.PyDLL | None = None
+
+
+def _pyapi() -> ctypes.PyDLL:
+    """Python's C API through a handle of our own: setting argtypes on
+    ``ctypes.pythonapi``'s shared function objects would change them for
+    every other user of ctypes in the process."""
+    global _pyapi_handle
+    if _pyapi_handle is None:
+        _pyapi_handle = ctypes.PyDLL(None)
+    return _pyapi_handle
+
+
+def _pymem_accessors() -> tuple[int, int]:
+    api = ctypes.pythonapi
+    return (
+        ctypes.cast(api.PyMem_GetAllocator, ctypes.c_void_p).value,
+        ctypes.cast(api.PyMem_SetAllocator, ctypes.c_void_p).value,
+    )
+
+
+def allocator_name() -> str | None:
+    """CPython's name for the allocators in force ("pymalloc", "malloc",
+    "pymalloc_debug", "malloc_debug"), or None when some domain has a hook
+    (tracemalloc's, ours) or the interpreter does not say."""
+    try:
+        fn = _pyapi()._PyMem_GetCurrentAllocatorName
+    except AttributeError:
+        return None
+    fn.argtypes = []
+    fn.restype = ctypes.c_char_p
+    name = fn()
+    return name.decode("ascii") if name else None
+
+
+def inprocess_library_path() -> str:
+    """The in-process variant, next to the library :func:`library_path` finds."""
+    path = os.path.join(os.path.dirname(library_path()), INPROCESS_LIBRARY_NAME)
+    if not os.path.isfile(path):
+        raise RuntimeLoadError(
+            f"the allocpolicy in-process library was not found at {path}; reinstall the "
+            "package with `pip install .` or build it with `make -C native`"
+        )
+    return path
+
+
+class NumpyApi:
+    """PyDataMem_GetHandler / PyDataMem_SetHandler of one NumPy, reached
+    through its C API capsule (``_multiarray_umath._ARRAY_API``)."""
+
+    def __init__(self, array_api_capsule: object) -> None:
+        api = _pyapi()
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        table_addr = api.PyCapsule_GetPointer(array_api_capsule, None)
+        if not table_addr:
+            raise RuntimeLoadError("NumPy's _ARRAY_API capsule holds no table")
+        table = ctypes.cast(table_addr, ctypes.POINTER(ctypes.c_void_p))
+        feature = ctypes.CFUNCTYPE(ctypes.c_uint)(table[_NPY_FEATURE_VERSION_INDEX])()
+        if feature < _NPY_1_22_API_VERSION:
+            raise RuntimeLoadError(
+                f"this NumPy (C API feature version {feature:#x}) has no data memory "
+                "handlers; NumPy 1.22 or later is needed"
+            )
+        # PYFUNCTYPE: the GIL stays held and a Python error set by NumPy is raised.
+        self._get = ctypes.PYFUNCTYPE(ctypes.py_object)(table[_NPY_GET_HANDLER_INDEX])
+        self._set = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(
+            table[_NPY_SET_HANDLER_INDEX]
+        )
+
+    def get_handler(self) -> object:
+        """The handler capsule in force in the calling context."""
+        return self._get()
+
+    def set_handler(self, capsule: object) -> object:
+        """Make ``capsule`` the calling context's handler; returns the previous one."""
+        return self._set(capsule)
+
+
+class InprocessRuntime(Runtime):
+    """The in-process variant of the library, loaded with dlopen()."""
+
+    def __init__(self, path: str) -> None:
+        handle = ctypes.CDLL(path)
+        gil = ctypes.PyDLL(path)
+        super().__init__(handle, gil, path)
+        u32p = ctypes.POINTER(ctypes.c_uint32)
+        voidp = ctypes.c_void_p
+        sig = {
+            "ap_py_enter": ([ctypes.c_uint32, u32p, u32p], ctypes.c_int),
+            "ap_py_hook_domain": ([voidp, voidp, ctypes.c_uint32, ctypes.c_uint32], ctypes.c_int),
+            "ap_py_unhook_domain": ([voidp, voidp, ctypes.c_uint32], ctypes.c_int),
+            "ap_numpy_handler": (
+                [voidp, ctypes.POINTER(voidp), ctypes.POINTER(ctypes.c_char_p)],
+                ctypes.c_int,
+            ),
+            "ap_numpy_set_active": ([voidp, ctypes.c_uint32], ctypes.c_int),
+            "ap_py_hooks_lost": ([], ctypes.c_uint32),
+        }
+        # All through the PyDLL handle: they call Python's allocator functions,
+        # which require the GIL (ap_py_enter reads the allocators in force).
+        for name, (argtypes, restype) in sig.items():
+            fn = getattr(gil, name)
+            fn.argtypes = argtypes
+            fn.restype = restype
+        self._py_enter = gil.ap_py_enter
+        self._gil = gil
+        self._pymem = _pymem_accessors()
+        #: Called after every scope entry with the mask of domains whose layer
+        #: no longer sees requests (0 mostly); set by _inprocess.install().
+        self.after_enter = None
+
+    # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
+
+    def enter(self, scope_id: int) -> int:
+        out, lost = ctypes.c_uint32(), ctypes.c_uint32()
+        status = self._py_enter(scope_id, ctypes.byref(out), ctypes.byref(lost))
+        if status == EFULL:
+            raise ScopeCapacityError(
+                "cannot enter another scope: nesting is limited to 32 per thread and "
+                "65536 instances may be alive at once"
+            )
+        if status != OK:
+            raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
+        hook = self.after_enter
+        if hook is not None:
+            hook(lost.value)
+        return out.value
+
+    def attach(self, instance: int) -> None:
+        super().attach(instance)
+        hook = self.after_enter
+        if hook is not None:
+            hook(0)
+
+    # -- Python's allocator domains ---------------------------------------------------
+
+    @staticmethod
+    def pymem_allocator(domain: int) -> PyAllocatorC:
+        out = PyAllocatorC()
+        fn = _pyapi().PyMem_GetAllocator
+        fn.argtypes = [ctypes.c_int, ctypes.POINTER(PyAllocatorC)]
+        fn.restype = None
+        fn(domain, ctypes.byref(out))
+        return out
+
+    def hook_domain(self, domain: int, how: int) -> int:
+        """ap_py_hook_domain's status (OK, ESTATE for a layout that does not match)."""
+        get, set_ = self._pymem
+        return self._gil.ap_py_hook_domain(get, set_, domain, how)
+
+    def hooks_lost(self) -> int:
+        """Mask of the domains whose layer no longer sees requests (ap_py_hooks_lost)."""
+        return self._gil.ap_py_hooks_lost()
+
+    def unhook_domain(self, domain: int) -> int:
+        get, set_ = self._pymem
+        return self._gil.ap_py_unhook_domain(get, set_, domain)
+
+    # -- pymalloc's arena allocator ------------------------------------------------------
+
+    @staticmethod
+    def arena_allocator() -> ArenaAllocatorC:
+        out = ArenaAllocatorC()
+        fn = _pyapi().PyObject_GetArenaAllocator
+        fn.argtypes = [ctypes.POINTER(ArenaAllocatorC)]
+        fn.restype = None
+        fn(ctypes.byref(out))
+        return out
+
+    @staticmethod
+    def set_arena_allocator(allocator: ArenaAllocatorC) -> None:
+        fn = _pyapi().PyObject_SetArenaAllocator
+        fn.argtypes = [ctypes.POINTER(ArenaAllocatorC)]
+        fn.restype = None
+        fn(ctypes.byref(allocator))
+
+    # -- NumPy's data handler -------------------------------------------------------------
+
+    def numpy_capsule(self, previous: object) -> object:
+        """A handler capsule that charges array data and allocates through the
+        handler of the capsule ``previous``."""
+        api = _pyapi()
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        prev = api.PyCapsule_GetPointer(previous, b"mem_handler")
+        handler, name = ctypes.c_void_p(), ctypes.c_char_p()
+        status = self._gil.ap_numpy_handler(prev, ctypes.byref(handler), ctypes.byref(name))
+        if status != OK:
+            raise RuntimeLoadError(f"making the NumPy data handler failed ({status})")
+        new = api.PyCapsule_New
+        # The name is the library's static string: the capsule may outlive
+        # every Python object of ours (arrays keep it until they die).
+        new.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        new.restype = ctypes.py_object
+        return new(handler.value, ctypes.cast(name, ctypes.c_void_p).value, None)
+
+    def numpy_set_active(self, capsule: object, active: bool) -> None:
+        api = _pyapi()
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        self._gil.ap_numpy_set_active(api.PyCapsule_GetPointer(capsule, b"mem_handler"), int(active))
+
+
+def load_inprocess() -> InprocessRuntime:
+    """Load the in-process variant (once per process; the library is never unloaded)."""
+    global _inprocess
+    with _lock:
+        if _inprocess is None:
+            path = inprocess_library_path()
+            try:
+                _inprocess = InprocessRuntime(path)
+            except OSError as err:
+                if isinstance(err, RuntimeLoadError):
+                    raise
+                raise RuntimeLoadError(f"cannot load the in-process library {path}: {err}") from err
+        return _inprocess
+
+
+_inprocess: InprocessRuntime | None = None
+
+
+def use_runtime(rt: Runtime | None) -> None:
+    """Make :func:`runtime` return ``rt`` (in-process mode), or None again."""
+    global _runtime, _probed
+    runtime()  # settle the preload probe first, so it cannot overwrite this
+    with _lock:
+        _runtime = rt
+        _probed = True
