@@ -225,12 +225,22 @@ def _classify(code, frame) -> _Binding | None:
 
 def _on_start(code, offset):
     """PY_START, PY_RESUME: a frame starts or resumes."""
+    global _inflight
     binding = _codes.get(id(code))
     if binding is None:
         binding = _classify(code, sys._getframe(1))
         if binding is None:
             return _DISABLE
-    _push(code, binding)
+    # _push, with its most frequent case inline: bound code calling bound code.
+    t = _tls
+    depth = t.depth
+    n = depth.get(binding.sid)
+    if n:
+        depth[binding.sid] = n + 1
+        t.stack.append((code, binding, 0))
+        _inflight += 1
+    else:
+        _push(code, binding)
 
 
 def _on_throw(code, offset, exc):
@@ -245,10 +255,17 @@ def _on_throw(code, offset, exc):
 
 def _on_leave(code, offset, value):
     """PY_RETURN, PY_YIELD: a frame returns or suspends."""
+    global _inflight
     t = _tls
     stack = t.stack
     if stack and stack[-1][0] is code:
-        _pop(t, None)
+        if stack[-1][2]:
+            _pop(t, None)
+        else:  # _pop of a nested activation, inline: it leaves no instance
+            depth = t.depth
+            sid = stack.pop()[1].sid
+            depth[sid] -= 1
+            _inflight -= 1
     elif id(code) not in _codes and _classify(code, sys._getframe(1)) is None:
         return _DISABLE
     # A bound frame that started before the binding was applied has no entry:
