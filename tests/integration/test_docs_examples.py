@@ -28,6 +28,7 @@ RUNS = {
     "configure_from_python.py": None,
     "fallible_mode.py": "fallible_policy.toml",
     "abort_mode.py": "abort_policy.toml",
+    "module_scope.py": "module_scope.toml",
 }
 
 
@@ -95,6 +96,16 @@ def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
     # THEN it exits 0 and prints exactly the recorded output
     assert proc.returncode == 0, explain(proc)
     assert proc.stdout == recorded(script.replace(".py", ".out")), explain(proc)
+
+
+def test_module_scope_example_prints_the_output_shown_in_the_docs(tmp_path):
+    # GIVEN a policy that binds the gzip module to a 16 MiB scope
+    # WHEN the example decompresses a gzip bomb and then allocates outside gzip
+    proc = run_example("module_scope.py", tmp_path)
+    # THEN only the decompression fails, as the recorded output shows
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout == recorded("module_scope.out"), explain(proc)
+    assert "unpack" not in (EXAMPLES / "module_scope.py").read_text().split('"""')[2]
 
 
 def test_quickstart_request_fails_alone_with_alloc_error(tmp_path):
