@@ -217,7 +217,7 @@ class _Numpy:
     NumPy keeps the handler in a context variable: threads start with a fresh
     context, which has NumPy's default. So the handler is set in the context
     that installs it and again, lazily, at the first scope entry in every
-    other context (see _Installed.after_enter).
+    other context (see _Installed.before_enter).
     """
 
     def __init__(self, rt: _native.InprocessRuntime, module: object) -> None:
@@ -317,7 +317,8 @@ class _Installed:
             state._hook_domains()
             state._hook_arenas()
             state._watch_numpy()
-            rt.after_enter = state.after_enter
+            rt.before_enter = state.before_enter
+            rt.settle = state.settle
         except BaseException:
             state.stop()
             _native.use_runtime(None)
@@ -358,10 +359,9 @@ class _Installed:
                     stacklevel=4,
                 )
 
-    def after_enter(self, lost: int) -> None:
-        """After every scope entry (InprocessRuntime.enter): two cheap checks."""
-        if lost:
-            self.settle(lost)
+    def before_enter(self) -> None:
+        """Before every scope entry (InprocessRuntime.enter): NumPy's handler
+        in this context, one context-variable read once it is there."""
         numpy = self.numpy
         if numpy is not None and not numpy.in_context.get():
             numpy.here()
@@ -428,7 +428,8 @@ class _Installed:
     def stop(self) -> list[str]:
         """Undo everything, in the reverse order; the domains left below
         another tool's hook."""
-        self.rt.after_enter = None
+        self.rt.before_enter = None
+        self.rt.settle = None
         if self.finder is not None:
             try:
                 sys.meta_path.remove(self.finder)

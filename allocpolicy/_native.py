@@ -709,15 +709,28 @@ class InprocessRuntime(Runtime):
         self._py_enter = gil.ap_py_enter
         self._gil = gil
         self._pymem = _pymem_accessors()
-        #: Called after every scope entry with the mask of domains whose layer
-        #: no longer sees requests (0 mostly); set by _inprocess.install().
-        self.after_enter = None
+        #: Called before every scope entry (and bind() attach) in the calling
+        #: context, and with the mask of domains whose layer no longer sees
+        #: requests when there are any; both set by _inprocess.install().
+        self.before_enter = None
+        self.settle = None
 
     # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
 
     def enter(self, scope_id: int) -> int:
+        # Before entering: what these checks allocate belongs to the outer scope.
+        before = self.before_enter
+        if before is not None:
+            before()
         out, lost = ctypes.c_uint32(), ctypes.c_uint32()
         status = self._py_enter(scope_id, ctypes.byref(out), ctypes.byref(lost))
+        if status == ESTATE and lost.value:
+            settle = self.settle
+            if settle is not None:
+                settle(lost.value)
+            # Enter whatever settle() managed: a domain it could not put back
+            # has been reported and must not block every entry.
+            status = self._lib.ap_enter(scope_id, ctypes.byref(out))
         if status == EFULL:
             raise ScopeCapacityError(
                 "cannot enter another scope: nesting is limited to 32 per thread and "
@@ -725,16 +738,13 @@ class InprocessRuntime(Runtime):
             )
         if status != OK:
             raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
-        hook = self.after_enter
-        if hook is not None:
-            hook(lost.value)
         return out.value
 
     def attach(self, instance: int) -> None:
+        before = self.before_enter
+        if before is not None:
+            before()
         super().attach(instance)
-        hook = self.after_enter
-        if hook is not None:
-            hook(0)
 
     # -- Python's allocator domains ---------------------------------------------------
 

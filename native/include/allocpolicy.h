@@ -422,7 +422,8 @@ AP_API ap_status ap_py_install_domain_hooks(void *get, void *set, uint32_t domai
  */
 AP_API uint32_t ap_py_hooks_lost(void);
 
-/* ap_enter(), then ap_py_hooks_lost() into *lost (0 if the entry failed). */
+/* ap_py_hooks_lost() into *lost; if it is 0, ap_enter(), else AP_ESTATE
+ * without entering (settle the domains, then enter). */
 AP_API ap_status ap_py_enter(uint32_t scope_id, uint32_t *instance_id, uint32_t *lost);
 
 /*

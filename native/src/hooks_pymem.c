@@ -575,11 +575,15 @@ uint32_t ap_py_hooks_lost(void) {
     return lost;
 }
 
+/* Checked before entering: putting a layer back runs Python code, which must
+ * not allocate inside the new scope (a forbid scope would see it). */
 ap_status ap_py_enter(uint32_t scope_id, uint32_t *instance_id, uint32_t *lost) {
-    ap_status st = ap_enter(scope_id, instance_id);
+    uint32_t gone = ap_py_hooks_lost();
     if (lost)
-        *lost = st == AP_OK ? ap_py_hooks_lost() : 0;
-    return st;
+        *lost = gone;
+    if (gone)
+        return AP_ESTATE;
+    return ap_enter(scope_id, instance_id);
 }
 
 /* ---- NumPy's data handler ------------------------------------------------------------

@@ -459,3 +459,27 @@ def test_in_process_library_is_shipped_next_to_the_preload_library():
 
     path = _native.inprocess_library_path()
     assert os.path.dirname(path) == os.path.dirname(_native.library_path())
+
+
+def test_a_forbid_scope_in_a_new_thread_sees_none_of_the_handler_setup(tmp_path):
+    pytest.importorskip("numpy", reason=NUMPY_MISSING)
+    # The first scope entry of a thread sets NumPy's handler in its context;
+    # that must happen outside the scope being entered.
+    out = run_plain(
+        """
+        import threading
+        import numpy as np
+        allocpolicy.install({"scopes": {"quiet": {"forbid": True, "on_violation": "raise"}}})
+        result = {}
+        def quiet():
+            with allocpolicy.scope("quiet"):
+                pass
+        def worker():
+            result["outcome"] = outcome(quiet)
+        t = threading.Thread(target=worker)
+        t.start(); t.join()
+        print(json.dumps(result))
+        """,
+        tmp_path,
+    )
+    assert out["outcome"] == {"refused": False}
