@@ -31,6 +31,9 @@ RUNS = {
     "module_scope.py": "module_scope.toml",
 }
 
+# Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
+PLAIN = ["inprocess_install.py"]
+
 
 def _env() -> dict[str, str]:
     """The caller's environment without anything that would change the runtime."""
@@ -77,7 +80,7 @@ def explain(proc: subprocess.CompletedProcess) -> str:
 def test_every_example_script_is_run_here():
     # A new example without a case here would be included in a page untested.
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == sorted(RUNS)
+    assert scripts == sorted([*RUNS, *PLAIN])
 
 
 def test_every_policy_file_in_the_examples_is_used_or_checked():
@@ -121,6 +124,22 @@ def test_quickstart_request_fails_alone_with_alloc_error(tmp_path):
     assert lines[2] == "ok: processed 16 MiB"
     assert lines[3] == "the process is still here"
     assert "Traceback" not in proc.stderr
+
+
+def test_in_process_example_prints_the_output_shown_in_the_docs(tmp_path):
+    # GIVEN the in-process example, which its page runs with a plain `python`
+    # WHEN it runs without `allocpolicy run` (no preload)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "inprocess_install.py")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        cwd=str(tmp_path),
+    )
+    # THEN install() enforces the budget and the output is the recorded one
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout == recorded("inprocess_install.out"), explain(proc)
 
 
 def test_quickstart_refuses_to_run_without_the_runtime(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def gen(n):
 
 def consume():
     return [d for d in gen(3)] + [where()]
+
+async def agen(n):
+    for _ in range(n):
+        yield _rt.current()[1]  # inline: where() would be a bound call of its own
 
 async def acoro(log):
     for _ in range(3):
@@ -380,6 +385,26 @@ def test_coroutines_leave_the_scope_at_every_await(tmp_path):
     )
     # The other task, interleaved with the bound one, never runs in its scope.
     assert out.splitlines() == ["1", "[('bound', 1), ('other', 0)]"]
+
+
+def test_async_generators_are_bound_where_sys_monitoring_exists(tmp_path):
+    out = check(
+        run_with_mylib(
+            """
+            import asyncio, mylib
+            from allocpolicy import _native
+            async def main():
+                return [(d, _native.runtime().current()[1]) async for d in mylib.agen(2)]
+            print(asyncio.run(main()))
+            """,
+            work_policy(),
+            tmp_path,
+        )
+    )
+    # 3.11 wraps no async generator function (docs/binding.rst): its body runs
+    # in the scope only when iterated from bound code.
+    inside = 1 if sys.version_info >= (3, 12) else 0
+    assert out.strip() == f"[({inside}, 0), ({inside}, 0)]"
 
 
 # --- Exceptions -------------------------------------------------------------------------
