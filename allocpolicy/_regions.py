@@ -32,6 +32,15 @@ _ACTIONS = {name: i for i, name in enumerate(_native.ACTIONS)}
 DOMAIN_NAMES = {name: i for i, name in enumerate(_native.DOMAINS)}
 _FORBIDDEN = _native.REASONS.index("forbidden")
 
+# How many API regions (no_alloc, count_allocs) are open on each thread. The
+# runtime closes the innermost one whichever object asks; this count lets an
+# object check that it is the innermost before it closes anything.
+_open = threading.local()
+
+
+def _depth() -> int:
+    return getattr(_open, "depth", 0)
+
 
 def _domain_mask(domains: Iterable[str] | str | None, func: str) -> int:
     if domains is None:
@@ -195,6 +204,9 @@ class no_alloc:
         self.frees = frees
         self._mask = _domain_mask(domains, "no_alloc")
         self._local = threading.local()
+        # Frames between __exit__ and the code a warning should point at,
+        # beyond the caller's own (the decorator form adds its __call__).
+        self._frames = 0
         #: What the region saw, once it ended (for the last thread that left it).
         self.stats: RegionStats | None = None
         self._func = None
@@ -214,8 +226,13 @@ class no_alloc:
                 raise TypeError("no_alloc(...) decorates one callable")
             return no_alloc(func, action=self.action, frees=self.frees, domains=self._domains_names())
 
-        with no_alloc(action=self.action, frees=self.frees, domains=self._domains_names()):
-            return self._func(*args, **kwargs)
+        region = no_alloc(action=self.action, frees=self.frees, domains=self._domains_names())
+        region._frames = 1  # this call sits between the region and the caller
+        try:
+            with region:
+                return self._func(*args, **kwargs)
+        finally:
+            self.stats = region.stats
 
     def __get__(self, obj, objtype=None):
         # Decorating a method: bind like a function would.
@@ -246,12 +263,14 @@ class no_alloc:
             return
         # Bookkeeping happens outside the region: list growth is an allocation.
         stack = self._stack()
-        stack.append(rt.last_violation().seq)
+        depth = _depth()
+        stack.append((rt.last_violation().seq, depth))
         try:
             rt.region_enter(_ACTIONS[self.action], self.frees, self._mask)
         except BaseException:
             stack.pop()
             raise
+        _open.depth = depth + 1
 
     def exit(self) -> RegionStats:
         """Close the region; returns what it saw. In a ``raise`` region with
@@ -264,18 +283,19 @@ class no_alloc:
         stack = self._stack()
         if not stack:
             raise RuntimeError("no_alloc.exit(): the region is not open on this thread")
-        seq = stack[-1]
-        if seq is None:
+        if stack[-1] is None:
             stack.pop()
             self.stats = RegionStats(checked=False)
             return self.stats, None
+        seq, depth = stack[-1]
         rt = _native.runtime()
-        rec = rt.region_exit()
+        rec = rt.region_exit() if depth == _depth() - 1 else None
         if rec is None:
             raise RuntimeError(
                 "no_alloc.exit(): another region (or a forbid scope) opened inside this one "
                 "is still open; close regions innermost first"
             )
+        _open.depth = depth
         stack.pop()
         self.stats = RegionStats._from_region(rec)
         instance, _ = rt.current()
@@ -288,7 +308,7 @@ class no_alloc:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            _, err = self._close(exc, tb, stacklevel=3)
+            _, err = self._close(exc, tb, stacklevel=3 + self._frames)
             _raise_outcome(err, exc, tb)
             return False
         finally:
@@ -322,6 +342,7 @@ class count_allocs:
         self.bytes_freed = 0
         self.checked = False
         self._start: _native.CensusC | None = None
+        self._depth = 0
 
     def __enter__(self) -> count_allocs:
         rt = _native.runtime()
@@ -332,7 +353,9 @@ class count_allocs:
             rt.census_open()
             self._start = rt.census_read()
         else:
+            self._depth = _depth()
             rt.region_enter(_ACTIONS["count"], True, self._mask)
+            _open.depth = self._depth + 1
         self.checked = True
         return self
 
@@ -349,12 +372,13 @@ class count_allocs:
             self.bytes = end.bytes - start.bytes
             self.bytes_freed = end.bytes_freed - start.bytes_freed
         else:
-            rec = rt.region_exit()
+            rec = rt.region_exit() if self._depth == _depth() - 1 else None
             if rec is None:
                 raise RuntimeError(
                     "count_allocs: a region opened inside this block is still open; "
                     "close regions innermost first"
                 )
+            _open.depth = self._depth
             self.allocations = rec.allocations
             self.frees = rec.frees_seen
             self.bytes = rec.bytes

@@ -29,6 +29,9 @@ RUNS = {
     "fallible_mode.py": "fallible_policy.toml",
     "abort_mode.py": "abort_policy.toml",
     "module_scope.py": "module_scope.toml",
+    "reserve_fallible.py": "fallible_code_policy.toml",
+    "try_extend.py": "fallible_code_policy.toml",
+    "no_alloc_regions.py": "no_alloc_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
@@ -90,9 +93,20 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
 
 @pytest.mark.parametrize(
     "script",
-    ["quickstart_task.py", "nested_scopes.py", "bind_threads.py", "configure_from_python.py", "fallible_mode.py"],
+    [
+        "quickstart_task.py",
+        "nested_scopes.py",
+        "bind_threads.py",
+        "configure_from_python.py",
+        "fallible_mode.py",
+        "reserve_fallible.py",
+        "try_extend.py",
+        "no_alloc_regions.py",
+    ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
+    if script == "no_alloc_regions.py":
+        pytest.importorskip("numpy")  # a test dependency; the example uses it
     # GIVEN an example script and the output recorded next to it for the docs
     # WHEN it runs under the runtime with its policy
     proc = run_example(script, tmp_path)
