@@ -98,6 +98,11 @@ class AllocError(AllocPolicyError, MemoryError):
                 self.limit or "", "its budget"
             )
             return f"{text}: over {what} of {self.budget} bytes ({self.live} bytes live)"
+        if self.limit == "machine":
+            return (
+                f"{text}: the machine cannot spare it ({self.budget} bytes free after the "
+                "policy's reserve_margin)"
+            )
         if self.reason == "injected" and self.index is not None:
             return f"{text}: injected failure #{self.index} (replay with nth={self.index})"
         if self.reason == "forbidden":

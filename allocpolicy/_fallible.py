@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
@@ -44,13 +43,9 @@ _ACTION_CODES = {name: i for i, name in enumerate(_native.ACTIONS)}
 
 # --- The machine's headroom ------------------------------------------------------
 #
-# Reading /proc and the cgroup files costs tens of microseconds, too much for
-# every small reservation a loop of try_append makes, and memory does not
-# change that fast: a reading is reused for a short while, unless the request
-# is a large share of what it said was free.
-_HEADROOM_TTL = 0.05
-_headroom_lock = threading.Lock()
-_headroom_cache: tuple[float, int, str] | None = None
+# Reservations check the machine in the runtime itself (native/src/machine.c),
+# which reads these files without allocating: code near its budget must be
+# able to ask. This Python reading is for information and for tests.
 
 
 def _meminfo_available(proc_root: str) -> int | None:
@@ -113,35 +108,6 @@ def machine_headroom(
     if not candidates:
         return (1 << 62, "unknown")
     return min(candidates, key=lambda c: c[0])
-
-
-def _margin_bytes() -> int:
-    from ._policy import Percent, memory_limit
-
-    margin = _config.active_policy().process.reserve_margin
-    if isinstance(margin, Percent):
-        try:
-            total, _ = memory_limit()
-        except OSError:
-            return 0
-        return margin.of(total)
-    return margin
-
-
-def _machine_refusal(nbytes: int) -> tuple[int, str] | None:
-    """(headroom after the margin, source) if the machine cannot take ``nbytes``."""
-    global _headroom_cache
-    now = time.monotonic()
-    with _headroom_lock:
-        cached = _headroom_cache
-        if cached is None or now - cached[0] > _HEADROOM_TTL or nbytes * 2 > cached[1]:
-            room, source = machine_headroom()
-            cached = _headroom_cache = (now, room, source)
-    _, room, source = cached
-    usable = room - _margin_bytes()
-    if nbytes > usable:
-        return max(usable, 0), source
-    return None
 
 
 # --- Reservations -------------------------------------------------------------------
@@ -319,18 +285,12 @@ def _try_reserve(nbytes: int, overdraft: str | None, func: str) -> Reservation |
     if rt is None:
         _config.warn_inactive()
         return Reservation(nbytes, "process", 0, 0)
-    instance, _ = rt.current()
-    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
-    machine = _machine_refusal(nbytes)
-    if machine is not None:
-        room, source = machine
-        return AllocError(
-            scope=scope_name, size=nbytes, budget=room, live=0, reason="oom", limit="machine"
-        )
     seq = rt.last_violation().seq
     refusal = rt.reserve(nbytes, action)
     if refusal is not None:
         return _refusal_error(rt, refusal, nbytes)
+    instance, _ = rt.current()
+    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
     return Reservation(nbytes, scope_name, rt.reservation().serial, seq)
 
 

@@ -30,10 +30,9 @@ EXIT_REGION = 1
 ACTION_FROM_SCOPE = 0xFFFFFFFF
 MODES = ("raise", "abort", "fallible")
 REASONS = ("none", "budget", "oom", "injected", "forbidden")
-LIMITS = (None, "budget", "total_budget", "process", "reservation")
-#: Not a native limit: a reservation refused because the machine (cgroup or
-#: MemAvailable, minus the policy's reserve_margin) cannot take it.
-LIMIT_MACHINE = "machine"
+#: ap_limit, by index; "machine": a reservation the machine cannot spare
+#: (cgroup v2 or MemAvailable, minus the policy's reserve_margin).
+LIMITS = (None, "budget", "total_budget", "process", "reservation", "machine")
 #: ap_action, by index: what a forbidden allocation or an overdraft does.
 ACTIONS = ("raise", "abort", "warn", "count")
 #: ap_domain, by index.
@@ -114,6 +113,7 @@ class ProcessStatsC(ctypes.Structure):
         ("grace", ctypes.c_int64),
         ("report_fd", ctypes.c_int32),
         ("reserved", ctypes.c_uint32),
+        ("reserve_margin", ctypes.c_int64),
     ]
 
 
@@ -186,6 +186,25 @@ class InjectStatsC(ctypes.Structure):
         ("injected", ctypes.c_uint64),
         ("first_index", ctypes.c_uint64),
         ("last_index", ctypes.c_uint64),
+    ]
+
+
+#: AP_LIB_UNKNOWN: the index of allocations made by code in no loaded object.
+LIB_UNKNOWN = 0xFFFFFFFF
+
+
+class LibStatsC(ctypes.Structure):
+    """ap_lib_stats: one shared object's allocations while the report is on."""
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("name", ctypes.c_char * 96),
+        ("scope", ctypes.c_uint32),
+        ("loaded", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint64),
+        ("allocations", ctypes.c_uint64),
+        ("failures", ctypes.c_uint64),
     ]
 
 
@@ -283,6 +302,10 @@ class Runtime:
             "ap_census_read": ([ctypes.POINTER(CensusC)], ctypes.c_int),
             "ap_inject_set": ([ctypes.POINTER(InjectConfigC)], ctypes.c_int),
             "ap_inject_get": ([ctypes.POINTER(InjectStatsC)], ctypes.c_int),
+            "ap_libs_count": ([u32p], ctypes.c_int),
+            "ap_lib_get": ([ctypes.c_uint32, ctypes.POINTER(LibStatsC)], ctypes.c_int),
+            "ap_libs_report": ([ctypes.c_uint32, ctypes.c_int32], ctypes.c_int),
+            "ap_lib_find": ([ctypes.c_void_p, u32p], ctypes.c_int),
         }
         for name, (argtypes, restype) in sig.items():
             fn = getattr(handle, name)
@@ -489,6 +512,30 @@ class Runtime:
         return out
 
     # -- Python's small objects ------------------------------------------------------
+
+    def lib_stats(self) -> list[LibStatsC]:
+        """Every shared object seen allocating (ap_lib_get), then the entry
+        for code in no loaded object (index :data:`LIB_UNKNOWN`)."""
+        n = ctypes.c_uint32()
+        self._lib.ap_libs_count(ctypes.byref(n))
+        out = []
+        for index in [*range(n.value), LIB_UNKNOWN]:
+            stats = _sized(LibStatsC)
+            if self._lib.ap_lib_get(index, ctypes.byref(stats)) == 0:
+                out.append(stats)
+        return out
+
+    def libs_report(self, on: bool, fd: int = -1) -> None:
+        """Count allocations per shared object; with ``fd`` >= 0, write the table there at exit."""
+        if self._lib.ap_libs_report(int(on), fd) != 0:
+            raise ValueError(f"fd: expected a file descriptor number or -1, got {fd}")
+
+    def lib_find(self, address: int) -> int | None:
+        """Index of the loaded object whose code holds ``address``, or ``None``."""
+        index = ctypes.c_uint32()
+        if self._lib.ap_lib_find(address, ctypes.byref(index)) != 0:
+            return None
+        return index.value
 
     def install_arena_hook(self) -> None:
         """Charge pymalloc arenas to scopes (see native/src/hooks_pyarena.c)."""

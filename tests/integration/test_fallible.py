@@ -151,7 +151,7 @@ def test_reservation_respects_every_enclosing_budget_and_returns_on_scope_exit(t
                 import json, allocpolicy
                 MiB = 1 << 20
                 out = {}
-                allocpolicy.try_reserve(0).release()  # warm up (imports)
+                allocpolicy.try_reserve(0).release(); allocpolicy.stats()  # warm up (imports)
                 with allocpolicy.scope("outer"):
                     with allocpolicy.scope("inner"):
                         r = allocpolicy.try_reserve(64 * MiB)
@@ -190,7 +190,7 @@ def test_nested_reservations_draw_on_the_outer_one(tmp_path):
                 """
                 import json, allocpolicy
                 MiB = 1 << 20
-                allocpolicy.try_reserve(0).release()  # warm up (imports)
+                allocpolicy.try_reserve(0).release(); allocpolicy.stats()  # warm up (imports)
                 with allocpolicy.scope("batch"):
                     base = allocpolicy.stats().scopes["batch"].live
                     with allocpolicy.reserve(30 * MiB) as outer:
@@ -286,7 +286,7 @@ def test_try_operations_return_what_they_could_not_store(tmp_path):
                 import json, allocpolicy
                 MiB = 1 << 20
                 res = {}
-                allocpolicy.try_reserve(0).release()  # warm up (imports)
+                allocpolicy.try_reserve(0).release(); allocpolicy.stats()  # warm up (imports)
                 with allocpolicy.scope("tight"):
                     # a list whose next append must grow its array (by ~600 KiB)
                     lst = [None] * 70000
@@ -309,7 +309,7 @@ def test_try_operations_return_what_they_could_not_store(tmp_path):
                     res["try_bytearray"] = [type(big).__name__, big.reason]
                     joined = allocpolicy.try_bytes_join(parts)
                     res["join_refused"] = type(joined).__name__
-                    del filler
+                    del filler, data, parts, left   # (left.item held the data)
                     # with room again, every one of them succeeds
                     res["ok"] = [allocpolicy.try_append(lst, "x"), lst[-1],
                                  allocpolicy.try_insert(d, "new", 1), d["new"],
@@ -392,7 +392,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 MiB = 1 << 20
 failures_seen = []
-allocpolicy.try_reserve(0).release()  # warm up (imports)
+allocpolicy.try_reserve(0).release(); allocpolicy.stats()  # warm up (imports)
 
 # Rooms and list sizes well above pymalloc's 1 MiB arena granularity, so
 # the failure position is decided by the list's growth, not by an arena.

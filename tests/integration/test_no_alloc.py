@@ -114,8 +114,7 @@ def test_abort_action_dies_with_the_diagnostic(tmp_path):
 
 
 def test_frees_count_when_asked_and_surface_at_the_end(tmp_path):
-    res = json.loads(
-        check(
+    out = check(
             run_python(
                 """
                 import json, allocpolicy
@@ -128,14 +127,28 @@ def test_frees_count_when_asked_and_surface_at_the_end(tmp_path):
                         del blob
                 except allocpolicy.AllocError as err:
                     print(json.dumps([err.reason, err.count, str(err)]))
+                # a free offended first: the first allocation is still refused
+                blob = bytearray(1 << 20)
+                try:
+                    with allocpolicy.no_alloc(frees=True):
+                        del blob
+                        try:
+                            more = bytearray(4096)
+                            print(json.dumps("granted"))
+                        except MemoryError:
+                            print(json.dumps("refused"))
+                except allocpolicy.AllocError as err:
+                    print(json.dumps([err.reason, err.count, err.size]))
                 """,
                 None,
                 tmp_path,
             )
-        )
     )
+    res, second, third = (json.loads(line) for line in out.splitlines())
     assert res[0:2] == ["forbidden", 1]
     assert "frees are forbidden here" in res[2]
+    assert second == "refused"
+    assert third == ["forbidden", 2, 4097]
 
 
 def test_forbid_scope_from_the_policy(tmp_path):

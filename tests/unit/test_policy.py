@@ -549,3 +549,13 @@ def test_policy_from_mapping_none_means_not_set_for_optional_keys():
     with pytest.raises(PolicyError) as info:
         policy_from_mapping({"version": 1, "process": {"on_oom": None}})
     assert [(p.table, p.key) for p in info.value.problems] == [("process", "on_oom")]
+
+
+def test_forbid_options_without_forbid_are_mistakes():
+    from allocpolicy._errors import PolicyError
+    from allocpolicy._policy import policy_from_mapping
+
+    with pytest.raises(PolicyError) as info:
+        policy_from_mapping({"version": 1, "scopes": {"s": {"on_violation": "warn", "frees": True}}})
+    assert [(p.table, p.key) for p in info.value.problems] == [("scopes.s", "on_violation"), ("scopes.s", "frees")]
+    assert all("without `forbid = true`" in p.message for p in info.value.problems)
