@@ -3,7 +3,7 @@
 ::
 
     allocpolicy run [--policy FILE] [--backend system|jemalloc|mimalloc] [--report-fd N]
-                    [--inject SETTING] -- CMD ...
+                    [--inject SETTING] [--libs-report FILE|-] -- CMD ...
     allocpolicy check [FILE]
     allocpolicy lib
     allocpolicy --version
@@ -150,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if inject_text:
         policy = _with_injection(policy, inject_text)
     table = policy.compile()
+    if args.libs_report is not None:
+        table += f";libreport={_libs_report_fd(args.libs_report)}"
     backend = find_backend(args.backend)
 
     # Imported here so that `check` and `--help` work without the library.
@@ -178,6 +180,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _libs_report_fd(target: str) -> int:
+    """Descriptor the command writes the libraries report to at exit: 2 for
+    ``-``, else FILE opened here (truncated) and inherited through exec."""
+    if target == "-":
+        return 2
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:
+        raise UserError(f"run: --libs-report {target}: {exc.strerror or exc}") from None
+    if fd > MAX_FD:
+        raise UserError(f"run: --libs-report {target}: descriptor {fd} is above {MAX_FD}")
+    os.set_inheritable(fd, True)
+    return fd
 
 
 def _with_injection(policy: Policy, text: str) -> Policy:
@@ -246,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run COMMAND with the allocpolicy runtime preloaded and the policy applied.",
         usage=(
             "%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--report-fd N] "
-            "[--inject SETTING] -- COMMAND [ARG ...]"
+            "[--inject SETTING] [--libs-report FILE|-] -- COMMAND [ARG ...]"
         ),
     )
     run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
@@ -264,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SETTING",
         help=f"fault injection, e.g. 'scope=task,nth=17' (overrides the policy's [inject] "
         f"and {ENV_INJECT})",
+    )
+    run.add_argument(
+        "--libs-report",
+        metavar="FILE",
+        help="at exit, write which shared objects allocated, how much and how many of their "
+        "allocations failed to FILE ('-': standard error)",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)

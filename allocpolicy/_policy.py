@@ -269,6 +269,86 @@ def _module_conflicts(scopes: Iterable["ScopePolicy"]) -> list[tuple[str, str]]:
     return out
 
 
+# Library patterns (``libraries = ["libz.so*"]``, ``raise_only_from = [...]``)
+# are globs matched against the file name of a loaded shared object, without
+# its directory ("libz.so.1"; the main program by the name of its executable,
+# "python3.11"): ``*`` any run of characters, ``?`` one. The characters are
+# those native/src/policy.c accepts (GLOB).
+_LIBRARY_EXAMPLE = '["libz.so*", "libpng16.so*"]'
+_LIBRARY_PATTERN_RE = re.compile(r"[A-Za-z0-9_.+*?-]{1,63}")
+#: Always counted as checking for NULL wherever ``raise_only_from`` is set: the
+#: interpreter (its executable and libpython check every allocation), the C
+#: library and the dynamic loader (which report ENOMEM to their callers), and
+#: libstdc++ (whose operator new turns NULL into std::bad_alloc).
+NULL_CHECKING_DEFAULT = ("python*", "libpython*", "libc.so*", "ld-linux*", "libstdc++.so*")
+
+
+def _library_pattern_problem(pattern: object) -> str | None:
+    if not isinstance(pattern, str):
+        return f"expected a file name pattern, got {_kind(pattern)}"
+    if not pattern:
+        return "an empty string is not a file name pattern"
+    if "/" in pattern:
+        return "patterns match the file name only, without a directory (e.g. 'libz.so*')"
+    if not _LIBRARY_PATTERN_RE.fullmatch(pattern):
+        if len(pattern) > 63:
+            return "longer than 63 characters"
+        return "only letters, digits and '_', '.', '+', '-', '*', '?' may appear in a file name pattern"
+    if set(pattern) <= {"*", "?"}:
+        return "would match every shared object; the [process] table governs code outside scopes"
+    return None
+
+
+def _library_patterns(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"expected an array of shared object file name patterns such as {_LIBRARY_EXAMPLE}, "
+            f"got {_kind(value)}"
+        )
+    problems = []
+    patterns: list[str] = []
+    for pattern in value:
+        problem = _library_pattern_problem(pattern)
+        if problem:
+            problems.append(f"{pattern!r}: {problem}")
+        elif pattern not in patterns:
+            patterns.append(pattern)  # type: ignore[arg-type]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(patterns)
+
+
+def _raise_only(value: object) -> tuple[str, ...]:
+    # An empty array is meaningful: nothing but the defaults checks for NULL.
+    if isinstance(value, (list, tuple)) and not value:
+        return ()
+    return _library_patterns(value)
+
+
+def _library_conflicts(scopes: Iterable["ScopePolicy"]) -> list[tuple[str, str]]:
+    """(scope name, message) for each library pattern another scope claims too,
+    and for forbid scopes bound to libraries."""
+    out = []
+    owner: dict[str, str] = {}
+    for sc in scopes:
+        if sc.libraries and sc.forbid:
+            out.append((
+                sc.name,
+                "a forbid scope cannot be bound to libraries (a library's allocations are "
+                "governed by budgets and modes; use no_alloc() around the calls instead)",
+            ))
+        for pattern in sc.libraries:
+            if pattern in owner:
+                out.append((
+                    sc.name,
+                    f"{pattern!r} is bound to scope {owner[pattern]!r} already; a library can be "
+                    "bound to one scope only",
+                ))
+            else:
+                owner[pattern] = sc.name
+    return out
+
+
 # --- Declarative key tables ---------------------------------------------------
 #
 # One line per key: its name (also the name of the dataclass field that holds
@@ -288,6 +368,7 @@ _PROCESS_KEYS: dict[str, _Key] = {
     "report_fd": _Key(_fd),
     "overdraft": _Key(_action),
     "reserve_margin": _Key(_margin),
+    "raise_only_from": _Key(_raise_only, optional=True),
 }
 
 _SCOPE_KEYS: dict[str, _Key] = {
@@ -299,6 +380,8 @@ _SCOPE_KEYS: dict[str, _Key] = {
     "on_violation": _Key(_action),
     "frees": _Key(_bool),
     "modules": _Key(_module_patterns),
+    "libraries": _Key(_library_patterns),
+    "raise_only_from": _Key(_raise_only, optional=True),
 }
 
 # [inject]: fault injection from the start of the process (see _inject.py).
@@ -342,6 +425,10 @@ class ProcessPolicy:
     report_fd: int = DEFAULT_REPORT_FD
     overdraft: str = "count"
     reserve_margin: int | Percent = DEFAULT_RESERVE_MARGIN
+    #: In raise mode, refused allocations return NULL only to code in these
+    #: shared objects (and :data:`NULL_CHECKING_DEFAULT`); others abort.
+    #: ``None``: every caller gets NULL.
+    raise_only_from: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, _PROCESS_KEYS)
@@ -368,6 +455,10 @@ class ScopePolicy:
     frees: bool = False
     #: Module patterns whose code runs in this scope (see docs/binding.rst).
     modules: tuple[str, ...] = ()
+    #: Shared objects (file name globs) whose allocations this scope governs.
+    libraries: tuple[str, ...] = ()
+    #: raise_only_from for refusals in this scope; ``None``: the process's.
+    raise_only_from: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         problem = _scope_name_problem(self.name)
@@ -461,6 +552,8 @@ class Policy:
             )
         for name, message in _module_conflicts(self.scopes.values()):
             raise ValueError(f"Policy(): argument 'scopes': scope {name!r}: modules: {message}")
+        for name, message in _library_conflicts(self.scopes.values()):
+            raise ValueError(f"Policy(): argument 'scopes': scope {name!r}: libraries: {message}")
         if self.inject is not None:
             if not isinstance(self.inject, InjectSettings):
                 raise TypeError(
@@ -496,13 +589,16 @@ class Policy:
             f"v={self.version}",
             f"grace={p.grace}",
             f"fd={p.report_fd}",
-            f"process={p.on_oom}:{budget or 0}" + _overdraft_option(p.overdraft),
+            f"process={p.on_oom}:{budget or 0}" + _overdraft_option(p.overdraft)
+            + _raise_only_options(p.raise_only_from),
         ]
         for sc in self.scopes.values():
             entry = f"scope={sc.name}:{sc.on_oom}:{sc.budget or 0}:{sc.total_budget or 0}"
             entry += _overdraft_option(sc.overdraft)
             if sc.forbid:
                 entry += f":forbid={sc.on_violation}:frees={int(sc.frees)}"
+            entry += "".join(f":lib={pattern}" for pattern in sc.libraries)
+            entry += _raise_only_options(sc.raise_only_from)
             parts.append(entry)
         if self.inject is not None:
             # Last: the injection may target a scope declared above.
@@ -528,6 +624,7 @@ class Policy:
             ("grace", f"{_bytes(p.grace)}  (may still be allocated per thread and instance after a refusal)"),
             ("report_fd", f"{p.report_fd}  (diagnostics are written here)"),
             ("overdraft", f"{p.overdraft}  ({_ACTION_HELP[p.overdraft]} beyond a reservation)"),
+            ("raise_only_from", _raise_only_help(p.raise_only_from, "every caller")),
             (
                 "reserve_margin",
                 f"{p.reserve_margin if isinstance(p.reserve_margin, Percent) else _bytes(p.reserve_margin)}"
@@ -565,6 +662,16 @@ class Policy:
                 lines.append(
                     f"  {'modules':<12} = [{patterns}]  (code of these modules, and what it calls, "
                     "runs in this scope)"
+                )
+            if sc.libraries:
+                patterns = ", ".join(f'"{m}"' for m in sc.libraries)
+                lines.append(
+                    f"  {'libraries':<12} = [{patterns}]  (allocations these shared objects' code "
+                    "makes run in an instance of this scope nested in the current one)"
+                )
+            if sc.raise_only_from is not None:
+                lines.append(
+                    f"  {'raise_only_from':<12} = {_raise_only_help(sc.raise_only_from, 'every caller')}"
                 )
         if self.inject is not None:
             lines += ["", "[inject]"] + _rows(_inject_rows(self.inject))
@@ -607,6 +714,24 @@ def _inject_rows(inj: InjectSettings) -> list[tuple[str, str]]:
         rows.append(("triggers", "none: allocations are numbered, nothing fails"))
     rows.append(("setting", f"{inj}  (as ALLOCPOLICY_INJECT takes it)"))
     return rows
+
+
+def _raise_only_options(patterns: tuple[str, ...] | None) -> str:
+    if patterns is None:
+        return ""
+    full = list(NULL_CHECKING_DEFAULT) + [p for p in patterns if p not in NULL_CHECKING_DEFAULT]
+    return "".join(f":raise_only={pattern}" for pattern in full)
+
+
+def _raise_only_help(patterns: tuple[str, ...] | None, unset: str) -> str:
+    if patterns is None:
+        return f"not set  (in raise mode {unset} gets NULL)"
+    listed = ", ".join(f'"{p}"' for p in patterns)
+    defaults = ", ".join(f'"{p}"' for p in NULL_CHECKING_DEFAULT)
+    return (
+        f"[{listed}]  (in raise mode only these and {defaults} get NULL; "
+        "allocations from other code abort)"
+    )
 
 
 def _overdraft_option(action: str) -> str:
@@ -748,10 +873,16 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
             out.add("scopes", str(name), f"expected a table [{table}], got {_kind(raw)}")
             continue
         values = out.table(raw, table, _SCOPE_KEYS)
+        if not values.get("forbid"):
+            for key in ("on_violation", "frees"):
+                if key in raw:
+                    out.add(table, key, "has no effect without `forbid = true` in the same table")
         if not name_problem:
             scopes.append(ScopePolicy(name, **values))
     for name, message in _module_conflicts(scopes):
         out.add(_table_name("scopes", name), "modules", message)
+    for name, message in _library_conflicts(scopes):
+        out.add(_table_name("scopes", name), "libraries", message)
 
     inject = None
     raw_inject = data.get("inject")

@@ -363,6 +363,38 @@ typedef struct {
 AP_API ap_status ap_inject_set(const ap_inject_config *cfg);
 AP_API ap_status ap_inject_get(ap_inject_stats *out);
 
+/* --- Shared objects: library scopes and the libraries report ------------------
+ *
+ * Every loaded object the runtime has seen calling the malloc family (only
+ * while the policy binds libraries, lists raise_only_from, or the report is
+ * on) has an entry, numbered from 0 in the order it was first seen; entries
+ * stay when the object is unloaded (loaded = 0) and are reused when the same
+ * file is loaded again at the same address. While reporting, every
+ * allocation is counted to the object whose code called the allocator.
+ */
+#define AP_LIB_NAME_MAX 96         /* file name (no directory), NUL included */
+#define AP_LIB_UNKNOWN UINT32_MAX  /* index of code in no loaded object */
+
+typedef struct {
+    uint32_t size;         /* sizeof(ap_lib_stats) */
+    uint32_t index;
+    char name[AP_LIB_NAME_MAX];
+    uint32_t scope;        /* scope bound by `libraries`, 0 = none */
+    uint32_t loaded;       /* 0 once unloaded */
+    uint64_t bytes;        /* bytes granted while reporting */
+    uint64_t allocations;  /* granted allocations while reporting */
+    uint64_t failures;     /* allocations that returned NULL while reporting */
+} ap_lib_stats;
+
+/* Number of entries (indices 0 .. n-1; AP_LIB_UNKNOWN is always valid). */
+AP_API ap_status ap_libs_count(uint32_t *n);
+AP_API ap_status ap_lib_get(uint32_t index, ap_lib_stats *out);
+/* Count allocations per object (on = 1) and, if fd >= 0, write the table to
+ * fd at exit; on = 0 stops counting (the counts stay). */
+AP_API ap_status ap_libs_report(uint32_t on, int32_t fd);
+/* Index of the loaded object whose code contains `address` (AP_ENOENT: none). */
+AP_API ap_status ap_lib_find(const void *address, uint32_t *index);
+
 /* --- Python's small-object allocator ---------------------------------------- */
 
 /*

@@ -198,7 +198,30 @@ static AP__INLINE void release_block(void *p) {
         ap__next.free(base);
 }
 
-AP__EXPORT void *malloc(size_t size) { return alloc_block(size, 0, 0); }
+/* ---- Library scopes (libscope.c) ------------------------------------------
+ *
+ * While the policy binds libraries (ap__libs_on), each entry point hands its
+ * return address, the code that called the allocator, to ap__lib_call, which
+ * runs the allocation below in that code's library scope. The address must be
+ * taken in the exported function itself; internal calls between entry points
+ * (realloc -> malloc) are recognised there as nested. When nothing is bound
+ * the cost is one load of a read-mostly flag and a branch never taken. */
+typedef struct {
+    void *p;
+    size_t a, b;
+    int rc;
+} lib_args;
+
+#define AP__LIBS_ON() AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed))
+#define AP__CALLER() __builtin_extract_return_addr(__builtin_return_address(0))
+
+static void *lib_malloc(void *x) { return alloc_block(((lib_args *)x)->a, 0, 0); }
+
+AP__EXPORT void *malloc(size_t size) {
+    if (AP__LIBS_ON())
+        return ap__lib_call(AP__CALLER(), size, lib_malloc, &(lib_args){.a = size});
+    return alloc_block(size, 0, 0);
+}
 
 /* Our malloc under a name no one can interpose, for ap_is_preloaded(). */
 #pragma GCC diagnostic push
@@ -211,10 +234,14 @@ AP__EXPORT void free(void *p) {
         release_block(p);
 }
 
+static void *lib_calloc(void *x) { return alloc_block(((lib_args *)x)->a, 0, 1); }
+
 AP__EXPORT void *calloc(size_t n, size_t m) {
     size_t total;
     if (__builtin_mul_overflow(n, m, &total))
         return refuse();
+    if (AP__LIBS_ON())
+        return ap__lib_call(AP__CALLER(), total, lib_calloc, &(lib_args){.a = total});
     return alloc_block(total, 0, 1);
 }
 
@@ -230,7 +257,7 @@ static inline size_t fit_alignment(size_t align) {
     return align;
 }
 
-AP__EXPORT void *memalign(size_t align, size_t size) {
+static void *memalign_block(size_t align, size_t size) {
     align = fit_alignment(align);
     if (!align) {
         errno = EINVAL;
@@ -239,9 +266,24 @@ AP__EXPORT void *memalign(size_t align, size_t size) {
     return alloc_block(size, align, 0);
 }
 
-AP__EXPORT void *aligned_alloc(size_t align, size_t size) { return memalign(align, size); }
+static void *lib_memalign(void *x) {
+    lib_args *a = x;
+    return memalign_block(a->b, a->a);
+}
 
-AP__EXPORT int posix_memalign(void **out, size_t align, size_t size) {
+AP__EXPORT void *memalign(size_t align, size_t size) {
+    if (AP__LIBS_ON())
+        return ap__lib_call(AP__CALLER(), size, lib_memalign, &(lib_args){.a = size, .b = align});
+    return memalign_block(align, size);
+}
+
+AP__EXPORT void *aligned_alloc(size_t align, size_t size) {
+    if (AP__LIBS_ON())
+        return ap__lib_call(AP__CALLER(), size, lib_memalign, &(lib_args){.a = size, .b = align});
+    return memalign_block(align, size);
+}
+
+static int posix_memalign_block(void **out, size_t align, size_t size) {
     if (align % sizeof(void *) != 0 || (align & (align - 1)) != 0 || align == 0)
         return EINVAL;
     int saved = errno; /* posix_memalign reports through its result only */
@@ -251,6 +293,25 @@ AP__EXPORT int posix_memalign(void **out, size_t align, size_t size) {
         return ENOMEM;
     *out = p;
     return 0;
+}
+
+static void *lib_posix_memalign(void *x) {
+    lib_args *a = x;
+    void *p = NULL;
+    a->rc = posix_memalign_block(&p, a->b, a->a);
+    /* A rejected alignment is no allocation: not counted as a failure. */
+    return a->rc == EINVAL ? (void *)a : p;
+}
+
+AP__EXPORT int posix_memalign(void **out, size_t align, size_t size) {
+    if (AP__LIBS_ON()) {
+        lib_args a = {.a = size, .b = align};
+        void *p = ap__lib_call(AP__CALLER(), size, lib_posix_memalign, &a);
+        if (a.rc == 0)
+            *out = p;
+        return a.rc;
+    }
+    return posix_memalign_block(out, align, size);
 }
 
 static inline size_t page_size(void) {
@@ -263,14 +324,23 @@ static inline size_t page_size(void) {
     return ps;
 }
 
-AP__EXPORT void *valloc(size_t size) { return alloc_block(size, page_size(), 0); }
+static void *lib_page_aligned(void *x) { return alloc_block(((lib_args *)x)->a, page_size(), 0); }
+
+AP__EXPORT void *valloc(size_t size) {
+    if (AP__LIBS_ON())
+        return ap__lib_call(AP__CALLER(), size, lib_page_aligned, &(lib_args){.a = size});
+    return alloc_block(size, page_size(), 0);
+}
 
 AP__EXPORT void *pvalloc(size_t size) {
     size_t ps = page_size();
     size_t rounded;
     if (__builtin_add_overflow(size, ps - 1, &rounded))
         return refuse();
-    return alloc_block(rounded & ~(ps - 1), ps, 0);
+    rounded &= ~(ps - 1);
+    if (AP__LIBS_ON())
+        return ap__lib_call(AP__CALLER(), rounded, lib_page_aligned, &(lib_args){.a = rounded});
+    return alloc_block(rounded, ps, 0);
 }
 
 /*
@@ -280,7 +350,7 @@ AP__EXPORT void *pvalloc(size_t size) {
  * old size credited to its owner, exactly as a malloc + free would be. On any
  * failure the old block is untouched and still accounted where it was.
  */
-AP__EXPORT void *realloc(void *p, size_t size) {
+static void *realloc_block(void *p, size_t size) {
     if (!p)
         return malloc(size);
     if (size == 0) {
@@ -328,11 +398,25 @@ AP__EXPORT void *realloc(void *p, size_t size) {
     return user;
 }
 
+static void *lib_realloc(void *x) {
+    lib_args *a = x;
+    return realloc_block(a->p, a->a);
+}
+
+AP__EXPORT void *realloc(void *p, size_t size) {
+    /* realloc(p, 0) frees: not an allocation to look up or count. */
+    if (AP__LIBS_ON() && size)
+        return ap__lib_call(AP__CALLER(), size, lib_realloc, &(lib_args){.p = p, .a = size});
+    return realloc_block(p, size);
+}
+
 AP__EXPORT void *reallocarray(void *p, size_t n, size_t m) {
     size_t total;
     if (__builtin_mul_overflow(n, m, &total))
         return refuse();
-    return realloc(p, total);
+    if (AP__LIBS_ON() && total)
+        return ap__lib_call(AP__CALLER(), total, lib_realloc, &(lib_args){.p = p, .a = total});
+    return realloc_block(p, total);
 }
 
 AP__EXPORT size_t malloc_usable_size(void *p) {

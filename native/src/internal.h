@@ -273,9 +273,46 @@ AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
 AP__HIDDEN int ap__regions_leave_instance(ap__tls_t *t, uint32_t instance);
 AP__HIDDEN void ap__threads_init(void);
 
+/* ---- Library scopes and the libraries report (libscope.c) -------------------
+ *
+ * Non-zero while the policy binds scopes to shared objects, names the
+ * libraries that check for NULL (raise_only_from), or the libraries report is
+ * on. Only then do the malloc family's entry points look at their caller; a
+ * line written only when the policy changes. */
+extern _Atomic uint32_t ap__libs_on;
+
+#define AP__LIB_PATTERN_MAX 64 /* a glob on a file name, NUL included */
+#define AP__MAX_LIB_PATTERNS 64
+enum { AP__PAT_BIND = 0, AP__PAT_RAISE_ONLY = 1 };
+typedef struct {
+    char text[AP__LIB_PATTERN_MAX];
+    uint32_t scope; /* scope id (AP__PAT_RAISE_ONLY: 0 = the process list) */
+    uint32_t kind;  /* AP__PAT_* */
+} ap__lib_pattern;
+
+/* Replace the patterns (policy.c, under its `configuring` flag); report_fd:
+ * -1 off, -2 leave as it is, else the descriptor the report goes to. */
+AP__HIDDEN void ap__libs_configure(const ap__lib_pattern *pats, uint32_t n, int report_fd);
+/* Allocate through `fn(arg)` on behalf of the code at `caller` (see
+ * libscope.c); returns what fn returned. */
+AP__HIDDEN void *ap__lib_call(void *caller, uint64_t size, void *(*fn)(void *), void *arg);
+/* The thread leaves `instance` (AP_INSTANCE_PROCESS: every instance, at
+ * thread exit): the library instances nested in it end. */
+AP__HIDDEN void ap__libs_leave(uint32_t instance);
+/* 1 if a refusal in raise mode must abort: the allocating code is not in the
+ * raise_only_from list that applies to `scope`. Sets *note to its name. */
+AP__HIDDEN int ap__lib_refusal_aborts(uint32_t scope, const char **note);
+/* An instance of `scope` nested in `parent`, not on any thread's stack (one
+ * `inside` reference, dropped by ap__close_instance); AP_INSTANCE_PROCESS
+ * when the instance table is full. */
+AP__HIDDEN uint32_t ap__open_instance(uint32_t scope, uint32_t parent);
+AP__HIDDEN void ap__close_instance(uint32_t id);
+
 /* ---- Reports (report.c) ------------------------------------------------------ */
 
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_with(const ap_violation *v);
+/* The same, with `note` (e.g. why a raise-mode refusal aborts) in the line. */
+__attribute__((noreturn)) AP__HIDDEN void ap__abort_noted(const ap_violation *v, const char *note);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);
 
 /* ---- Policy (policy.c) ----------------------------------------------------------- */

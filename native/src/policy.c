@@ -8,20 +8,31 @@
  * heap and can run inside the first malloc call:
  *
  *   table   := "v=1" (";" entry)*
- *   entry   := "grace=" N | "fd=" N | "process=" MODE ":" N [":overdraft=" ACTION]
+ *   entry   := "grace=" N | "fd=" N
+ *            | "process=" MODE ":" N [":overdraft=" ACTION] (":raise_only=" GLOB)*
  *            | "scope=" NAME ":" MODE ":" N ":" N (":" OPTION)*  (budget, total_budget)
  *            | "inject=" TRIGGER ("," TRIGGER)* | "inject=off"
+ *            | "libreport=" N | "libreport=off"
  *   OPTION  := "forbid=" ACTION | "forbid=none" | "frees=" ("0"|"1") | "overdraft=" ACTION
+ *            | "lib=" GLOB | "raise_only=" GLOB
  *   TRIGGER := ("nth" | "start" | "stop" | "every" | "p" | "seed" | "min" | "max"
  *               | "domains" | "persist") "=" N | "scope=" NAME
  *   MODE    := "raise" | "abort" | "fallible"
  *   ACTION  := "raise" | "abort" | "warn" | "count"
  *   N       := decimal, bytes for sizes, 0 meaning "no limit"
  *   NAME    := [A-Za-z0-9_.-]{1,63}
+ *   GLOB    := [A-Za-z0-9_.+*?-]{1,63}   (matched against a shared object's file name)
  *
  * `p` is a probability out of 2^32; `domains` an AP_DOMAIN_BIT mask. A table
  * without an `inject` entry leaves injection as it is (it may have been set
  * through ap_inject_set); `inject=off` turns it off.
+ *
+ * `lib=` binds the shared objects whose file name matches to the scope;
+ * `raise_only=` lists the objects whose refused allocations still get NULL in
+ * raise mode (the others abort), for the scope or, on `process`, for every
+ * scope without a list of its own (see libscope.c). Every table replaces all
+ * of these. `libreport=N` turns the libraries report on, written to
+ * descriptor N at exit; a table without it leaves the report as it is.
  *
  * The whole string is parsed into a staging copy first; the live policy is
  * changed only when every entry parsed (bad input changes nothing).
@@ -42,6 +53,8 @@ typedef struct {
     uint32_t overdraft;
 } staged_scope;
 
+/* A pattern's scope is a staged index + 1 (0 = process) until applied. */
+
 typedef struct {
     int have_grace, have_fd, have_process;
     int have_inject, inject_on;
@@ -52,6 +65,9 @@ typedef struct {
     uint32_t process_mode;
     uint32_t process_overdraft;
     int64_t process_budget;
+    int have_libreport, libreport_fd;
+    uint32_t npats;
+    ap__lib_pattern pats[AP__MAX_LIB_PATTERNS];
     uint32_t nscopes;
     staged_scope scopes[AP_MAX_SCOPES];
 } staged;
@@ -131,6 +147,27 @@ static int name(cursor *c, char *out) {
     return n > 0 && strcmp(out, "process") != 0;
 }
 
+static int glob_char(char ch) {
+    return name_char(ch) || ch == '+' || ch == '*' || ch == '?';
+}
+
+static int pattern(cursor *c, staged *st, uint32_t scope, uint32_t kind) {
+    if (st->npats >= AP__MAX_LIB_PATTERNS)
+        return 0;
+    ap__lib_pattern *p = &st->pats[st->npats];
+    size_t n = 0;
+    while (glob_char(*c->pos)) {
+        if (n + 1 >= AP__LIB_PATTERN_MAX)
+            return 0;
+        p->text[n++] = *c->pos++;
+    }
+    p->text[n] = '\0';
+    p->scope = scope;
+    p->kind = kind;
+    st->npats++;
+    return n > 0;
+}
+
 static int inject(cursor *c, staged *st) {
     ap_inject_config *ic = &st->inject;
     memset(ic, 0, sizeof *ic);
@@ -199,7 +236,11 @@ static int inject(cursor *c, staged *st) {
 
 static int parse(const char *table, staged *st, size_t *error_offset) {
     cursor c = {table, table};
-    memset(st, 0, offsetof(staged, scopes));
+    /* Everything but the pattern and scope arrays, which are filled up to
+     * their counts. */
+    memset(st, 0, offsetof(staged, pats));
+    st->npats = 0;
+    st->nscopes = 0;
     st->inject.size = sizeof st->inject;
     if (!take(&c, "v=1"))
         goto bad;
@@ -223,6 +264,9 @@ static int parse(const char *table, staged *st, size_t *error_offset) {
             st->process_overdraft = AP_ACTION_COUNT;
             if (take(&c, ":overdraft=") && !action(&c, &st->process_overdraft))
                 goto bad;
+            while (take(&c, ":raise_only="))
+                if (!pattern(&c, st, 0, AP__PAT_RAISE_ONLY))
+                    goto bad;
             st->have_process = 1;
         } else if (take(&c, "scope=")) {
             if (st->nscopes >= AP_MAX_SCOPES - 1)
@@ -248,6 +292,12 @@ static int parse(const char *table, staged *st, size_t *error_offset) {
                 } else if (take(&c, "overdraft=")) {
                     if (!action(&c, &sc->overdraft))
                         goto bad;
+                } else if (take(&c, "lib=")) {
+                    if (!pattern(&c, st, st->nscopes + 1, AP__PAT_BIND))
+                        goto bad;
+                } else if (take(&c, "raise_only=")) {
+                    if (!pattern(&c, st, st->nscopes + 1, AP__PAT_RAISE_ONLY))
+                        goto bad;
                 } else {
                     goto bad;
                 }
@@ -256,6 +306,14 @@ static int parse(const char *table, staged *st, size_t *error_offset) {
         } else if (take(&c, "inject=")) {
             if (!inject(&c, st))
                 goto bad;
+        } else if (take(&c, "libreport=")) {
+            int64_t fd;
+            if (take(&c, "off"))
+                fd = -1;
+            else if (!number(&c, &fd) || fd > 1 << 20)
+                goto bad;
+            st->libreport_fd = (int)fd;
+            st->have_libreport = 1;
         } else {
             goto bad;
         }
@@ -325,6 +383,14 @@ static ap_status apply(const staged *st) {
         if (fresh)
             atomic_store(&ap__nscopes, id + 1);
     }
+    /* Library patterns name scopes by staged index; they exist now. */
+    static ap__lib_pattern pats[AP__MAX_LIB_PATTERNS];
+    for (uint32_t i = 0; i < st->npats; i++) {
+        pats[i] = st->pats[i];
+        if (pats[i].scope)
+            pats[i].scope = find(st->scopes[pats[i].scope - 1].name);
+    }
+    ap__libs_configure(pats, st->npats, st->have_libreport ? st->libreport_fd : -2);
     if (st->have_inject) {
         if (st->inject_on) {
             ap_inject_config ic = st->inject;

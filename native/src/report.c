@@ -133,11 +133,13 @@ void ap__abort_double_free(const void *p) {
     abort();
 }
 
-void ap__abort_with(const ap_violation *v) {
+void ap__abort_with(const ap_violation *v) { ap__abort_noted(v, "mode=abort, aborting"); }
+
+void ap__abort_noted(const ap_violation *v, const char *note) {
     ap__tls_t *t = &ap__tls;
     if (!t->in_report) {
         t->in_report = 1;
-        report_denial(v, "mode=abort, aborting");
+        report_denial(v, note);
     }
     /* SIGABRT: faulthandler (enabled by the Python package) prints the Python
      * traceback of every thread next. */

@@ -244,6 +244,7 @@ static void thread_exit(void *unused) {
         release_reservation(t);
     while (t->depth)
         ap_exit();
+    ap__libs_leave(AP_INSTANCE_PROCESS);
     t->nregions = 0;
     t->watch = 0;
     ap__publish(t);
@@ -384,6 +385,22 @@ static void open_grace(ap__tls_t *t) {
 }
 
 /*
+ * After a refusal has been recorded: abort mode aborts. In raise mode the
+ * allocating code gets NULL, unless the policy lists the libraries that check
+ * for NULL (raise_only_from) and the code that called malloc is not among
+ * them: then an abort with a clear diagnostic is safer than a crash later.
+ */
+static void abort_if_required(ap__tls_t *t, uint32_t mode, ap_domain domain) {
+    if (mode == AP_MODE_ABORT)
+        ap__abort_with(&t->last);
+    const char *note;
+    if (mode == AP_MODE_RAISE && domain == AP_DOMAIN_LIBC &&
+        AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed)) &&
+        ap__lib_refusal_aborts(ap__instances[t->cur].scope, &note))
+        ap__abort_noted(&t->last, note);
+}
+
+/*
  * An ordinary decision for `size` bytes against the chain of the current
  * instance, after the batch was published. On a grant the bytes are
  * accounted and `r->slack`/`r->headroom` say how far the fast path may go.
@@ -404,8 +421,7 @@ static int decide(ap__tls_t *t, uint64_t size, ap_domain domain, chain_result *r
         return 1;
     }
     record(t, AP_REASON_BUDGET, domain, size, r);
-    if (mode == AP_MODE_ABORT)
-        ap__abort_with(&t->last);
+    abort_if_required(t, mode, domain);
     open_grace(t);
     return 0;
 }
@@ -496,8 +512,7 @@ int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t in
                               memory_order_relaxed);
     if (domain == AP_DOMAIN_PY_ARENA)
         return 0; /* pymalloc falls back to malloc; nobody sees it */
-    if (current_mode(t) == AP_MODE_ABORT)
-        ap__abort_with(&t->last);
+    abort_if_required(t, current_mode(t), domain);
     open_grace(t);
     return 0;
 }
@@ -507,8 +522,9 @@ int ap__backend_failed(uint64_t size, ap_domain domain) {
     record(t, AP_REASON_OOM, domain, size, NULL);
     uint32_t mode = current_mode(t);
     /* A real out-of-memory is not something a fallible scope asked to see. */
-    if (mode == AP_MODE_ABORT || mode == AP_MODE_FALLIBLE)
+    if (mode == AP_MODE_FALLIBLE)
         ap__abort_with(&t->last);
+    abort_if_required(t, mode, domain);
     return 0;
 }
 
@@ -615,18 +631,14 @@ static inline void switch_to(ap__tls_t *t, uint32_t id) {
     ap__refill(t);
 }
 
-ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
-    ap__tls_t *t = &ap__tls;
-    if (scope_id == AP_SCOPE_PROCESS || scope_id >= atomic_load(&ap__nscopes))
-        return AP_ENOENT;
-    if (t->depth >= AP_MAX_DEPTH)
-        return AP_EFULL;
+/* A new active instance of `scope_id` nested in `parent`, with one `inside`
+ * reference; AP__NO_INSTANCE when the table is full. */
+static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
     uint32_t id = new_instance_id();
     if (id == AP__NO_INSTANCE)
-        return AP_EFULL;
+        return id;
     ap__instance *in = &ap__instances[id];
     ap__scope *sc = &ap__scopes[scope_id];
-    uint32_t parent = t->cur;
     /* Zero the counters before the instance becomes visible as active. */
     memset(&in->c, 0, sizeof in->c);
     atomic_store(&in->escaped, 0);
@@ -646,6 +658,20 @@ ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
     atomic_store(&in->state, AP__INST_ACTIVE);
     atomic_fetch_add(&sc->instances, 1);
     atomic_fetch_add(&sc->active, 1);
+    return id;
+}
+
+ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
+    ap__tls_t *t = &ap__tls;
+    if (scope_id == AP_SCOPE_PROCESS || scope_id >= atomic_load(&ap__nscopes))
+        return AP_ENOENT;
+    if (t->depth >= AP_MAX_DEPTH)
+        return AP_EFULL;
+    uint32_t parent = t->cur;
+    uint32_t id = open_instance(scope_id, parent);
+    if (id == AP__NO_INSTANCE)
+        return AP_EFULL;
+    ap__scope *sc = &ap__scopes[scope_id];
     register_thread(t);
     t->stack[t->depth++] = parent;
     switch_to(t, id);
@@ -676,6 +702,14 @@ static void leave(uint32_t id) {
     if (atomic_load(&in->state) == AP__INST_ACTIVE && atomic_fetch_sub(&in->inside, 1) == 1)
         end_instance(id);
 }
+
+/* For library scopes (libscope.c): instances no thread has on its stack. */
+uint32_t ap__open_instance(uint32_t scope, uint32_t parent) {
+    uint32_t id = open_instance(scope, parent);
+    return id == AP__NO_INSTANCE ? AP_INSTANCE_PROCESS : id;
+}
+
+void ap__close_instance(uint32_t id) { leave(id); }
 
 ap_status ap_release(uint32_t id) {
     if (id >= AP_MAX_INSTANCES)
@@ -714,6 +748,10 @@ ap_status ap_exit(void) {
     switch_to(t, t->stack[--t->depth]);
     if (t->grace_inst == left)
         t->grace_inst = AP__NO_INSTANCE;
+    /* Library instances nested in the one left end with it (they hold its
+     * `children` count, so ending them first lets it be reclaimed). */
+    if (AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed)))
+        ap__libs_leave(left);
     leave(left);
     return had_region ? AP_EXIT_REGION : AP_OK;
 }

@@ -93,8 +93,9 @@ def test_task_budget_stops_a_list_of_small_objects_and_the_process_goes_on(tmp_p
     assert out["first"]["reason"] == "budget" and out["first"]["budget"] == 64 << 20
     assert out["second"] == {"refused": False}
     assert out["violations"] >= 1
-    # What the tasks left behind: at most pymalloc arenas some survivor keeps.
-    assert 0 <= out["job_live"] <= 4 << 20
+    # The refused task's 64 MiB came back, but for the 1 MiB arenas that a
+    # survivor (objects kept on Python's free lists) still holds.
+    assert 0 <= out["job_live"] <= 16 << 20
 
 
 def test_task_budget_refuses_a_large_numpy_array_before_allocating_it(tmp_path):
@@ -230,9 +231,7 @@ def test_uninstall_restores_exactly_the_original_allocators(tmp_path, pythonmall
                           "active": allocpolicy.is_active()}))
         """,
         tmp_path,
-        env={"PYTHONMALLOC": pythonmalloc, "PYTHONWARNINGS": "ignore::UserWarning"}
-        if pythonmalloc
-        else {"PYTHONWARNINGS": "ignore::UserWarning"},
+        env={"PYTHONMALLOC": pythonmalloc} if pythonmalloc else None,
     )
     assert out["during"] != out["before"]
     assert out["twice"] == out["during"]  # no second layer
