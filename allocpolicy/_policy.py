@@ -592,6 +592,9 @@ class Policy:
             f"process={p.on_oom}:{budget or 0}" + _overdraft_option(p.overdraft)
             + _raise_only_options(p.raise_only_from),
         ]
+        margin = self._reserve_margin(proc_root, cgroup_root)
+        if margin != DEFAULT_RESERVE_MARGIN:  # the native default; keeps tables short
+            parts.insert(3, f"margin={margin}")
         for sc in self.scopes.values():
             entry = f"scope={sc.name}:{sc.on_oom}:{sc.budget or 0}:{sc.total_budget or 0}"
             entry += _overdraft_option(sc.overdraft)
@@ -604,6 +607,18 @@ class Policy:
             # Last: the injection may target a scope declared above.
             parts.append(self.inject.to_table())
         return ";".join(parts)
+
+    def _reserve_margin(self, proc_root: str, cgroup_root: str) -> int:
+        margin = self.process.reserve_margin
+        if not isinstance(margin, Percent):
+            return margin
+        try:
+            total, _ = memory_limit(proc_root=proc_root, cgroup_root=cgroup_root)
+        except OSError as exc:
+            raise PolicyError(
+                [PolicyProblem(self.source, "process", "reserve_margin", f"cannot resolve {margin}: {exc}")]
+            ) from None
+        return min(margin.of(total), MAX_SIZE)
 
     def describe(self, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> str:
         """Every setting with its effective value, for ``allocpolicy check``."""

@@ -65,6 +65,7 @@ typedef enum {
     AP_LIMIT_TOTAL = 2,    /* the scope's `total_budget` over live instances */
     AP_LIMIT_PROCESS = 3,  /* the process budget */
     AP_LIMIT_RESERVATION = 4, /* an overdraft of a reservation (overdraft = raise) */
+    AP_LIMIT_MACHINE = 5,     /* a reservation the machine cannot spare (budget = room) */
 } ap_limit;
 
 /* What a forbidden allocation or a reservation overdraft does. */
@@ -169,6 +170,7 @@ typedef struct {
     int64_t grace;          /* unwind grace allowance per thread and instance */
     int32_t report_fd;      /* where diagnostics are written */
     uint32_t reserved;
+    int64_t reserve_margin; /* memory reservations leave free on the machine */
 } ap_process_stats;
 
 /* --- Version and policy -------------------------------------------------- */
@@ -230,6 +232,8 @@ AP_API ap_status ap_get_process_stats(ap_process_stats *out);
  * A reservation claims `nbytes` of budget up front in the calling thread's
  * innermost instance: it is granted only if the instance, every enclosing
  * instance, their scope totals and the process budget can all take it, and
+ * the machine can spare it (cgroup v2 memory.max - memory.current, else
+ * MemAvailable, minus the policy's reserve margin: AP_LIMIT_MACHINE), and
  * the bytes are then counted as live at every level. Allocations the thread
  * makes directly in that instance draw on the reservation and are never
  * refused for budget reasons while it lasts; frees of that instance's blocks

@@ -108,6 +108,7 @@ ap_status ap_get_process_stats(ap_process_stats *out) {
         .arena_hook = (uint32_t)ap__arena_hook_installed(),
         .grace = atomic_load(&ap__settings.grace),
         .report_fd = atomic_load(&ap__settings.report_fd),
+        .reserve_margin = atomic_load(&ap__settings.reserve_margin),
     };
     return copy_out(out, &s, sizeof s);
 }

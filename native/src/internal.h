@@ -25,7 +25,14 @@
  * __tls_get_addr, which may itself allocate the first time a thread touches a
  * dlopen()ed module's TLS.
  */
+#ifdef AP_INPROCESS
+/* The in-process copy is dlopen()ed late, when the static TLS block may have
+ * no room left; its malloc family never interposes, so __tls_get_addr's own
+ * allocations cannot come back into it. */
+#define AP__TLS __thread
+#else
 #define AP__TLS __thread __attribute__((tls_model("initial-exec")))
+#endif
 
 /* ---- Block header ---------------------------------------------------------
  *
@@ -142,6 +149,7 @@ extern ap__instance ap__instances[AP_MAX_INSTANCES];
 typedef struct {
     _Atomic int64_t grace;   /* unwind grace, bytes per thread and instance */
     _Atomic int report_fd;
+    _Atomic int64_t reserve_margin; /* bytes reservations leave on the machine */
 } ap__settings_t;
 extern ap__settings_t ap__settings;
 
@@ -318,6 +326,11 @@ __attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);
 /* ---- Policy (policy.c) ----------------------------------------------------------- */
 
 AP__HIDDEN void ap__policy_from_environment(void);
+
+/* ---- The machine (machine.c) ---------------------------------------------------- */
+
+/* Bytes the machine can still give the process (no heap; may read files). */
+AP__HIDDEN int64_t ap__machine_room(int64_t request);
 
 /* ---- Backend (bootstrap.c) --------------------------------------------------------- */
 

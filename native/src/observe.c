@@ -81,7 +81,10 @@ static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int i
             r->first_size = size ? size : 1;
             r->first_domain = domain;
         }
-        if (before == 0 && r->action == AP_ACTION_RAISE)
+        /* RAISE refuses the region's first offending *allocation*, even when
+         * a free offended before it (a free cannot be refused). */
+        (void)before;
+        if (!is_free && r->action == AP_ACTION_RAISE && r->refused == 0)
             *first_offence = 1;
         if (r->instance) /* a forbid scope's region: its stats count every offence */
             atomic_fetch_add_explicit(&ap__scopes[ap__instances[r->instance].scope].forbidden, 1,

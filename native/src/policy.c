@@ -8,7 +8,7 @@
  * heap and can run inside the first malloc call:
  *
  *   table   := "v=1" (";" entry)*
- *   entry   := "grace=" N | "fd=" N
+ *   entry   := "grace=" N | "fd=" N | "margin=" N     (reserve margin, bytes)
  *            | "process=" MODE ":" N [":overdraft=" ACTION] (":raise_only=" GLOB)*
  *            | "scope=" NAME ":" MODE ":" N ":" N (":" OPTION)*  (budget, total_budget)
  *            | "inject=" TRIGGER ("," TRIGGER)* | "inject=off"
@@ -56,7 +56,8 @@ typedef struct {
 /* A pattern's scope is a staged index + 1 (0 = process) until applied. */
 
 typedef struct {
-    int have_grace, have_fd, have_process;
+    int have_grace, have_fd, have_process, have_margin;
+    int64_t margin;
     int have_inject, inject_on;
     ap_inject_config inject;
     char inject_scope[AP_SCOPE_NAME_MAX]; /* "" = any */
@@ -251,6 +252,10 @@ static int parse(const char *table, staged *st, size_t *error_offset) {
             if (!number(&c, &st->grace))
                 goto bad;
             st->have_grace = 1;
+        } else if (take(&c, "margin=")) {
+            if (!number(&c, &st->margin))
+                goto bad;
+            st->have_margin = 1;
         } else if (take(&c, "fd=")) {
             int64_t fd;
             if (!number(&c, &fd) || fd > 1 << 20)
@@ -359,6 +364,8 @@ static ap_status apply(const staged *st) {
         atomic_store(&ap__settings.grace, st->grace);
     if (st->have_fd)
         atomic_store(&ap__settings.report_fd, st->fd);
+    if (st->have_margin)
+        atomic_store(&ap__settings.reserve_margin, st->margin);
     if (st->have_process) {
         atomic_store(&ap__scopes[0].overdraft, st->process_overdraft);
         atomic_store(&ap__scopes[0].mode, st->process_mode);

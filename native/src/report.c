@@ -61,6 +61,7 @@ static const char *limit_word(uint32_t limit) {
     case AP_LIMIT_TOTAL: return "total_budget";
     case AP_LIMIT_PROCESS: return "process budget";
     case AP_LIMIT_RESERVATION: return "reservation";
+    case AP_LIMIT_MACHINE: return "machine";
     default: return "budget";
     }
 }

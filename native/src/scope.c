@@ -37,7 +37,8 @@ _Atomic uint32_t ap__nscopes = 1;
  * instance 0 is the process root, whose fields are never read for its state,
  * owners or parent (every walk stops at it). */
 ap__instance ap__instances[AP_MAX_INSTANCES];
-ap__settings_t ap__settings = {.grace = (int64_t)4 << 20, .report_fd = 2};
+ap__settings_t ap__settings = {
+    .grace = (int64_t)4 << 20, .report_fd = 2, .reserve_margin = (int64_t)64 << 20};
 
 AP__TLS ap__tls_t ap__tls = {.grace_inst = AP__NO_INSTANCE};
 
@@ -807,6 +808,19 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
         v.scope = ap__instances[t->cur].scope;
         v.instance = t->cur;
         atomic_fetch_add_explicit(&sc->injected, 1, memory_order_relaxed);
+    } else if (nbytes > from_outer &&
+               nbytes - from_outer >
+                   ap__machine_room(nbytes - from_outer) -
+                       atomic_load_explicit(&ap__settings.reserve_margin, memory_order_relaxed)) {
+        /* Every budget might take it, but the machine cannot spare it. */
+        int64_t room = ap__machine_room(0) -
+                       atomic_load_explicit(&ap__settings.reserve_margin, memory_order_relaxed);
+        refused = 1;
+        v.reason = AP_REASON_OOM;
+        v.limit = AP_LIMIT_MACHINE;
+        v.scope = ap__instances[t->cur].scope;
+        v.instance = t->cur;
+        v.budget = room > 0 ? room : 0;
     } else if (nbytes > from_outer) {
         /* The part the outer reservation cannot cover is claimed from the
          * chain, checked and counted like an allocation but not numbered as
