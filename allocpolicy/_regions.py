@@ -42,9 +42,27 @@ def _depth() -> int:
     return getattr(_open, "depth", 0)
 
 
+#: Python's MEM and OBJ domains are seen through observing layers that are
+#: installed the first time a region asks for them by name (not by default:
+#: the calls into the runtime that open and close a region themselves make
+#: a few small Python allocations, which would count).
+_PY_DOMAINS = (1 << DOMAIN_NAMES["py_mem"]) | (1 << DOMAIN_NAMES["py_obj"])
+
+
+#: What a region watches unless told otherwise: every allocation that reaches
+#: malloc (native code, and Python's RAW domain and large objects) and
+#: NumPy's data handler.
+DEFAULT_DOMAINS = sum(1 << DOMAIN_NAMES[name] for name in ("libc", "py_raw", "numpy"))
+
+
+def _watch_python_domains(rt: _native.Runtime, mask: int) -> None:
+    if mask & _PY_DOMAINS:
+        rt.install_domain_hooks()
+
+
 def _domain_mask(domains: Iterable[str] | str | None, func: str) -> int:
     if domains is None:
-        return 0  # the runtime's default: every domain but pymalloc's arenas
+        return DEFAULT_DOMAINS
     if isinstance(domains, str):
         domains = [domains]
     mask = 0
@@ -163,8 +181,11 @@ class no_alloc:
     region ends, naming the first size; ``"count"`` only records (see
     :attr:`stats`). With ``frees=True`` frees are offences too (QADAPT's
     "allocation or drop"); they cannot be refused, so they surface at the end.
-    ``domains`` limits what is watched (``"libc"``, ``"py_raw"``,
-    ``"py_mem"``, ``"py_obj"``, ``"numpy"``; default all of them).
+    ``domains`` chooses what is watched (``"libc"``, ``"py_arena"``,
+    ``"py_raw"``, ``"py_mem"``, ``"py_obj"``, ``"numpy"``; default
+    ``libc``, ``py_raw`` and ``numpy``: everything that reaches ``malloc``).
+    Naming ``"py_mem"`` or ``"py_obj"`` installs observing layers on
+    Python's allocator domains, so every Python object counts.
 
     Three forms, as QADAPT offers::
 
@@ -266,6 +287,7 @@ class no_alloc:
         depth = _depth()
         stack.append((rt.last_violation().seq, depth))
         try:
+            _watch_python_domains(rt, self._mask)
             rt.region_enter(_ACTIONS[self.action], self.frees, self._mask)
         except BaseException:
             stack.pop()
@@ -354,6 +376,7 @@ class count_allocs:
             self._start = rt.census_read()
         else:
             self._depth = _depth()
+            _watch_python_domains(rt, self._mask)
             rt.region_enter(_ACTIONS["count"], True, self._mask)
             _open.depth = self._depth + 1
         self.checked = True

@@ -264,3 +264,34 @@ def test_region_arguments_are_checked(tmp_path):
     assert lines[0].startswith("ValueError no_alloc(): argument 'action' must be one of")
     assert lines[1].startswith("ValueError no_alloc(): argument 'domains': unknown domain 'gpu'")
     assert lines[2].startswith("ValueError count_allocs(): argument 'threads'")
+
+
+def test_python_domains_see_every_object_when_named(tmp_path):
+    out = json.loads(
+        check(
+            run_python(
+                """
+                import json, allocpolicy
+                with allocpolicy.count_allocs() as default:
+                    words = [str(i) for i in range(1000)]
+                with allocpolicy.count_allocs(domains=["py_mem", "py_obj"]) as python:
+                    words = [str(i) for i in range(1000)]
+                try:
+                    with allocpolicy.no_alloc(domains="py_obj"):
+                        tiny = (object(),)
+                    outcome = "passed"
+                except allocpolicy.AllocError as err:
+                    outcome = [err.reason, err.size < 512]
+                print(json.dumps([default.allocations, python.allocations, outcome]))
+                """,
+                None,
+                tmp_path,
+            )
+        )
+    )
+    default, python, outcome = out
+    # by default the small strings are pymalloc's business, not malloc's
+    assert default < 100
+    # with the Python domains, each of the 1000 strings is an allocation
+    assert python >= 1000
+    assert outcome == ["forbidden", True]
