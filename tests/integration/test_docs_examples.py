@@ -30,6 +30,7 @@ RUNS = {
     "fallible_mode.py": "fallible_policy.toml",
     "abort_mode.py": "abort_policy.toml",
     "module_scope.py": "module_scope.toml",
+    "library_scope.py": "library_scope.toml",
     "reserve_fallible.py": "fallible_code_policy.toml",
     "try_extend.py": "fallible_code_policy.toml",
     "no_alloc_regions.py": "no_alloc_policy.toml",
@@ -103,6 +104,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "reserve_fallible.py",
         "try_extend.py",
         "no_alloc_regions.py",
+        "library_scope.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
