@@ -466,6 +466,19 @@ def _apply(rt: _native.Runtime, settings: InjectSettings | None) -> None:
         _last = settings
 
 
+def current() -> InjectSettings | None:
+    """The setting in force, as far as this process knows it."""
+    with _lock:
+        return _resolve(_current)
+
+
+def reapply(rt: _native.Runtime, settings: InjectSettings | None) -> None:
+    """Put ``settings`` (from :func:`current`) back in force after the
+    runtime's setting was changed directly, as the pytest plugin does."""
+    with _lock:
+        _apply(rt, settings)
+
+
 def applied(settings: InjectSettings | None) -> None:
     """Record that ``settings`` reached the runtime another way (a policy table)."""
     global _current, _last

@@ -3,7 +3,8 @@ programs built on demand, and running a child process under the preload.
 
 Fixtures
     allocpolicy_lib   path of the runtime library (str)
-    build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled
+    build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled;
+                      build_c("oomlib", shared=True) -> a shared library, for ctypes
     run_preloaded     run_preloaded(argv, table=..., preload=[...]) -> CompletedProcess
     backend_library   backend_library("jemalloc") -> path, or skip when not installed
     child_process     helpers for tests that start children themselves (Popen):
@@ -90,12 +91,12 @@ def build_c(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     if not cc:
         pytest.skip("no C compiler (cc) to build the test programs")
     out_dir = tmp_path_factory.mktemp("native-tests")
-    built: dict[str, str] = {}
+    built: dict[tuple[str, bool], str] = {}
 
-    def build(name: str) -> str:
-        if name not in built:
+    def build(name: str, shared: bool = False) -> str:
+        if (name, shared) not in built:
             source = NATIVE_TESTS / f"{name}.c"
-            exe = out_dir / name
+            exe = out_dir / (f"lib{name}.so" if shared else name)
             cmd = [
                 cc, "-std=gnu11", "-O1", "-g", "-pthread",
                 # The checks call the allocator for its side effects and its
@@ -104,12 +105,12 @@ def build_c(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
                 "-Wall", "-Wextra", "-Wno-alloc-size-larger-than", "-Wno-use-after-free",
                 "-Wno-deprecated-declarations", "-Wno-unknown-warning-option",
                 f"-I{INCLUDE}", str(source), "-o", str(exe), "-ldl",
-            ]
+            ] + (["-shared", "-fPIC"] if shared else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEFAULT_TIMEOUT)
             if proc.returncode != 0:
                 pytest.fail(f"building {source.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
-            built[name] = str(exe)
-        return built[name]
+            built[name, shared] = str(exe)
+        return built[name, shared]
 
     return build
 

@@ -1,0 +1,806 @@
+"""pytest plugin: allocation budgets, no-allocation tests and OOM sweeps.
+
+Registered through the ``pytest11`` entry point, so installing allocpolicy
+makes it available to every pytest run; it does nothing unless a test asks for
+it (a marker, a fixture, or one of the options below). What it does needs the
+runtime, so run pytest under it::
+
+    allocpolicy run -- python -m pytest --oom-sweep -k parser
+
+A test that asks for it without the runtime is skipped, with a reason that
+says how to run it (``allocpolicy_unavailable = fail`` in the ini file makes
+it fail instead); the options refuse to start. The plugin does not re-execute
+pytest under the preload itself: interposing ``malloc`` must happen before
+the interpreter starts, and a second pytest session inside the first would
+duplicate its output, its plugins and its exit status handling.
+
+Markers
+    ``alloc_budget(size, threads="current")``
+        The test body runs in its own instance of the scope ``pytest`` with
+        this budget, enforced at allocation time: the allocation that would
+        cross it fails, and the test fails with :class:`~allocpolicy.AllocError`
+        and the traceback of that allocation. ``threads="all"`` also bounds
+        what every other thread allocates while the test runs (through the
+        process budget: the process may grow by at most ``size``).
+    ``no_alloc(frees=False, domains=None)``
+        The test body must not allocate (:func:`allocpolicy.no_alloc`).
+    ``oom_sweep(max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), timeout=None)``
+        Run the body once to count its allocations, then again failing
+        allocation 1, 2, ... N in turn, each run in a forked child.
+
+Fixtures
+    ``alloc_stats``: live, peak and count of the test body's allocations.
+    ``no_alloc``: :func:`allocpolicy.no_alloc`, for regions inside a test.
+
+The scope ``pytest`` is declared by the plugin (raise mode); its allocations
+are what budgets, sweeps and statistics see. Fixtures run outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import inspect
+import json
+import os
+import select
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Iterator
+
+import pytest
+
+from . import _native
+
+__all__ = ["SCOPE", "AllocStats"]
+
+#: Name of the scope the plugin runs test bodies in.
+SCOPE = "pytest"
+
+_PLAN = pytest.StashKey["_Plan"]()
+_STATS = pytest.StashKey["AllocStats"]()
+
+_HOW_TO_RUN = "run pytest under the runtime: `allocpolicy run -- python -m pytest ...`"
+_ARENAS_ONLY = 1 << _native.DOMAINS.index("py_arena")
+# What a run keeps is compared with what a passing run keeps. Objects the
+# garbage collector tracks (instances, containers) and malloc bytes compare
+# exactly. The count of pymalloc blocks also moves with things no test
+# controls (a dict table that grew and kept its size, depending on the hash
+# seed, a string interned on the error path), by a few blocks: only more than
+# this many is taken for a leak of objects the collector does not track.
+_BLOCK_SLACK = 16
+_COUNT = _native.ACTIONS.index("count")
+
+_MARKERS = {
+    "alloc_budget": (
+        "alloc_budget(size, threads='current'): run the test body in its own allocpolicy "
+        "scope with this budget (bytes or a string such as '64 MiB'), enforced at allocation "
+        "time; threads='all' also bounds what other threads allocate meanwhile. "
+        "alloc_budget(None) lifts the default set by --alloc-budget."
+    ),
+    "no_alloc": (
+        "no_alloc(frees=False, domains=None): the test body must not allocate "
+        "(allocpolicy.no_alloc); the first allocation fails and the test fails with "
+        "AllocError(reason='forbidden')."
+    ),
+    "oom_sweep": (
+        "oom_sweep(max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), "
+        "timeout=None): count the test body's allocations, then rerun it failing allocation "
+        "1, 2, ... N in turn, each in a forked child; a crash, an exception other than "
+        "MemoryError (or `allow`), or memory still held after the failure fails the test with "
+        "the allocation index that reproduces it (--oom-replay=INDEX)."
+    ),
+}
+
+
+# --- options ---------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("allocpolicy", "allocation budgets and OOM sweeps (allocpolicy)")
+    group.addoption(
+        "--alloc-budget", metavar="SIZE", default=None,
+        help="budget of every test body (e.g. '256 MiB'), unless its alloc_budget marker says "
+        "otherwise; default: the alloc_budget ini value, else none",
+    )
+    group.addoption(
+        "--alloc-budget-threads", choices=("current", "all"), default=None,
+        help="what the default budget counts: the test's thread (default) or every thread",
+    )
+    group.addoption(
+        "--oom-sweep", action="store_true", default=False,
+        help="OOM-sweep every selected test, as if marked oom_sweep",
+    )
+    group.addoption(
+        "--oom-sweep-max-runs", metavar="N", type=int, default=None,
+        help="fail at most N allocations per test (first N of the sweep)",
+    )
+    group.addoption(
+        "--oom-sweep-stride", metavar="K", type=int, default=None,
+        help="fail every Kth allocation only: 1, 1+K, 1+2K, ...",
+    )
+    group.addoption(
+        "--oom-sweep-time", metavar="SECONDS", type=float, default=None,
+        help="stop a test's sweep after this many seconds (what was covered is reported)",
+    )
+    group.addoption(
+        "--oom-replay", metavar="INDEX", type=int, default=None,
+        help="run the selected tests once, in this process, with allocation INDEX of their "
+        "body failing (the index an oom_sweep failure names)",
+    )
+    parser.addini(
+        "alloc_budget", "budget of every test body unless marked otherwise (e.g. '256 MiB')", default=""
+    )
+    parser.addini(
+        "alloc_budget_threads", "what the default budget counts: 'current' or 'all'", default="current"
+    )
+    parser.addini(
+        "allocpolicy_unavailable",
+        "what tests that need the allocpolicy runtime do without it: 'skip' or 'fail'",
+        default="skip",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in _MARKERS.items():
+        config.addinivalue_line("markers", text if text.startswith(name) else f"{name}: {text}")
+    opt = config.option
+    asked = [
+        flag
+        for flag, value in (
+            ("--alloc-budget", opt.alloc_budget),
+            ("--oom-sweep", opt.oom_sweep),
+            ("--oom-replay", opt.oom_replay),
+        )
+        if value
+    ]
+    for flag, value in (
+        ("--oom-sweep-max-runs", opt.oom_sweep_max_runs),
+        ("--oom-sweep-stride", opt.oom_sweep_stride),
+        ("--oom-replay", opt.oom_replay),
+    ):
+        if value is not None and value < 1:
+            raise pytest.UsageError(f"{flag} must be at least 1, got {value}")
+    if opt.oom_sweep_time is not None and opt.oom_sweep_time <= 0:
+        raise pytest.UsageError(f"--oom-sweep-time must be positive, got {opt.oom_sweep_time}")
+    if opt.alloc_budget:
+        _parse_budget(opt.alloc_budget, "--alloc-budget", pytest.UsageError)
+    ini_budget = config.getini("alloc_budget").strip()
+    if ini_budget:
+        _parse_budget(ini_budget, "the alloc_budget ini value", pytest.UsageError)
+    if config.getini("alloc_budget_threads") not in ("current", "all"):
+        raise pytest.UsageError("the alloc_budget_threads ini value must be 'current' or 'all'")
+    if config.getini("allocpolicy_unavailable") not in ("skip", "fail"):
+        raise pytest.UsageError("the allocpolicy_unavailable ini value must be 'skip' or 'fail'")
+    if asked and _native.runtime() is None:
+        raise pytest.UsageError(
+            f"{', '.join(asked)} needs the allocpolicy runtime, which is not preloaded; {_HOW_TO_RUN}"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    rt = _native.runtime()
+    if rt is None:
+        return None
+    return f"allocpolicy: runtime preloaded ({rt.path or 'in the executable'})"
+
+
+def _parse_budget(value: object, where: str, error: type[Exception] = ValueError) -> int:
+    from ._sizes import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise error(f"{where}: {exc}") from None
+    if size == 0:
+        raise error(f"{where}: a budget must be greater than 0")
+    return size  # type: ignore[return-value]
+
+
+# --- what a test asks for ---------------------------------------------------------
+
+
+class _Sweep:
+    __slots__ = ("max_runs", "stride", "time_budget", "persistent", "allow", "timeout")
+
+    def __init__(self, max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), timeout=None):
+        for name, value in (("max_runs", max_runs), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"oom_sweep: argument {name!r} must be a whole number >= 1, got {value!r}")
+        for name, value in (("time_budget", time_budget), ("timeout", timeout)):
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"oom_sweep: argument {name!r} must be a positive number of seconds")
+        if isinstance(allow, type):
+            allow = (allow,)
+        if not all(isinstance(a, type) and issubclass(a, BaseException) for a in allow):
+            raise ValueError("oom_sweep: argument 'allow' must be exception classes")
+        self.max_runs = max_runs
+        self.stride = stride or 1
+        self.time_budget = time_budget
+        self.persistent = bool(persistent)
+        self.allow = (MemoryError, *tuple(allow))
+        self.timeout = timeout
+
+
+class _Plan:
+    __slots__ = ("budget", "threads", "no_alloc", "sweep", "replay", "stats")
+
+    def __init__(self) -> None:
+        self.budget: int | None = None
+        self.threads = "current"
+        self.no_alloc: dict | None = None
+        self.sweep: _Sweep | None = None
+        self.replay: int | None = None
+        self.stats = False
+
+    def wanted(self) -> bool:
+        return bool(self.budget or self.no_alloc is not None or self.sweep or self.replay or self.stats)
+
+
+def _plan(item: pytest.Item) -> _Plan:
+    config = item.config
+    opt = config.option
+    plan = _Plan()
+    marker = item.get_closest_marker("alloc_budget")
+    default = opt.alloc_budget or config.getini("alloc_budget").strip() or None
+    plan.threads = opt.alloc_budget_threads or config.getini("alloc_budget_threads")
+    if marker is not None:
+        if len(marker.args) > 1 or set(marker.kwargs) - {"threads"}:
+            raise pytest.UsageError(
+                f"{item.nodeid}: alloc_budget takes one size and threads='current'|'all'"
+            )
+        size = marker.args[0] if marker.args else marker.kwargs.get("size", default)
+        plan.threads = marker.kwargs.get("threads", plan.threads)
+        if plan.threads not in ("current", "all"):
+            raise pytest.UsageError(f"{item.nodeid}: alloc_budget threads must be 'current' or 'all'")
+        plan.budget = None if size is None else _parse_budget(size, f"{item.nodeid}: alloc_budget", pytest.UsageError)
+    elif default:
+        plan.budget = _parse_budget(default, "alloc_budget")
+    marker = item.get_closest_marker("no_alloc")
+    if marker is not None:
+        if marker.args or set(marker.kwargs) - {"frees", "domains"}:
+            raise pytest.UsageError(f"{item.nodeid}: no_alloc takes frees= and domains= only")
+        plan.no_alloc = dict(marker.kwargs)
+    marker = item.get_closest_marker("oom_sweep")
+    if marker is not None or opt.oom_sweep:
+        kwargs = dict(marker.kwargs) if marker is not None else {}
+        if marker is not None and marker.args:
+            raise pytest.UsageError(f"{item.nodeid}: oom_sweep takes keyword arguments only")
+        for key, value in (
+            ("max_runs", opt.oom_sweep_max_runs),
+            ("stride", opt.oom_sweep_stride),
+            ("time_budget", opt.oom_sweep_time),
+        ):
+            if value is not None:
+                kwargs[key] = value  # the command line bounds every sweep of this run
+        try:
+            plan.sweep = _Sweep(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+    plan.replay = opt.oom_replay
+    plan.stats = "alloc_stats" in getattr(item, "fixturenames", ())
+    if plan.replay is not None:
+        plan.sweep = None  # replaying one index is what the sweep's report asks for
+    return plan
+
+
+def _unavailable(item: pytest.Item) -> None:
+    message = f"needs the allocpolicy runtime, which is not preloaded; {_HOW_TO_RUN}"
+    if item.config.getini("allocpolicy_unavailable") == "fail":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not isinstance(item, pytest.Function):
+        return
+    plan = _plan(item)
+    if not plan.wanted():
+        return
+    if _native.runtime() is None:
+        _unavailable(item)
+    item.stash[_PLAN] = plan
+    item.stash[_STATS] = AllocStats()
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+class AllocStats:
+    """Allocations of the test body, in the plugin's scope (the test's thread,
+    and threads bound to it with :func:`allocpolicy.bind`).
+
+    Read while the body runs, the attributes are current; after it, they are
+    what they were when it ended. Small Python objects are counted in 1 MiB
+    arenas (see the internals page), everything else to the byte.
+    """
+
+    def __init__(self) -> None:
+        self._instance: int | None = None
+        self._final: tuple[int, int, int] = (0, 0, 0)
+
+    def _read(self) -> tuple[int, int, int]:
+        rt = _native.runtime()
+        if self._instance is None or rt is None:
+            return self._final
+        rt.flush()
+        st = rt.instance_stats(self._instance)
+        if st is None:
+            return self._final
+        return st.live, st.peak, st.allocations
+
+    def _close(self) -> None:
+        self._final = self._read()
+        self._instance = None
+
+    @property
+    def live(self) -> int:
+        """Bytes allocated by the body and not freed yet."""
+        return self._read()[0]
+
+    @property
+    def peak(self) -> int:
+        """The highest ``live`` so far."""
+        return self._read()[1]
+
+    @property
+    def count(self) -> int:
+        """Allocations granted to the body."""
+        return self._read()[2]
+
+    def __repr__(self) -> str:
+        live, peak, count = self._read()
+        return f"AllocStats(live={live}, peak={peak}, count={count})"
+
+
+@pytest.fixture
+def alloc_stats(request: pytest.FixtureRequest) -> AllocStats:
+    """Allocation statistics of this test's body: ``.live``, ``.peak``, ``.count``."""
+    try:
+        return request.node.stash[_STATS]
+    except KeyError:
+        _unavailable(request.node)
+        raise  # unreachable: _unavailable skips or fails
+
+
+@pytest.fixture(name="no_alloc")
+def no_alloc_fixture(request: pytest.FixtureRequest):
+    """:func:`allocpolicy.no_alloc`, for regions inside a test::
+
+        def test_hot_path(no_alloc):
+            data = prepare()
+            with no_alloc():
+                hot_path(data)
+    """
+    if _native.runtime() is None:
+        _unavailable(request.node)
+    import allocpolicy
+
+    return allocpolicy.no_alloc
+
+
+# --- running the body ------------------------------------------------------------------
+
+
+def _declare_scope(rt: _native.Runtime, budget: int | None) -> None:
+    # A one-scope table changes only that scope; the budget is copied into
+    # each instance when it is entered.
+    rt.configure(f"v=1;scope={SCOPE}:raise:{budget or 0}:0")
+
+
+@contextlib.contextmanager
+def _process_budget(rt: _native.Runtime, budget: int) -> Iterator[None]:
+    """Bound what the whole process may grow by while the body runs."""
+    from ._config import active_policy
+
+    rt.flush()
+    before = rt.process_stats()
+    mode = _native.MODES[rt.scope_stats(0).mode]
+    overdraft = getattr(active_policy().process, "overdraft", "count")
+    option = "" if overdraft == "count" else f":overdraft={overdraft}"
+    limit = before.live + budget
+    if before.budget:
+        limit = min(limit, before.budget)
+    rt.configure(f"v=1;process={mode}:{limit}{option}")
+    try:
+        yield
+    finally:
+        rt.configure(f"v=1;process={mode}:{before.budget}{option}")
+
+
+@contextlib.contextmanager
+def _body_scope(rt: _native.Runtime, plan: _Plan, stats: AllocStats) -> Iterator[None]:
+    """The test body's scope instance, with the plan's budget and region."""
+    import allocpolicy
+
+    _declare_scope(rt, plan.budget)
+    with contextlib.ExitStack() as stack:
+        if plan.budget and plan.threads == "all":
+            stack.enter_context(_process_budget(rt, plan.budget))
+        stack.enter_context(allocpolicy.task(SCOPE))
+        stats._instance = rt.current()[0]
+        stack.callback(stats._close)
+        if plan.no_alloc is not None:
+            stack.enter_context(allocpolicy.no_alloc(**plan.no_alloc))
+        yield
+
+
+def _call_body(item: pytest.Function) -> None:
+    # What pytest's own pytest_pyfunc_call does, minus its checks of the
+    # result: the sweep's children and a replay must run the very same code.
+    funcargs = item.funcargs
+    item.obj(**{arg: funcargs[arg] for arg in item._fixtureinfo.argnames})
+
+
+def _injection(rt: _native.Runtime, index: int | None, persistent: bool) -> _native.InjectConfigC:
+    """The runtime's setting that numbers the body's allocations (and fails ``index``)."""
+    from ._inject import InjectSettings
+
+    settings = InjectSettings(scope=SCOPE, nth=index, persistent=persistent if index else False)
+    return settings._struct(rt)
+
+
+def _call_numbered(rt: _native.Runtime, config: _native.InjectConfigC, item: pytest.Function) -> None:
+    """Call the body with its allocations numbered from 1.
+
+    Numbering starts right before the call and stops right after it, so that
+    only the body's allocations (and those of its error path) are counted and
+    failed, never the plugin's own bookkeeping inside the scope.
+    """
+    rt.inject_set(config)
+    try:
+        _call_body(item)
+    finally:
+        rt.inject_set(None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    plan = pyfuncitem.stash.get(_PLAN, None)
+    if plan is None:
+        return None  # pytest calls the test as usual
+    if inspect.iscoroutinefunction(pyfuncitem.obj) or inspect.isasyncgenfunction(pyfuncitem.obj):
+        # The scope stack is per thread: an event loop would run other
+        # coroutines inside the test's scope, and count them as its own.
+        pytest.fail(
+            "allocpolicy's markers and fixtures need a synchronous test function (the scope "
+            "stack is per thread, not per coroutine)",
+            pytrace=False,
+        )
+    rt = _native.runtime()
+    stats = pyfuncitem.stash[_STATS]
+    if plan.sweep is not None:
+        problems = _Sweeper(pyfuncitem, plan, rt).run()
+        if problems:
+            pytest.fail(problems, pytrace=False)
+    if plan.replay is None:
+        with _body_scope(rt, plan, stats):
+            _call_body(pyfuncitem)
+        return True
+    from . import _inject
+
+    marker = pyfuncitem.get_closest_marker("oom_sweep")
+    persistent = bool(marker is not None and marker.kwargs.get("persistent"))
+    _declare_scope(rt, plan.budget)
+    config = _injection(rt, plan.replay, persistent)
+    previous = _inject.current()
+    try:
+        with _body_scope(rt, plan, stats):
+            _call_numbered(rt, config, pyfuncitem)
+    finally:
+        seen = rt.inject_stats()
+        _inject.reapply(rt, previous)
+        _say(pyfuncitem.config, f"[oom_replay] {pyfuncitem.nodeid}: allocation #{plan.replay} "
+             + ("failed" if seen.injected else f"was not reached (the body made {seen.seen})"))
+    return True
+
+
+# --- the sweep --------------------------------------------------------------------------
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """A progress line on the terminal, even while output is captured."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or config.option.verbose < 0:
+        return
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        reporter.ensure_newline()
+        reporter.write_line(line)
+
+
+class _Run:
+    """What one forked run of the body did."""
+
+    __slots__ = ("index", "status", "outcome", "exc_type", "message", "frames", "allowed", "seen",
+                 "injected", "objects", "blocks", "net_bytes", "output", "seconds", "first_size")
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+        self.status: int | None = None  # waitpid status; None: killed after the timeout
+        self.outcome = "none"  # passed | raised | none (never reported)
+        self.exc_type = self.message = ""
+        self.frames: list[str] = []
+        self.allowed = False
+        self.seen = self.injected = self.objects = self.blocks = self.net_bytes = self.first_size = 0
+        self.output = ""
+        self.seconds = 0.0
+
+    @property
+    def signal(self) -> int | None:
+        if self.status is not None and os.WIFSIGNALED(self.status):
+            return os.WTERMSIG(self.status)
+        return None
+
+
+def _describe(exc: BaseException, allow: tuple) -> dict[str, Any]:
+    # The frames are read by hand: the traceback module registers every file
+    # it sees in linecache, which would look like memory the run kept.
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        # From the test function on: the plugin's own frames say nothing.
+        if frames or code.co_filename != __file__:
+            frames.append(f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}")
+        tb = tb.tb_next
+    return {
+        "outcome": "raised",
+        "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc)[:500],
+        "frames": frames,
+        "allowed": isinstance(exc, allow),
+    }
+
+
+class _Sweeper:
+    def __init__(self, item: pytest.Function, plan: _Plan, rt: _native.Runtime) -> None:
+        self.item = item
+        self.plan = plan
+        self.sweep = plan.sweep
+        self.rt = rt
+
+    # -- parent side --
+
+    def run(self) -> str | None:
+        """Sweep; a failure report, or None if every run behaved."""
+        item, sweep = self.item, self.sweep
+        with tempfile.TemporaryFile() as out:
+            self.out = out
+            started = time.monotonic()
+            # Resolved here, once: the error path of every child would
+            # otherwise fill these caches, and look like it kept memory.
+            # So are the modules the children use, and the runtime's
+            # per-thread buffers: made in each child, they would count as
+            # memory its run kept.
+            from . import _inject, _regions, _scope  # noqa: F401
+            from ._config import scope_id, scope_name
+
+            _declare_scope(self.rt, self.plan.budget)
+            scope_name(self.rt, scope_id(self.rt, SCOPE))
+            self.rt.last_violation()
+            self.rt.region_enter(_COUNT, True, _ARENAS_ONLY)
+            self.rt.region_exit()
+            baseline = self.fork(None, timeout=sweep.timeout or 600)
+            if baseline.outcome == "raised":
+                # The body does not pass as it is: the ordinary run that
+                # follows reports that, with pytest's own traceback.
+                return None
+            broken = self.judge(baseline, baseline)
+            if broken:
+                return (
+                    f"oom_sweep: the counting run (no failure injected) {broken}; a forked copy "
+                    "of this process cannot run the test body\n"
+                    + "\n".join(f"    | {text}" for text in baseline.output.strip().splitlines()[:16])
+                )
+            total = baseline.seen
+            indices = list(range(1, total + 1, sweep.stride))
+            if sweep.max_runs is not None:
+                indices = indices[: sweep.max_runs]
+            timeout = sweep.timeout or max(60.0, 20 * baseline.seconds)
+            _say(item.config, f"[oom_sweep] {item.nodeid}: {total} allocations in the test body; "
+                 f"failing {len(indices)} of them in turn")
+            problems: list[tuple[_Run, str]] = []
+            done = 0
+            last_report = time.monotonic()
+            stopped = None
+            for index in indices:
+                if sweep.time_budget is not None and time.monotonic() - started > sweep.time_budget:
+                    stopped = f"stopped by the time budget ({sweep.time_budget:g} s) after index {index - sweep.stride}"
+                    break
+                result = self.fork(index, timeout)
+                done += 1
+                problem = self.judge(result, baseline)
+                if problem:
+                    problems.append((result, problem))
+                if time.monotonic() - last_report > 5:
+                    last_report = time.monotonic()
+                    _say(item.config, f"[oom_sweep] {item.nodeid}: {done}/{len(indices)} runs, "
+                         f"{len(problems)} problem(s)")
+            elapsed = time.monotonic() - started
+            covered = f"{done} of {total} allocations failed in turn"
+            if stopped:
+                covered += f" ({stopped})"
+            elif len(indices) < len(range(1, total + 1)):
+                covered += f" (stride {sweep.stride}, max_runs {sweep.max_runs})"
+            _say(item.config, f"[oom_sweep] {item.nodeid}: {covered}, {len(problems)} problem(s), "
+                 f"{elapsed:.1f} s")
+        if not problems:
+            return None
+        return self.report(problems, covered, baseline)
+
+    def judge(self, run: _Run, baseline: _Run) -> str | None:
+        where = f" at {run.frames[-1]}" if run.frames else ""
+        if run.status is None:
+            return f"hung: killed after {run.seconds:.0f} s"
+        sig = run.signal
+        if sig is not None:
+            return f"crashed with {signal.Signals(sig).name}"
+        if run.outcome == "none":
+            code = os.WEXITSTATUS(run.status) if os.WIFEXITED(run.status) else run.status
+            return f"the process exited (status {code}) before the body returned"
+        if run.outcome == "raised" and not run.allowed:
+            return f"raised {run.exc_type}: {run.message}{where} (expected a MemoryError)"
+        leaked = []
+        if run.objects > baseline.objects:
+            leaked.append(f"{run.objects - baseline.objects} Python object(s)")
+        elif run.blocks > baseline.blocks + _BLOCK_SLACK:
+            leaked.append(f"{run.blocks - baseline.blocks} blocks of Python's small-object allocator")
+        if run.net_bytes > baseline.net_bytes:
+            leaked.append(f"{run.net_bytes - baseline.net_bytes} bytes of malloc memory")
+        if leaked:
+            return (
+                "leaked on the error path: " + " and ".join(leaked)
+                + " still held after the failure, beyond what a passing run keeps"
+            )
+        return None
+
+    def report(self, problems: list[tuple[_Run, str]], covered: str, baseline: _Run) -> str:
+        nodeid = self.item.nodeid
+        lines = [f"oom_sweep: {len(problems)} run(s) went wrong ({covered}; the test body makes "
+                 f"{baseline.seen} allocations in scope {SCOPE!r})"]
+        for run, problem in problems[:10]:
+            lines.append("")
+            size = f" ({run.first_size} bytes)" if run.first_size else ""
+            lines.append(f"allocation #{run.index}{size} failed: {problem}")
+            if run.outcome == "raised" and run.frames:
+                lines.append(f"  the body raised {run.exc_type}: {run.message}")
+                lines += [f"    {frame}" for frame in run.frames[-6:]]
+            if run.signal is not None or run.outcome == "none":
+                # faulthandler writes the innermost frames first.
+                excerpt = run.output.strip().splitlines()[:16]
+                lines += [f"    | {text}" for text in excerpt]
+            lines.append(f"  replay: pytest --oom-replay={run.index} '{nodeid}'")
+        if len(problems) > 10:
+            rest = [str(run.index) for run, _ in problems[10:]]
+            lines.append("")
+            lines.append(f"... and {len(problems) - 10} more, at allocations {', '.join(rest[:40])}"
+                         + (" ..." if len(rest) > 40 else ""))
+        return "\n".join(lines)
+
+    def fork(self, index: int | None, timeout: float) -> _Run:
+        run = _Run(index)
+        self.out.seek(0)
+        self.out.truncate()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        rfd, wfd = os.pipe()
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # the child never returns
+            os.close(rfd)
+            code = 70
+            try:
+                self.child(index, wfd)
+                code = 0
+            except BaseException:  # noqa: BLE001 - the harness itself failed
+                with contextlib.suppress(BaseException):
+                    os.write(2, traceback.format_exc().encode())
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        data = bytearray()
+        deadline = started + timeout
+        killed = False
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+                    break
+                ready, _, _ = select.select([rfd], [], [], left)
+                if not ready:
+                    continue
+                chunk = os.read(rfd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(rfd)
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ECHILD:
+                        status = 0
+                        break
+                    raise
+        run.seconds = time.monotonic() - started
+        run.status = None if killed else status
+        for line in bytes(data).splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                for key, value in record.items():
+                    setattr(run, key, value)
+        self.out.seek(0)
+        run.output = self.out.read(1 << 20).decode("utf-8", "replace")
+        return run
+
+    # -- child side --
+
+    def child(self, index: int | None, wfd: int) -> None:
+        """Run the body once in this forked child and write what happened to ``wfd``."""
+        rt = self.rt
+        # Output of this run goes to a file the parent reads back, not into
+        # the test's captured output (which would repeat it once per run).
+        os.dup2(self.out.fileno(), 1)
+        os.dup2(self.out.fileno(), 2)
+        sys.stdout = sys.stderr = open(os.dup(1), "w", buffering=1, errors="replace")
+        # pytest's faulthandler writes to its own copy of the terminal.
+        import faulthandler
+
+        faulthandler.enable(file=2, all_threads=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        stats = AllocStats()
+        sweep = self.sweep
+        _declare_scope(rt, self.plan.budget)
+        config = _injection(rt, index, sweep.persistent)
+        # An exception caught here gives this running frame a frame object,
+        # which lives as long as the frame: make it exist in every run.
+        sys._getframe()
+        gc.collect()
+        objects = len(gc.get_objects())
+        blocks = sys.getallocatedblocks()
+        rt.flush()
+        live = rt.process_stats().live
+        # What the run keeps of native memory is the change of the process's
+        # live bytes, less pymalloc's arenas (1 MiB at a time, opened and
+        # released as Python objects come and go, which the block count
+        # already sees): a region counting arena events gives those.
+        rt.region_enter(_COUNT, True, _ARENAS_ONLY)
+        record: dict[str, Any] = {"outcome": "passed"}
+        try:
+            with _body_scope(rt, self.plan, stats):
+                _call_numbered(rt, config, self.item)
+        except BaseException as exc:  # noqa: BLE001 - judged by the parent
+            record = _describe(exc, sweep.allow)
+            del exc
+        s = rt.inject_stats()
+        record.update(seen=s.seen, injected=s.injected)
+        if index is not None:
+            v = rt.last_violation()
+            record["first_size"] = v.requested if v.index == index else 0
+        # Written now, so that a crash while measuring still reports it.
+        line = json.dumps(record).encode() + b"\n"
+        del record
+        os.write(wfd, line)
+        del line
+        gc.collect()
+        arenas = rt.region_exit()
+        rt.flush()
+        measured = {
+            "objects": len(gc.get_objects()) - objects,
+            "blocks": sys.getallocatedblocks() - blocks,
+            "net_bytes": rt.process_stats().live - live - (arenas.bytes - arenas.bytes_freed),
+        }
+        os.write(wfd, json.dumps(measured).encode() + b"\n")
+        sys.stdout.flush()
