@@ -24,15 +24,21 @@
  *   an object was loaded or unloaded since the last build.
  *
  * Locks and deadlocks
- *   dl_iterate_phdr() takes glibc's dl_load_write_lock (a recursive lock; in
- *   glibc >= 2.26 dlopen holds the separate dl_load_lock while it allocates,
- *   and holds dl_load_write_lock only to link an object into the list, without
- *   allocating). Our only lock is the table writer's flag, and it is only ever
- *   tried, never waited for: a thread that finds it taken (say, one that
- *   allocates from inside another thread's dl_iterate_phdr callback) uses the
- *   table as it is, so no thread waits on us while we wait on glibc. Our own
- *   callback never allocates. The flag holds the writer's pid, so a child
- *   forked in the middle of a rebuild takes it over.
+ *   dl_iterate_phdr() takes glibc's dl_load_write_lock, a recursive lock, and
+ *   nothing else (elf/dl-iteratephdr.c). dlopen allocates while holding the
+ *   separate dl_load_lock and takes dl_load_write_lock only to link an object
+ *   into the list (_dl_add_to_namespace_list, no allocation inside);
+ *   dlclose's _dl_close_worker calls free() with it held, and frees never
+ *   look anything up. A thread that already holds it (a malloc from inside
+ *   its own dl_iterate_phdr callback) takes it again. Our only lock is the
+ *   table writer's flag, and allocations only ever try it, never wait for it:
+ *   a thread that finds it taken (say, one allocating from inside another
+ *   thread's dl_iterate_phdr callback while that thread's rebuild waits for
+ *   the lock) uses the table as it is, so no allocating thread waits on us
+ *   while we wait on glibc. Our own callback never allocates. The flag holds
+ *   the writer's pid, so a child forked in the middle of a rebuild takes it
+ *   over. dl_iterate_phdr() reports the caller's link-map namespace: objects
+ *   loaded into another one with dlmopen() count as code in no object.
  *
  * Unloading
  *   Entries are never removed or reused for another object, so an index read

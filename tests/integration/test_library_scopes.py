@@ -307,3 +307,41 @@ def test_no_library_scopes_no_lookup(tmp_path, test_libs):
     lines = dict(line.split(" ", 1) for line in out.splitlines())
     assert lines["a"] == "64"
     assert lines["seen"] == "1"  # only the entry for code in no loaded object
+
+
+def test_threads_get_an_instance_each_under_a_total_budget(tmp_path, test_libs):
+    # GIVEN a library scope of 1 MiB per instance and 2 MiB in total
+    policy = """
+        version = 1
+        [scopes.libtest]
+        budget = "1 MiB"
+        total_budget = "2 MiB"
+        libraries = ["libaptest_a.so"]
+    """
+    # WHEN four threads (ctypes releases the GIL) each ask the library for 64
+    # blocks of 64 KiB, holding them until every thread has asked
+    out = check(run("""
+        import threading
+        a = load("libaptest_a.so")
+        got, barrier = [], threading.Barrier(4)
+        lock = threading.Lock()
+        def work():
+            n = a.aptest_alloc(64 * 1024, 64)
+            with lock:
+                got.append(n)
+            barrier.wait()
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        a.aptest_free_all()
+        st = scope_stats("libtest")
+        print("most", max(got))
+        print("total", sum(got))
+        print("instances", st.instances, "live", st.live, "peak", st.peak)
+    """, policy, tmp_path, test_libs))
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    # THEN no thread got more than its instance's 1 MiB, all together no more
+    # than the 2 MiB total, and every block came back
+    assert int(lines["most"]) <= 16
+    assert lines["total"] == "32"
+    assert lines["instances"] == f"4 live 0 peak {2 * MIB}"
