@@ -277,10 +277,20 @@ def _module_conflicts(scopes: Iterable["ScopePolicy"]) -> list[tuple[str, str]]:
 _LIBRARY_EXAMPLE = '["libz.so*", "libpng16.so*"]'
 _LIBRARY_PATTERN_RE = re.compile(r"[A-Za-z0-9_.+*?-]{1,63}")
 #: Always counted as checking for NULL wherever ``raise_only_from`` is set: the
-#: interpreter (its executable and libpython check every allocation), the C
-#: library and the dynamic loader (which report ENOMEM to their callers), and
-#: libstdc++ (whose operator new turns NULL into std::bad_alloc).
-NULL_CHECKING_DEFAULT = ("python*", "libpython*", "libc.so*", "ld-linux*", "libstdc++.so*")
+#: interpreter (its executable and libpython check every allocation), CPython
+#: extension modules (the C API has them raise MemoryError when an allocation
+#: fails: NumPy's arrays, the standard library's modules), the C library and
+#: the dynamic loader (which report ENOMEM to their callers), and libstdc++
+#: (whose operator new turns NULL into std::bad_alloc).
+NULL_CHECKING_DEFAULT = (
+    "python*",
+    "libpython*",
+    "*.cpython-*",
+    "*.abi3.so",
+    "libc.so*",
+    "ld-linux*",
+    "libstdc++.so*",
+)
 
 
 def _library_pattern_problem(pattern: object) -> str | None:

@@ -345,3 +345,25 @@ def test_threads_get_an_instance_each_under_a_total_budget(tmp_path, test_libs):
     assert int(lines["most"]) <= 16
     assert lines["total"] == "32"
     assert lines["instances"] == f"4 live 0 peak {2 * MIB}"
+
+
+def test_raise_only_from_trusts_extension_modules_by_default(tmp_path, test_libs):
+    # NumPy's array data is allocated by its extension module, which raises
+    # MemoryError on NULL: with raise_only_from = [] it still gets NULL.
+    pytest.importorskip("numpy")
+    policy = """
+        version = 1
+        [process]
+        raise_only_from = []
+        [scopes.task]
+        budget = "16 MiB"
+    """
+    out = check(run("""
+        import numpy as np
+        try:
+            with allocpolicy.task("task"):
+                np.ones(64 * 1024 * 1024, dtype=np.uint8)
+        except allocpolicy.AllocError as exc:
+            print("numpy", exc.scope, exc.reason)
+    """, policy, tmp_path, test_libs))
+    assert out == "numpy task budget\n"
