@@ -53,6 +53,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
+#include <sched.h>
 #include <stddef.h>
 #include <string.h>
 #include <unistd.h>
@@ -271,12 +272,21 @@ static void refresh(void) {
     atomic_store(&writer, 0);
 }
 
-/* Entry index + 1 of the object whose code holds `pc`, 0 if none. */
+#define SCAN_BUSY UINT32_MAX
+
+/* Entry index + 1 of the object whose code holds `pc`, 0 if none, SCAN_BUSY
+ * if a writer kept changing the table. A writer does not wait for anything
+ * while the sequence is odd (it already holds glibc's lock), so the wait is
+ * short; it is bounded all the same, for a malloc from a signal handler that
+ * interrupted the writer on its own thread. */
 static uint32_t scan(uintptr_t pc) {
-    for (int tries = 0; tries < 64; tries++) {
+    for (int tries = 0; tries < 4096; tries++) {
         uint32_t s0 = atomic_load_explicit(&seq, memory_order_acquire);
-        if (s0 & 1)
-            continue; /* a writer is at work; it never waits for us */
+        if (s0 & 1) {
+            if (tries >= 64)
+                sched_yield();
+            continue;
+        }
         uint32_t n = atomic_load_explicit(&nlibs, memory_order_acquire);
         uint32_t found = 0;
         for (uint32_t i = 0; i < n; i++) {
@@ -291,7 +301,7 @@ static uint32_t scan(uintptr_t pc) {
         if (atomic_load_explicit(&seq, memory_order_relaxed) == s0)
             return found;
     }
-    return 0;
+    return SCAN_BUSY;
 }
 
 static AP__NOINLINE uint32_t lookup_miss(lib_tls *c, uintptr_t pc) {
@@ -301,7 +311,7 @@ static AP__NOINLINE uint32_t lookup_miss(lib_tls *c, uintptr_t pc) {
         c->epoch = e;
     }
     uint32_t obj = atomic_load(&stale) ? 0 : scan(pc);
-    if (!obj) {
+    if (!obj || obj == SCAN_BUSY) {
         /* In no object we know: maybe one loaded since the last build. */
         refresh();
         obj = scan(pc);
@@ -310,6 +320,8 @@ static AP__NOINLINE uint32_t lookup_miss(lib_tls *c, uintptr_t pc) {
             memset(c->page, 0, sizeof c->page);
             c->epoch = now;
         }
+        if (obj == SCAN_BUSY)
+            return 0; /* unknown this time; not remembered */
     }
     uintptr_t pg = pc >> 12;
     uint32_t h = (uint32_t)(pg ^ (pg >> 6)) & (CACHE_SLOTS - 1);
@@ -473,6 +485,10 @@ int ap__lib_refusal_aborts(uint32_t scope, const char **note) {
 static void update_on(void) {
     const pattern_set *ps = atomic_load(&active_set);
     uint32_t on = (ps && ps->n) || atomic_load(&counting);
+    /* While off, dlclose() does not refresh the table: it may name objects
+     * that are gone, so it is rebuilt before it is trusted again. */
+    if (on && !atomic_exchange(&ap__libs_on, on))
+        atomic_store(&stale, 1);
     atomic_store(&ap__libs_on, on);
 }
 
@@ -550,7 +566,7 @@ ap_status ap_lib_find(const void *address, uint32_t *index) {
         return AP_EINVAL;
     refresh();
     uint32_t obj = scan((uintptr_t)address);
-    if (!obj)
+    if (!obj || obj == SCAN_BUSY)
         return AP_ENOENT;
     *index = obj - 1;
     return AP_OK;

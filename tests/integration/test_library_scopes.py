@@ -330,10 +330,10 @@ def test_threads_get_an_instance_each_under_a_total_budget(tmp_path, test_libs):
             with lock:
                 got.append(n)
             barrier.wait()
+            a.aptest_free_all()  # this thread's blocks
         threads = [threading.Thread(target=work) for _ in range(4)]
         for t in threads: t.start()
         for t in threads: t.join()
-        a.aptest_free_all()
         st = scope_stats("libtest")
         print("most", max(got))
         print("total", sum(got))
@@ -367,3 +367,57 @@ def test_raise_only_from_trusts_extension_modules_by_default(tmp_path, test_libs
             print("numpy", exc.scope, exc.reason)
     """, policy, tmp_path, test_libs))
     assert out == "numpy task budget\n"
+
+
+def test_allocations_stay_attributed_while_another_thread_loads_and_unloads(tmp_path, test_libs):
+    # GIVEN libaptest_a.so bound to 16 KiB per instance, used inside tasks by
+    # two threads, while a third loads and unloads libaptest_b.so in a loop
+    policy = """
+        version = 1
+        [scopes.a]
+        budget = "16 KiB"
+        libraries = ["libaptest_a.so"]
+        [scopes.b]
+        libraries = ["libaptest_b.so"]
+        [scopes.task]
+    """
+    out = check(run("""
+        import _ctypes, threading
+        done = threading.Event()
+        reloads = []
+        def loader():
+            n = 0
+            while not done.is_set() or n == 0:
+                b = load("libaptest_b.so")
+                b.aptest_alloc(4096, 8)
+                b.aptest_free_all()
+                handle = b._handle
+                del b
+                _ctypes.dlclose(handle)
+                n += 1
+            reloads.append(n)
+        def worker():
+            a = load("libaptest_a.so")
+            for _ in range(500):
+                with allocpolicy.task("task"):
+                    a.aptest_alloc(1024, 32)
+                    a.aptest_free_all()
+        workers = [threading.Thread(target=worker) for _ in range(2)]
+        unloading = threading.Thread(target=loader)
+        unloading.start()
+        for t in workers: t.start()
+        for t in workers: t.join()
+        done.set()
+        unloading.join()
+        rows = {s.name.decode(): s for s in _native.runtime().lib_stats()}
+        a = rows["libaptest_a.so"]
+        print("a", a.allocations, a.failures)
+        print("reloaded", reloads[0] > 0)
+        print("live", scope_stats("a").live, scope_stats("b").live)
+    """, policy, tmp_path, test_libs, run_options=("--libs-report", str(tmp_path / "libs.txt"))))
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    # THEN every task's library instance granted exactly 16 blocks and refused
+    # the 17th: no allocation slipped past its scope during the reloads
+    assert lines["a"] == f"{2 * 500 * 16} {2 * 500}"
+    assert lines["reloaded"] == "True"
+    assert lines["live"] == "0 0"

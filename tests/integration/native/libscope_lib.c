@@ -13,12 +13,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Per thread, so that threads calling in at once keep their own blocks. */
 #define KEEP_MAX 4096
-static void *kept[KEEP_MAX];
-static size_t nkept;
+static __thread void *kept[KEEP_MAX];
+static __thread size_t nkept;
 
-/* Allocate up to `count` blocks of `size` bytes, keeping them, and stop at the
- * first NULL (this library checks). Returns how many it got. */
+/* Allocate up to `count` blocks of `size` bytes, keeping them (for the calling
+ * thread), and stop at the first NULL (this library checks). Returns how many
+ * it got. */
 int aptest_alloc(size_t size, int count) {
     int got = 0;
     for (int i = 0; i < count && nkept < KEEP_MAX; i++) {
