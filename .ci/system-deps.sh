@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages used by the tests and benchmarks: allocator backends, a C
-# toolchain and valgrind. Idempotent; does nothing when everything is present.
+# toolchain, valgrind and libfiu's fiu-run. Idempotent; does nothing when everything is present.
 set -euo pipefail
 need=()
 have_lib() { ls /usr/lib/*-linux-gnu/"$1" >/dev/null 2>&1; }
@@ -9,6 +9,8 @@ have_lib libmimalloc.so.2 || need+=(libmimalloc2.0)
 command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 command -v valgrind >/dev/null || need+=(valgrind)
+# libfiu's fiu-run: the fault-injection tests compare their failures with it.
+command -v fiu-run >/dev/null || need+=(fiu-utils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "system-deps: missing ${need[*]}; install them (apt-get install ${need[*]})" >&2

@@ -9,6 +9,10 @@ Run a program under the runtime with ``allocpolicy run -- python app.py``, then:
             handle(request)
     except allocpolicy.AllocError as err:
         log.warning("request dropped: %s", err)   # the process goes on
+
+PYTEST_DONT_REWRITE: under ``allocpolicy run`` this package is imported when
+the interpreter starts, before pytest can rewrite the asserts of the package
+its plugin comes from; the marker tells pytest not to try (nor to warn).
 """
 
 import faulthandler as _faulthandler

@@ -37,7 +37,9 @@ __all__ = ["ENV_INJECT", "InjectSettings", "InjectStats", "inject", "inject_stat
 #: ``allocpolicy run`` (same keys as :func:`inject`).
 ENV_INJECT = "ALLOCPOLICY_INJECT"
 
-_U64 = (1 << 64) - 1
+# Indices and seeds stay below 2**62: the compiled table's numbers are
+# int64 (native/src/policy.c), and no run makes that many allocations.
+_LIMIT = 1 << 62
 # Probabilities are fixed point out of 2**32 in the runtime (allocpolicy.h).
 _P_ONE = 1 << 32
 # Keys in the order they are written back (to_string), so that a setting and
@@ -72,8 +74,8 @@ def _index(value: object) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an allocation index (a whole number >= 1), got {_kind(value)}")
-    if not 1 <= value <= _U64 - 1:
-        raise ValueError(f"expected an allocation index >= 1, got {value}")
+    if not 1 <= value < _LIMIT:
+        raise ValueError(f"expected an allocation index from 1 to 2**62 - 1, got {value}")
     return value
 
 
@@ -97,8 +99,8 @@ def _probability(value: object) -> float:
 def _seed(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64:
-        raise ValueError(f"expected a seed, a whole number from 0 to 2**64 - 1, got {_kind(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _LIMIT:
+        raise ValueError(f"expected a seed, a whole number from 0 to 2**62 - 1, got {_kind(value)}")
     return value
 
 
@@ -362,7 +364,7 @@ class InjectSettings:
             return 0, 0
         # The runtime's window is [start, stop) with stop == 0 meaning "no
         # window"; an open end is the largest index instead.
-        return (self.start or 1), (self.stop or _U64)
+        return (self.start or 1), (self.stop or _LIMIT)
 
     def _struct(self, rt: _native.Runtime) -> _native.InjectConfigC:
         c = _native.InjectConfigC()

@@ -35,7 +35,7 @@ def test_probability_without_seed_draws_one_and_keeps_it():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("nth=0", "key 'nth': expected an allocation index >= 1, got 0"),
+        ("nth=0", "key 'nth': expected an allocation index from 1 to 2**62 - 1, got 0"),
         ("nth=x", "key 'nth': expected an allocation index"),
         ("start=9,stop=3", "key 'stop': the window [start, stop) is empty"),
         ("probability=1.5", "key 'probability': expected a probability greater than 0 and at most 1"),
@@ -75,7 +75,7 @@ def test_replay_keeps_the_filters_and_fails_one_index():
 
 def test_table_entry_matches_the_native_grammar():
     s = InjectSettings.from_string("scope=task,start=5,every=3,probability=0.5,seed=11,domains=libc,persistent")
-    assert s.to_table() == "inject=scope=task,every=3,start=5,stop=18446744073709551615,p=2147483648,seed=11,domains=1,persist=1"
+    assert s.to_table() == "inject=scope=task,every=3,start=5,stop=4611686018427387904,p=2147483648,seed=11,domains=1,persist=1"
     assert InjectSettings(scope="task").to_table() == "inject=scope=task"
     assert InjectSettings().to_table() == "inject=nth=0"
 
