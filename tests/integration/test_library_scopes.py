@@ -421,3 +421,38 @@ def test_allocations_stay_attributed_while_another_thread_loads_and_unloads(tmp_
     assert lines["a"] == f"{2 * 500 * 16} {2 * 500}"
     assert lines["reloaded"] == "True"
     assert lines["live"] == "0 0"
+
+
+def test_library_scope_nests_in_a_module_scope(tmp_path, test_libs):
+    # GIVEN a Python module bound to a 1 MiB scope that calls the library,
+    # whose own scope has 100 MiB
+    (tmp_path / "decoder.py").write_text(textwrap.dedent("""
+        def decode(lib):
+            return lib.aptest_alloc(64 * 1024, 64)
+    """))
+    policy = """
+        version = 1
+        [scopes.images]
+        budget = "1 MiB"
+        modules = ["decoder"]
+        [scopes.libtest]
+        budget = "100 MiB"
+        libraries = ["libaptest_a.so"]
+    """
+    out = check(run("""
+        sys.path.insert(0, os.getcwd())
+        import decoder
+        a = load("libaptest_a.so")
+        print("in_module", decoder.decode(a))
+        v = _native.runtime().last_violation()
+        print("refused_by", _native.runtime().scope_stats(v.scope).name.decode())
+        a.aptest_free_all()
+        print("outside", a.aptest_alloc(64 * 1024, 64))
+        a.aptest_free_all()
+    """, policy, tmp_path, test_libs))
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    # THEN inside the module's call the module scope's budget binds the
+    # library too; outside it only the library's own budget applies
+    assert 0 < int(lines["in_module"]) <= 16
+    assert lines["refused_by"] == "images"
+    assert lines["outside"] == "64"
