@@ -4,6 +4,7 @@
 
     allocpolicy run [--policy FILE] [--backend system|jemalloc|mimalloc] [--report-fd N]
                     [--inject SETTING] [--libs-report FILE|-] -- CMD ...
+    allocpolicy libs [--policy FILE] [--output FILE|-] -- CMD ...
     allocpolicy check [FILE]
     allocpolicy lib
     allocpolicy --version
@@ -197,6 +198,21 @@ def _libs_report_fd(target: str) -> int:
     return fd
 
 
+def cmd_libs(args: argparse.Namespace) -> int:
+    """``run --libs-report``: which shared objects allocate, how much, how often in vain."""
+    if not [arg for arg in args.command if arg != "--"]:
+        raise UserError("libs: no command given; usage: allocpolicy libs [options] -- COMMAND [ARG ...]")
+    run_args = argparse.Namespace(
+        command=args.command,
+        policy=args.policy,
+        backend=args.backend,
+        report_fd=None,
+        inject=None,
+        libs_report=args.output,
+    )
+    return cmd_run(run_args)
+
+
 def _with_injection(policy: Policy, text: str) -> Policy:
     """``policy`` with the injection setting ``text`` (--inject or ALLOCPOLICY_INJECT)
     in place of its ``[inject]`` table, compiled into the table so that it
@@ -300,6 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
         "file", metavar="FILE", nargs="?", help="policy file (default: the built-in default policy)"
     )
     check.set_defaults(handler=cmd_check)
+
+    libs = sub.add_parser(
+        "libs",
+        help="run a command and report which shared objects allocated",
+        description="Run COMMAND as `run` does and, when it exits, write which shared objects "
+        "called the allocator: bytes and allocations granted, allocations that failed, and the "
+        "scope each is bound to (the same as `run --libs-report`).",
+        usage="%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--output FILE|-] "
+        "-- COMMAND [ARG ...]",
+    )
+    libs.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
+    libs.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="system",
+        help="allocator that hands out the memory (default: system, the C library's)",
+    )
+    libs.add_argument(
+        "--output", "-o", metavar="FILE", default="-", help="where the table goes (default: -, standard error)"
+    )
+    libs.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    libs.set_defaults(handler=cmd_libs)
 
     lib = sub.add_parser(
         "lib",

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -456,3 +457,21 @@ def test_library_scope_nests_in_a_module_scope(tmp_path, test_libs):
     assert 0 < int(lines["in_module"]) <= 16
     assert lines["refused_by"] == "images"
     assert lines["outside"] == "64"
+
+
+def test_libs_subcommand_writes_the_table(tmp_path):
+    out = tmp_path / "libs.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "allocpolicy", "libs", "-o", str(out), "--",
+         sys.executable, "-c", "import zlib; zlib.compress(bytes(10**6), 9)"],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in out.read_text().splitlines()[2:]}
+    # libz's own state for level 9, granted, none failed, bound to no scope
+    assert int(rows["libz.so.1"][1]) > 256 * KIB
+    assert rows["libz.so.1"][3:] == ["0", "-"]
+    usage = subprocess.run([sys.executable, "-m", "allocpolicy", "libs"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    assert "libs: no command given" in usage.stderr
