@@ -538,17 +538,19 @@ class _Run:
         return None
 
 
-def _describe(exc: BaseException, allow: tuple) -> dict[str, Any]:
+def _describe(exc: BaseException, allow: tuple, body: object) -> dict[str, Any]:
     # The frames are read by hand: the traceback module registers every file
     # it sees in linecache, which would look like memory the run kept.
-    frames = []
+    entries = []
     tb = exc.__traceback__
     while tb is not None:
-        code = tb.tb_frame.f_code
-        # From the test function on: the plugin's own frames say nothing.
-        if frames or code.co_filename != __file__:
-            frames.append(f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}")
+        entries.append((tb.tb_frame.f_code, tb.tb_lineno))
         tb = tb.tb_next
+    # From the test function on: the frames of the plugin and of the task
+    # boundary above it say nothing about the failure.
+    body_code = getattr(body, "__code__", None)
+    start = next((i for i, (code, _) in enumerate(entries) if code is body_code), 0)
+    frames = [f"{code.co_filename}:{line} in {code.co_name}" for code, line in entries[start:]]
     return {
         "outcome": "raised",
         "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
@@ -782,7 +784,7 @@ class _Sweeper:
             with _body_scope(rt, self.plan, stats):
                 _call_numbered(rt, config, self.item)
         except BaseException as exc:  # noqa: BLE001 - judged by the parent
-            record = _describe(exc, sweep.allow)
+            record = _describe(exc, sweep.allow, self.item.obj)
             del exc
         s = rt.inject_stats()
         record.update(seen=s.seen, injected=s.injected)
