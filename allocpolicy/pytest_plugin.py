@@ -180,6 +180,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"{', '.join(asked)} needs the allocpolicy runtime, which is not preloaded; {_HOW_TO_RUN}"
         )
+    if ini_budget and _native.runtime() is None:
+        config.issue_config_time_warning(
+            pytest.PytestConfigWarning(
+                f"the alloc_budget ini value ({ini_budget}) is not enforced: the allocpolicy runtime "
+                f"is not preloaded; {_HOW_TO_RUN}"
+            ),
+            stacklevel=2,
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -227,10 +235,11 @@ class _Sweep:
 
 
 class _Plan:
-    __slots__ = ("budget", "threads", "no_alloc", "sweep", "replay", "stats")
+    __slots__ = ("budget", "default_budget", "threads", "no_alloc", "sweep", "replay", "stats")
 
     def __init__(self) -> None:
         self.budget: int | None = None
+        self.default_budget = False  # the budget comes from the ini file or --alloc-budget
         self.threads = "current"
         self.no_alloc: dict | None = None
         self.sweep: _Sweep | None = None
@@ -241,6 +250,10 @@ class _Plan:
         return bool(self.budget or self.no_alloc is not None or self.sweep or self.replay or self.stats)
 
 
+def _wrong(item: pytest.Item, message: str) -> None:
+    pytest.fail(f"{item.nodeid}: {message}", pytrace=False)
+
+
 def _plan(item: pytest.Item) -> _Plan:
     config = item.config
     opt = config.option
@@ -249,27 +262,29 @@ def _plan(item: pytest.Item) -> _Plan:
     default = opt.alloc_budget or config.getini("alloc_budget").strip() or None
     plan.threads = opt.alloc_budget_threads or config.getini("alloc_budget_threads")
     if marker is not None:
-        if len(marker.args) > 1 or set(marker.kwargs) - {"threads"}:
-            raise pytest.UsageError(
-                f"{item.nodeid}: alloc_budget takes one size and threads='current'|'all'"
-            )
+        if len(marker.args) + ("size" in marker.kwargs) > 1 or set(marker.kwargs) - {"size", "threads"}:
+            _wrong(item, "alloc_budget takes one size and threads='current' or 'all'")
         size = marker.args[0] if marker.args else marker.kwargs.get("size", default)
         plan.threads = marker.kwargs.get("threads", plan.threads)
         if plan.threads not in ("current", "all"):
-            raise pytest.UsageError(f"{item.nodeid}: alloc_budget threads must be 'current' or 'all'")
-        plan.budget = None if size is None else _parse_budget(size, f"{item.nodeid}: alloc_budget", pytest.UsageError)
+            _wrong(item, "alloc_budget: threads must be 'current' or 'all'")
+        try:
+            plan.budget = None if size is None else _parse_budget(size, "alloc_budget")
+        except ValueError as exc:
+            _wrong(item, str(exc))
     elif default:
         plan.budget = _parse_budget(default, "alloc_budget")
+        plan.default_budget = True
     marker = item.get_closest_marker("no_alloc")
     if marker is not None:
         if marker.args or set(marker.kwargs) - {"frees", "domains"}:
-            raise pytest.UsageError(f"{item.nodeid}: no_alloc takes frees= and domains= only")
+            _wrong(item, "no_alloc takes frees= and domains= only")
         plan.no_alloc = dict(marker.kwargs)
     marker = item.get_closest_marker("oom_sweep")
     if marker is not None or opt.oom_sweep:
         kwargs = dict(marker.kwargs) if marker is not None else {}
         if marker is not None and marker.args:
-            raise pytest.UsageError(f"{item.nodeid}: oom_sweep takes keyword arguments only")
+            _wrong(item, "oom_sweep takes keyword arguments only")
         for key, value in (
             ("max_runs", opt.oom_sweep_max_runs),
             ("stride", opt.oom_sweep_stride),
@@ -280,7 +295,7 @@ def _plan(item: pytest.Item) -> _Plan:
         try:
             plan.sweep = _Sweep(**kwargs)
         except (TypeError, ValueError) as exc:
-            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+            _wrong(item, str(exc))
     plan.replay = opt.oom_replay
     plan.stats = "alloc_stats" in getattr(item, "fixturenames", ())
     if plan.replay is not None:
@@ -300,6 +315,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not isinstance(item, pytest.Function):
         return
     plan = _plan(item)
+    if _native.runtime() is None and plan.default_budget:
+        # A default budget in the ini file is no reason to skip every test
+        # of a run without the runtime (pytest_configure warned once).
+        plan.budget = None
     if not plan.wanted():
         return
     if _native.runtime() is None:

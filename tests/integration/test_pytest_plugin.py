@@ -224,6 +224,11 @@ def test_default_budget_from_the_ini_or_the_command_line_and_markers_override_it
     # The command line wins over the ini file.
     proc = pytest_in(tmp_path, "--alloc-budget", "16 MiB")
     assert outcome(proc) == "3 passed", explain(proc)
+    # Without the runtime, the ini file's default is not enforced, and says so
+    # once; only the test whose marker asks for a budget is skipped.
+    proc = pytest_in(tmp_path, preload=False)
+    assert outcome(proc) == "2 passed, 1 skipped, 1 warning", explain(proc)
+    assert "PytestConfigWarning: the alloc_budget ini value (4 MiB) is not enforced" in proc.stdout
 
 
 THREADS = """
