@@ -648,7 +648,7 @@ class Policy:
             ("budget", budget),
             ("grace", f"{_bytes(p.grace)}  (may still be allocated per thread and instance after a refusal)"),
             ("report_fd", f"{p.report_fd}  (diagnostics are written here)"),
-            ("overdraft", f"{p.overdraft}  ({_ACTION_HELP[p.overdraft]} beyond a reservation)"),
+            ("overdraft", f"{p.overdraft}  (an allocation beyond a reservation: {_ACTION_HELP[p.overdraft]})"),
             ("raise_only_from", _raise_only_help(p.raise_only_from, "every caller")),
             (
                 "reserve_margin",
@@ -669,7 +669,7 @@ class Policy:
                         "total_budget",
                         _limit(sc.total_budget) + ("  over all live instances" if sc.total_budget else ""),
                     ),
-                    ("overdraft", f"{sc.overdraft}  ({_ACTION_HELP[sc.overdraft]} beyond a reservation)"),
+                    ("overdraft", f"{sc.overdraft}  (an allocation beyond a reservation: {_ACTION_HELP[sc.overdraft]})"),
                 ]
             )
             if sc.forbid:
@@ -767,7 +767,7 @@ def _overdraft_option(action: str) -> str:
 _ACTION_HELP = {
     "raise": "refuse the allocation: AllocError",
     "abort": "print a diagnostic and abort the process",
-    "warn": "allow it, warn once per region",
+    "warn": "allow it, warn once at the end",
     "count": "allow it, count it in stats",
 }
 
