@@ -215,13 +215,14 @@ def _module_pattern_problem(pattern: object) -> str | None:
     return None
 
 
-def _module_patterns(value: object) -> tuple[str, ...]:
+def _pattern_array(value: object, what: str, problem_of: Callable[[object], str | None]) -> tuple[str, ...]:
+    """An array of patterns, each checked by ``problem_of``; duplicates dropped."""
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"expected an array of module names such as {_MODULE_EXAMPLE}, got {_kind(value)}")
+        raise ValueError(f"expected an array of {what}, got {_kind(value)}")
     problems = []
     patterns: list[str] = []
     for pattern in value:
-        problem = _module_pattern_problem(pattern)
+        problem = problem_of(pattern)
         if problem:
             problems.append(f"{pattern!r}: {problem}")
         elif pattern not in patterns:
@@ -229,6 +230,10 @@ def _module_patterns(value: object) -> tuple[str, ...]:
     if problems:
         raise ValueError("; ".join(problems))
     return tuple(patterns)
+
+
+def _module_patterns(value: object) -> tuple[str, ...]:
+    return _pattern_array(value, f"module names such as {_MODULE_EXAMPLE}", _module_pattern_problem)
 
 
 def module_patterns_overlap(a: str, b: str) -> str | None:
@@ -310,22 +315,9 @@ def _library_pattern_problem(pattern: object) -> str | None:
 
 
 def _library_patterns(value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise ValueError(
-            f"expected an array of shared object file name patterns such as {_LIBRARY_EXAMPLE}, "
-            f"got {_kind(value)}"
-        )
-    problems = []
-    patterns: list[str] = []
-    for pattern in value:
-        problem = _library_pattern_problem(pattern)
-        if problem:
-            problems.append(f"{pattern!r}: {problem}")
-        elif pattern not in patterns:
-            patterns.append(pattern)  # type: ignore[arg-type]
-    if problems:
-        raise ValueError("; ".join(problems))
-    return tuple(patterns)
+    return _pattern_array(
+        value, f"shared object file name patterns such as {_LIBRARY_EXAMPLE}", _library_pattern_problem
+    )
 
 
 def _raise_only(value: object) -> tuple[str, ...]:

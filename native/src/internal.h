@@ -275,6 +275,8 @@ AP__HIDDEN void ap__refill(ap__tls_t *t);
 AP__HIDDEN int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t index);
 /* Number a reservation for injection: 0, or the injected index. */
 AP__HIDDEN uint64_t ap__inject_reservation(ap__tls_t *t, uint64_t size);
+/* Record a forbidden allocation (or free: size 0) as the thread's violation. */
+AP__HIDDEN void ap__record_forbidden(ap__tls_t *t, uint64_t size, ap_domain domain);
 /* Forbid scopes open a region on entry and close it on exit. */
 AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
 /* 1 if the instance had a region (its record is then the thread's last). */
@@ -319,6 +321,9 @@ AP__HIDDEN void ap__close_instance(uint32_t id);
 /* ---- Reports (report.c) ------------------------------------------------------ */
 
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_with(const ap_violation *v);
+/* write(2) all of `len` bytes (EINTR and short writes resumed), errno kept;
+ * async-signal-safe. */
+AP__HIDDEN void ap__write_all(int fd, const char *p, size_t len);
 /* The same, with `note` (e.g. why a raise-mode refusal aborts) in the line. */
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_noted(const ap_violation *v, const char *note);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);

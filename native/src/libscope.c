@@ -600,19 +600,7 @@ static void row_pad(row *r, size_t column) {
         row_put(r, " ");
 }
 
-static void row_emit(int fd, const row *r) {
-    const char *p = r->buf;
-    size_t left = r->len;
-    while (left) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            break;
-        p += w;
-        left -= (size_t)w;
-    }
-}
+static void row_emit(int fd, const row *r) { ap__write_all(fd, r->buf, r->len); }
 
 static void report_row(int fd, const char *name, uint64_t bytes, uint64_t allocs, uint64_t fails,
                        uint32_t scope) {

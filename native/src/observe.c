@@ -37,23 +37,6 @@ static inline int stricter(uint32_t a, uint32_t b) {
     return rank[a] > rank[b];
 }
 
-static void record_forbidden(ap__tls_t *t, uint64_t size, ap_domain domain) {
-    ap_violation *v = &t->last;
-    ap__instance *cur = &ap__instances[t->cur];
-    v->size = sizeof *v;
-    v->reason = AP_REASON_FORBIDDEN;
-    v->seq++;
-    v->domain = domain;
-    v->requested = size;
-    v->limit = AP_LIMIT_NONE;
-    v->instance = t->cur;
-    v->scope = cur->scope;
-    v->budget = 0;
-    v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed);
-    v->index = 0;
-    atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
-}
-
 /*
  * Let every region of the thread see one event. Returns the action that
  * applies to it (the strictest among the regions that count it as an
@@ -102,11 +85,11 @@ static int regions_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
     int first;
     uint32_t action = regions_see(t, size, domain, 0, &first);
     if (action == AP_ACTION_ABORT) {
-        record_forbidden(t, size, domain);
+        ap__record_forbidden(t, size, domain);
         ap__abort_with(&t->last);
     }
     if (action == AP_ACTION_RAISE && first) {
-        record_forbidden(t, size, domain);
+        ap__record_forbidden(t, size, domain);
         for (uint32_t i = 0; i < t->nregions; i++)
             if (t->regions[i].action == AP_ACTION_RAISE &&
                 (t->regions[i].domains & AP_DOMAIN_BIT(domain)))
@@ -120,7 +103,7 @@ static void regions_free(ap__tls_t *t, uint64_t size, ap_domain domain) {
     int first;
     uint32_t action = regions_see(t, size, domain, 1, &first);
     if (action == AP_ACTION_ABORT) {
-        record_forbidden(t, size, domain);
+        ap__record_forbidden(t, size, domain);
         ap__abort_with(&t->last);
     }
 }

@@ -66,12 +66,9 @@ static const char *limit_word(uint32_t limit) {
     }
 }
 
-/* One write(2) of the whole line, resumed after EINTR or a short write. */
-static void emit(const line *l) {
+/* write(2) all of it, resumed after EINTR or a short write; errno kept. */
+void ap__write_all(int fd, const char *p, size_t left) {
     int saved = errno;
-    int fd = atomic_load_explicit(&ap__settings.report_fd, memory_order_relaxed);
-    const char *p = l->buf;
-    size_t left = l->len;
     while (left) {
         ssize_t w = write(fd, p, left);
         if (w < 0 && errno == EINTR)
@@ -82,6 +79,12 @@ static void emit(const line *l) {
         left -= (size_t)w;
     }
     errno = saved;
+}
+
+/* One write of the whole line. */
+static void emit(const line *l) {
+    ap__write_all(atomic_load_explicit(&ap__settings.report_fd, memory_order_relaxed), l->buf,
+                  l->len);
 }
 
 static void report_denial(const ap_violation *v, const char *action) {

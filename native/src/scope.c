@@ -345,6 +345,10 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
     }
 }
 
+void ap__record_forbidden(ap__tls_t *t, uint64_t size, ap_domain domain) {
+    record(t, AP_REASON_FORBIDDEN, domain, size, NULL);
+}
+
 static inline uint32_t current_mode(const ap__tls_t *t) {
     return atomic_load_explicit(&ap__scopes[ap__instances[t->cur].scope].mode,
                                 memory_order_relaxed);
