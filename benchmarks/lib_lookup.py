@@ -91,30 +91,51 @@ def run_once(exe: Path, lib: Path, runtime: Path, variant: str, pairs: int, wrap
     return float(out.stdout.split("=")[1])
 
 
+def measure(runtime: Path, *, pairs: int = 20_000_000, repeats: int = 7) -> dict:
+    """Every variant, ``repeats`` times in rotated order; medians and, with
+    valgrind, instructions per pair. Used by run.py (``--only libs``)."""
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    counted: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe, lib = build(Path(tmp))
+        order = list(VARIANTS)
+        for r in range(repeats):
+            for variant in order[r % len(order):] + order[: r % len(order)]:
+                samples[variant].append(run_once(exe, lib, runtime, variant, pairs))
+        if shutil.which("valgrind"):
+            for variant in VARIANTS:
+                counted[variant] = instructions(exe, lib, runtime, variant, 200_000, Path(tmp))
+    return {
+        "pairs": pairs,
+        "samples_ns": samples,
+        "median_ns": {v: statistics.median(s) for v, s in samples.items()},
+        "instructions": counted,
+    }
+
+
+def report(res: dict) -> str:
+    """The side-by-side table of :func:`measure`'s result."""
+    base = res["median_ns"]["none"]
+    lines = [
+        "\nLibrary scopes: malloc/free pairs of 64 bytes",
+        f"  {'variant':<12} {'ns/pair':>8} {'vs none':>8} {'instr/pair':>10}  what",
+    ]
+    for variant, (what, _, _) in VARIANTS.items():
+        med = res["median_ns"][variant]
+        counted = res["instructions"].get(variant)
+        ir = f"{counted:10.1f}" if counted is not None else f"{'-':>10}"
+        lines.append(f"  {variant:<12} {med:8.2f} {med - base:+8.2f} {ir}  {what}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=20_000_000)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--lib", default=str(ROOT / "native" / "build" / "liballocpolicy.so"))
     args = parser.parse_args(argv)
-    runtime = Path(args.lib).resolve()
-    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    counted: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        exe, lib = build(Path(tmp))
-        order = list(VARIANTS)
-        for r in range(args.repeat):
-            for variant in order[r % len(order):] + order[: r % len(order)]:
-                samples[variant].append(run_once(exe, lib, runtime, variant, args.pairs))
-        if shutil.which("valgrind"):
-            for variant in VARIANTS:
-                counted[variant] = instructions(exe, lib, runtime, variant, 200_000, Path(tmp))
-    base = statistics.median(samples["none"])
-    print(f"{'variant':<12} {'ns/pair':>8} {'vs none':>8} {'instr/pair':>10}  what")
-    for variant, (what, _, _) in VARIANTS.items():
-        med = statistics.median(samples[variant])
-        ir = f"{counted[variant]:10.1f}" if variant in counted else f"{'-':>10}"
-        print(f"{variant:<12} {med:8.2f} {med - base:+8.2f} {ir}  {what}")
+    res = measure(Path(args.lib).resolve(), pairs=args.pairs, repeats=args.repeat)
+    print(report(res))
     return 0
 
 

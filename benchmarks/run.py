@@ -26,6 +26,10 @@ python     an object-heavy Python workload without preload, under the preload
            preload.
 modules    ns per call into a module bound to a scope, within bound code and
            unbound, on this Python (module_scope_calls.py).
+libs       the hot-path cost of library scopes: malloc/free pairs with no
+           library bound, with one bound that the caller is not in (a lookup
+           that hits the per-thread cache), with the caller in it, and with
+           the libraries report on (lib_lookup.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -620,6 +624,10 @@ def print_report(res: dict) -> None:
         import module_scope_calls
 
         out.write(module_scope_calls.report(res["modules"]) + "\n")
+    if "libs" in res:
+        import lib_lookup
+
+        out.write(lib_lookup.report(res["libs"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -675,7 +683,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -685,7 +693,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -732,6 +740,10 @@ def main() -> None:
                 import module_scope_calls  # beside this script
 
                 res["modules"] = module_scope_calls.measure(lib, quick=args.quick, repeats=repeats)
+            elif part == "libs":
+                import lib_lookup  # beside this script
+
+                res["libs"] = lib_lookup.measure(Path(lib), pairs=pairs, repeats=repeats)
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)
