@@ -265,6 +265,17 @@ def _fd(text: str) -> int:
     return value
 
 
+def _launch_options(parser: argparse.ArgumentParser) -> None:
+    """What `run` and `libs` share: the policy and the backend."""
+    parser.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="system",
+        help="allocator that hands out the memory (default: system, the C library's)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -282,13 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
             "[--inject SETTING] [--libs-report FILE|-] -- COMMAND [ARG ...]"
         ),
     )
-    run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
-    run.add_argument(
-        "--backend",
-        choices=list(BACKENDS),
-        default="system",
-        help="allocator that hands out the memory (default: system, the C library's)",
-    )
+    _launch_options(run)
     run.add_argument(
         "--report-fd", metavar="N", type=_fd, help="file descriptor for diagnostics (overrides the policy)"
     )
@@ -326,13 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--output FILE|-] "
         "-- COMMAND [ARG ...]",
     )
-    libs.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
-    libs.add_argument(
-        "--backend",
-        choices=list(BACKENDS),
-        default="system",
-        help="allocator that hands out the memory (default: system, the C library's)",
-    )
+    _launch_options(libs)
     libs.add_argument(
         "--output", "-o", metavar="FILE", default="-", help="where the table goes (default: -, standard error)"
     )

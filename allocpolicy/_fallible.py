@@ -456,7 +456,7 @@ def try_extend(target: list | bytearray, iterable: Iterable[Any]) -> Unstored | 
     return None
 
 
-def _dict_growth_bytes(d: dict, key: Any) -> int:
+def _dict_growth_bytes(d: dict) -> int:
     """An upper bound of what inserting a new key can allocate: a resize
     builds a new table for up to 3x the used entries (dictobject.c,
     GROWTH_RATE), about as large as the dict is now, times three."""
@@ -477,7 +477,7 @@ def try_insert(mapping: MutableMapping, key: Any, value: Any) -> Unstored | None
         )
     hash(key)
     if isinstance(mapping, dict) and type(mapping).__setitem__ is dict.__setitem__:
-        nbytes = 0 if key in mapping else _dict_growth_bytes(mapping, key)
+        nbytes = 0 if key in mapping else _dict_growth_bytes(mapping)
     else:
         nbytes = 3 * sys.getsizeof(mapping) + 64  # a mapping type we cannot see into
     err = _guarded(nbytes, mapping.__setitem__, key, value)

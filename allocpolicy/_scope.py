@@ -115,16 +115,9 @@ class scope(ContextDecorator):
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
-                from ._regions import region_outcome
+                from ._regions import _raise_outcome, region_outcome
 
-                err = region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3)
-                if err is not None:
-                    try:
-                        if exc is not None:
-                            raise err.with_traceback(tb) from None
-                        raise err
-                    finally:
-                        err = None
+                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its

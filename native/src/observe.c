@@ -50,7 +50,6 @@ static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int i
         ap_region *r = &t->regions[i];
         if (!(r->domains & AP_DOMAIN_BIT(domain)))
             continue;
-        uint64_t before = r->allocations + (r->frees ? r->frees_seen : 0);
         if (is_free) {
             r->frees_seen++;
             r->bytes_freed += size;
@@ -66,7 +65,6 @@ static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int i
         }
         /* RAISE refuses the region's first offending *allocation*, even when
          * a free offended before it (a free cannot be refused). */
-        (void)before;
         if (!is_free && r->action == AP_ACTION_RAISE && r->refused == 0)
             *first_offence = 1;
         if (r->instance) /* a forbid scope's region: its stats count every offence */

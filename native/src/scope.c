@@ -805,6 +805,11 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
     uint64_t index = ap__inject_reservation(t, (uint64_t)nbytes);
     ap_reservation *outer = active_res(t);
     int64_t from_outer = outer ? (outer->left < nbytes ? outer->left : nbytes) : 0;
+    /* What the outer reservation cannot cover is claimed from the chain (and
+     * the machine). */
+    int64_t claim = nbytes - from_outer;
+    int64_t margin = atomic_load_explicit(&ap__settings.reserve_margin, memory_order_relaxed);
+    int64_t room = claim ? ap__machine_room(claim) - margin : 0;
     if (index) {
         refused = 1;
         v.reason = AP_REASON_INJECTED;
@@ -812,25 +817,18 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
         v.scope = ap__instances[t->cur].scope;
         v.instance = t->cur;
         atomic_fetch_add_explicit(&sc->injected, 1, memory_order_relaxed);
-    } else if (nbytes > from_outer &&
-               nbytes - from_outer >
-                   ap__machine_room(nbytes - from_outer) -
-                       atomic_load_explicit(&ap__settings.reserve_margin, memory_order_relaxed)) {
-        /* Every budget might take it, but the machine cannot spare it. */
-        int64_t room = ap__machine_room(0) -
-                       atomic_load_explicit(&ap__settings.reserve_margin, memory_order_relaxed);
+    } else if (claim > room) {
+        /* Whatever the budgets say, the machine cannot spare it. */
         refused = 1;
         v.reason = AP_REASON_OOM;
         v.limit = AP_LIMIT_MACHINE;
         v.scope = ap__instances[t->cur].scope;
         v.instance = t->cur;
         v.budget = room > 0 ? room : 0;
-    } else if (nbytes > from_outer) {
-        /* The part the outer reservation cannot cover is claimed from the
-         * chain, checked and counted like an allocation but not numbered as
-         * one. */
+    } else if (claim) {
+        /* Checked and counted like an allocation, but not numbered as one. */
         chain_result r;
-        if (!chain_try_charge(t->cur, nbytes - from_outer, 0, &r)) {
+        if (!chain_try_charge(t->cur, claim, 0, &r)) {
             refused = 1;
             v.reason = AP_REASON_BUDGET;
             v.limit = r.limit;
