@@ -12,13 +12,15 @@ Makefile, whenever a source is newer than it.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import subprocess
 import sys
 
 from ._errors import RuntimeLoadError
+
+# fcntl, shutil and subprocess are imported only when a build is due:
+# subprocess imports threading, and interpreters started under the preload
+# import this package at startup, where importing threading would change
+# what their programs see (CPython's test_threading checks exactly that).
 
 #: Longest a build may take on a loaded machine before it counts as failed.
 BUILD_TIMEOUT = 600
@@ -57,6 +59,10 @@ def library(package_dir: str, native: str, names: list[str]) -> str:
     outputs = [os.path.join(build, name) for name in names]
     if not _stale(native, outputs):
         return os.path.realpath(outputs[0])
+    import fcntl
+    import shutil
+    import subprocess
+
     where = (
         f"allocpolicy is imported from the source checkout {package_dir} (the current "
         "directory comes first on sys.path, so `python -m allocpolicy` run there uses "
