@@ -75,14 +75,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("quick"):
-        return
-    keep, drop = [], []
-    for item in items:
-        (drop if item.get_closest_marker("slow") else keep).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    if config.getoption("quick"):
+        keep, drop = [], []
+        for item in items:
+            (drop if item.get_closest_marker("slow") else keep).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+    # The longest tests first: with several workers (-n), the short ones then
+    # fill the gaps instead of one worker finishing a heavy test alone.
+    items.sort(key=lambda item: (item.get_closest_marker("heavy") is None,
+                                 item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +101,7 @@ def progress(request: pytest.FixtureRequest):
 
     def say(text: str) -> None:
         elapsed = int(time.monotonic() - started)
-        line = f"\n  [{elapsed // 60}m{elapsed % 60:02d}s] {name}: {text}"
+        line = f"\n  [{elapsed // 60}m{elapsed % 60:02d}s] {name}: {text}\n"
         with capture.global_and_fixture_disabled():
             sys.stderr.write(line)
             sys.stderr.flush()
