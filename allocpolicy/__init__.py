@@ -88,7 +88,7 @@ __all__ = [
 # (policy parsing, dataclasses, pathlib) loads on first use.
 _LAZY = {
     "active_policy": "_config",
-    "configure": "_config",
+    "configure": "_configure",
     "is_active": "_config",
     "install": "_inprocess",
     "is_installed": "_inprocess",
@@ -118,7 +118,7 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
-    "InjectSettings": "_inject",
+    "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
     "inject_stats": "_inject",
