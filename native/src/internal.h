@@ -252,16 +252,27 @@ static inline int ap__charge(uint64_t size, ap_domain domain) {
 
 AP__HIDDEN void ap__credit_slow(uint32_t instance, uint64_t size, ap_domain domain);
 
-/* Credit a freed block to the instance that made it (semantics 2). A
- * watching thread has `limit` 0, so only the process-wide switch needs its
- * own test here. */
-static inline void ap__credit(uint32_t instance, uint64_t size, ap_domain domain) {
-    ap__tls_t *t = &ap__tls;
-    if (AP__LIKELY(instance == t->cur && t->allow < t->limit &&
+/* The free fast path: 1 if the bytes of a block of the thread's own
+ * instance went back into `allow`. They may only while `allow` stays within
+ * `limit` *after* the add: the test is on the sum, so a single large free
+ * cannot slip past the bound and stay unpublished (other threads would be
+ * refused against memory nobody holds). `size` < 2^48, so the sum cannot
+ * overflow. A watching thread has `limit` 0, so only the process-wide switch
+ * needs its own test here. */
+static inline int ap__credit_fast(ap__tls_t *t, uint32_t instance, uint64_t size) {
+    int64_t allow = t->allow + (int64_t)size;
+    if (AP__LIKELY(instance == t->cur && allow <= t->limit &&
                    !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
-        t->allow += (int64_t)size;
-        return;
+        t->allow = allow;
+        return 1;
     }
+    return 0;
+}
+
+/* Credit a freed block to the instance that made it (semantics 2). */
+static inline void ap__credit(uint32_t instance, uint64_t size, ap_domain domain) {
+    if (AP__LIKELY(ap__credit_fast(&ap__tls, instance, size)))
+        return;
     ap__credit_slow(instance, size, domain);
 }
 
