@@ -186,9 +186,7 @@ static AP__INLINE void release_block(void *p) {
      * free look foreign, so the backend rejects it (as an invalid pointer)
      * instead of us crediting the block twice. */
     h->size_tag = 0;
-    if (AP__LIKELY(instance == t->cur && t->allow < t->limit &&
-                   !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
-        t->allow += (int64_t)size;
+    if (AP__LIKELY(ap__credit_fast(t, instance, size))) {
     } else if (AP__UNLIKELY(instance & AP__POOL_OWNER)) {
         return; /* bootstrap pool: static storage, never reused */
     } else {
