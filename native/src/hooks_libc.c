@@ -30,13 +30,6 @@ static _Atomic uint64_t foreign_frees;
 
 uint64_t ap__foreign_frees(void) { return atomic_load_explicit(&foreign_frees, memory_order_relaxed); }
 
-static AP__INLINE void write_header(void *user, uint64_t size, uint32_t offset) {
-    ap__header *h = ap__header_of(user);
-    h->size_tag = size | (uint64_t)AP__TAG << 48;
-    h->instance = ap__tls.cur | ap__tls.owner_bits;
-    h->offset = offset;
-}
-
 /* 1 if `p` carries our header; blocks from the bootstrap pool do too. */
 static AP__INLINE int is_ours(void *p) {
     return (ap__header_of(p)->size_tag >> 48) == AP__TAG;
@@ -50,22 +43,44 @@ static AP__NOINLINE void *refuse(void) {
 }
 
 /*
- * The backend's posix_memalign gave a block that is not aligned: mimalloc
- * 2.0.9, the version Debian 12 ships, does so for some small power-of-two
- * sizes (256, 512, 1024 bytes with an equal or half alignment; fixed upstream,
- * microsoft/mimalloc#700), and our `size + align` requests hit those sizes.
- * Take a plain block with room for the alignment and the header instead and
- * align inside it; the offset in the header lets free find the block start.
+ * Where an aligned block's backend allocation starts. The header's 32-bit
+ * offset holds the distance to the user pointer; an alignment of 2^32 or more
+ * can need more, and then the header says AP__OFFSET_FAR and the full offset
+ * sits in the 8 bytes just below the header (the padding in front of such a
+ * block is at least 2^32 - 16 bytes, so they are always there and unused).
  */
-static AP__NOINLINE void *realign(void *misaligned, uint64_t size, size_t align,
-                                  uint32_t *offset) {
-    ap__next.free(misaligned);
-    void *base = ap__next.malloc(size + 2 * (uint64_t)align);
-    if (!base)
-        return NULL;
-    uintptr_t user = ((uintptr_t)base + AP__HEADER_SIZE + align - 1) & ~(uintptr_t)(align - 1);
-    *offset = (uint32_t)(user - (uintptr_t)base);
-    return base;
+#define AP__OFFSET_FAR UINT32_MAX
+
+static inline uint64_t *far_offset_of(void *user) {
+    return (uint64_t *)((char *)user - AP__HEADER_SIZE) - 1;
+}
+
+static inline uint64_t block_offset(void *user) {
+    uint32_t offset = ap__header_of(user)->offset;
+    return AP__LIKELY(offset != AP__OFFSET_FAR) ? offset : *far_offset_of(user);
+}
+
+static AP__INLINE void write_header(void *user, uint64_t size, uint64_t offset) {
+    ap__header *h = ap__header_of(user);
+    h->size_tag = size | (uint64_t)AP__TAG << 48;
+    h->instance = ap__tls.cur | ap__tls.owner_bits;
+    if (AP__LIKELY(offset < AP__OFFSET_FAR)) {
+        h->offset = (uint32_t)offset;
+    } else {
+        *far_offset_of(user) = offset;
+        h->offset = AP__OFFSET_FAR;
+    }
+}
+
+/* What the caller may use of one of our blocks: the backend's usable size
+ * from the user pointer on. realloc copies exactly this much when it moves an
+ * aligned block, so nothing the caller was entitled to write is lost. */
+static size_t usable_size(void *p) {
+    if (ap__pool_owns(p))
+        return block_size(p);
+    uint64_t offset = block_offset(p);
+    size_t usable = ap__next.malloc_usable_size((char *)p - offset);
+    return usable > offset ? usable - offset : 0;
 }
 
 /* ---- The small-block cache (see internal.h) ------------------------------ */
@@ -82,7 +97,7 @@ static AP__INLINE void *cache_pop(ap__tls_t *t, uint64_t size) {
 
 /* Keep a freed block for reuse; 0 if it must go to the backend. */
 static AP__INLINE int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64_t size) {
-    if (size > AP__CACHE_MAX || h->offset != AP__HEADER_SIZE || !t->registered)
+    if (size > AP__CACHE_MAX || !t->registered)
         return 0;
     uint32_t cls = ap__cache_class(size);
     if (t->cached[cls] >= AP__CACHE_DEPTH)
@@ -115,9 +130,43 @@ static int cached_here(const ap__tls_t *t, const void *base) {
     return 0;
 }
 
+/*
+ * An aligned block (alignment > 16, the memalign family and aligned C++ new):
+ * a plain backend block with room for the alignment, aligned inside. The
+ * header sits just below the user pointer, so the first aligned address at
+ * least 16 bytes into a 16-byte aligned block is at most `align` bytes in,
+ * and `size + align` bytes always hold it.
+ *
+ * Asking the backend's posix_memalign instead (for `size + align` bytes,
+ * since the header needs the room in front) costs twice the alignment in
+ * address space: glibc, whose memalign takes `size + align` from malloc
+ * itself, then refuses alignments it serves to its own callers (2^34 on a
+ * machine with 24 GiB). Some backends also get small aligned requests wrong
+ * (mimalloc 2.0.9, Debian 12's, for 256..1024 bytes with an equal or half
+ * alignment; microsoft/mimalloc#700).
+ *
+ * The block gets at least its size class's capacity too: when the aligned
+ * address happens to be 16 bytes in, its offset looks like a plain block's,
+ * and the cache and realloc may treat it as one.
+ */
+static AP__NOINLINE void *aligned_block(uint64_t size, size_t align, int zero,
+                                        uint64_t *offset) {
+    uint64_t total;
+    if (__builtin_add_overflow(ap__capacity(size), (uint64_t)align, &total))
+        return NULL;
+    char *base = ap__next.malloc(total);
+    if (!base)
+        return NULL;
+    uintptr_t user = ((uintptr_t)base + AP__HEADER_SIZE + align - 1) & ~(uintptr_t)(align - 1);
+    *offset = user - (uintptr_t)base;
+    if (zero)
+        memset((void *)user, 0, size);
+    return base;
+}
+
 /* Backend call for a block of `size` user bytes aligned to `align` (> 16 only
  * for the memalign family). Returns the user pointer. */
-static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
+static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uint64_t *offset) {
     void *base;
     if (AP__LIKELY(align <= AP__HEADER_SIZE)) {
         *offset = AP__HEADER_SIZE;
@@ -130,25 +179,15 @@ static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uin
                         : ap__next.malloc(capacity + AP__HEADER_SIZE);
         }
     } else {
-        /* The header sits just below the aligned user pointer, so the
-         * smallest offset that keeps the alignment is the alignment itself. */
-        *offset = (uint32_t)align;
-        if (ap__next.posix_memalign(&base, align, size + align) != 0)
-            base = NULL;
-        else if (AP__UNLIKELY((uintptr_t)base & (align - 1)))
-            base = realign(base, size, align, offset);
-        if (base && zero)
-            memset((char *)base + *offset, 0, size);
+        base = aligned_block(size, align, zero, offset);
     }
     return base ? (char *)base + *offset : NULL;
 }
 
 static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
-    if (AP__UNLIKELY(align > (UINT64_C(1) << 31)))
-        return refuse();
     if (AP__UNLIKELY(!ap__charge(size, AP_DOMAIN_LIBC)))
         return refuse();
-    uint32_t offset;
+    uint64_t offset;
     void *user = backend_block(size, align, zero, &offset);
     if (AP__UNLIKELY(!user)) {
         ap__credit(ap__tls.cur, size, AP__UNDO);
@@ -179,7 +218,7 @@ static AP__INLINE void release_block(void *p) {
     ap__header *h = ap__header_of(p);
     uint64_t size = h->size_tag & AP__SIZE_MASK;
     uint32_t instance = h->instance;
-    void *base = (char *)p - h->offset;
+    uint32_t offset = h->offset;
     ap__tls_t *t = &ap__tls;
     /* Read everything needed from the header first: after the backend free,
      * another thread may own these bytes. Clearing the tag makes a double
@@ -194,6 +233,13 @@ static AP__INLINE void release_block(void *p) {
     } else {
         ap__credit_slow(instance, size, AP_DOMAIN_LIBC);
     }
+    if (AP__UNLIKELY(offset != AP__HEADER_SIZE)) {
+        /* An aligned block: never cached (its class would not say where it
+         * starts). */
+        ap__next.free((char *)p - block_offset(p));
+        return;
+    }
+    void *base = (char *)p - AP__HEADER_SIZE;
     if (!cache_push(t, h, base, size))
         ap__next.free(base);
 }
@@ -343,6 +389,20 @@ AP__EXPORT void *pvalloc(size_t size) {
     return alloc_block(rounded, ps, 0);
 }
 
+/* realloc of an aligned block (realloc promises malloc's alignment only) or
+ * of a bootstrap-pool block (static storage; free() ignores it): a fresh
+ * block, then everything the caller may have written into the old one, up to
+ * its usable size (glibc's realloc copies that much too). */
+static AP__NOINLINE void *move_block(void *p, size_t size) {
+    size_t keep = usable_size(p);
+    void *q = malloc(size);
+    if (q) {
+        memcpy(q, p, keep < size ? keep : size);
+        free(p);
+    }
+    return q;
+}
+
 /*
  * realloc: decide first, then let the backend move the block. When the block
  * belongs to the calling thread's instance only the growth is charged;
@@ -361,17 +421,8 @@ static void *realloc_block(void *p, size_t size) {
         return ap__next.realloc(p, size);
     ap__header *h = ap__header_of(p);
     uint64_t old = h->size_tag & AP__SIZE_MASK;
-    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE || ap__pool_owns(p))) {
-        /* Aligned blocks (realloc promises malloc's alignment only) and
-         * bootstrap-pool blocks (static storage; free() ignores them) move to
-         * a fresh block. */
-        void *q = malloc(size);
-        if (q) {
-            memcpy(q, p, old < size ? old : size);
-            free(p);
-        }
-        return q;
-    }
+    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE || ap__pool_owns(p)))
+        return move_block(p, size);
     uint32_t owner = h->instance;
     int same = owner == ap__tls.cur;
     uint64_t charged = same ? (size > old ? size - old : 0) : size;
@@ -422,11 +473,7 @@ AP__EXPORT void *reallocarray(void *p, size_t n, size_t m) {
 AP__EXPORT size_t malloc_usable_size(void *p) {
     if (!p)
         return 0;
-    if (ap__pool_owns(p))
-        return block_size(p);
     if (!is_ours(p))
         return ap__next.malloc_usable_size(p);
-    ap__header *h = ap__header_of(p);
-    size_t usable = ap__next.malloc_usable_size((char *)p - h->offset);
-    return usable > h->offset ? usable - h->offset : 0;
+    return usable_size(p);
 }

@@ -155,7 +155,7 @@ def test_budget_refusals_over_backend(entrypoints, run_preloaded, backend, mode)
     detail = assert_clean(proc)
     assert f"ok {mode}" in proc.stdout, detail
     # The refusals left the program fine: every portable check ran after them.
-    assert sum(line.startswith("ok ") for line in proc.stdout.splitlines()) == 18, detail
+    assert sum(line.startswith("ok ") for line in proc.stdout.splitlines()) == 20, detail
 
 
 def test_abort_over_backend(entrypoints, run_preloaded, backend):

@@ -269,6 +269,29 @@ static void check_realloc_grow(void) {
     printf("ok %s\n", mode_name);
 }
 
+/* realloc of an aligned block keeps everything up to the old block's usable
+ * size: malloc_usable_size() says the caller may write that much. */
+static void check_realloc_aligned_usable(void) {
+    static const size_t lens[] = {1, 100, 1000, 5000, 100000};
+    for (size_t align = 32; align <= 65536; align *= 8) {
+        for (size_t j = 0; j < sizeof lens / sizeof lens[0]; j++) {
+            void *a = NULL;
+            CHECK(posix_memalign(&a, align, lens[j]) == 0, "posix_memalign(%zu, %zu) failed",
+                  align, lens[j]);
+            size_t usable = malloc_usable_size(a);
+            CHECK(usable >= lens[j], "usable %zu < %zu", usable, lens[j]);
+            fill(a, usable, 13);
+            unsigned char *b = launder(realloc(a, usable + 4096));
+            CHECK(b != NULL, "realloc(aligned %zu, %zu) returned NULL", align, usable + 4096);
+            CHECK(intact(b, usable, 13), "realloc(aligned %zu of %zu) lost bytes within the usable size",
+                  align, lens[j]);
+            CHECK(malloc_usable_size(b) >= usable + 4096, "usable after realloc too small");
+            free(b);
+        }
+    }
+    printf("ok %s\n", mode_name);
+}
+
 static void check_realloc_huge(void) {
     unsigned char *p = launder(malloc(100));
     CHECK(p != NULL, "malloc(100) returned NULL");
@@ -380,6 +403,32 @@ static void check_posix_memalign(void) {
             CHECK(p && aligned_to(p, align), "aligned_alloc(%zu, %zu) misaligned", align, n);
             free(p);
         }
+    }
+    printf("ok %s\n", mode_name);
+}
+
+/* Alignments of 2^32 and more: every backend serves these (glibc up to what
+ * the address space overcommit allows), so must the runtime. */
+static void check_huge_alignment(void) {
+    for (int shift = 32; shift <= 33; shift++) {
+        size_t align = (size_t)1 << shift;
+        void *p = (void *)&align;
+        int rc = posix_memalign(&p, align, 64);
+        CHECK(rc == 0, "posix_memalign(2^%d, 64) returned %d", shift, rc);
+        CHECK(aligned_to(p, align), "posix_memalign(2^%d) misaligned", shift);
+        CHECK(malloc_usable_size(p) >= 64, "posix_memalign(2^%d): usable < 64", shift);
+        fill(p, 64, 47);
+        unsigned char *q = launder(realloc(p, 200));
+        CHECK(q != NULL && intact(q, 64, 47), "realloc(2^%d-aligned) lost content", shift);
+        free(q);
+        q = launder(aligned_alloc(align, 100));
+        CHECK(q != NULL && aligned_to(q, align), "aligned_alloc(2^%d, 100) gave %p", shift,
+              (void *)q);
+        fill(q, 100, 53);
+        free(q);
+        q = launder(memalign(align, 100));
+        CHECK(q != NULL && aligned_to(q, align), "memalign(2^%d, 100) gave %p", shift, (void *)q);
+        free(q);
     }
     printf("ok %s\n", mode_name);
 }
@@ -670,10 +719,12 @@ static const check checks[] = {
     {"realloc_zero", check_realloc_zero, 1},
     {"realloc_shrink", check_realloc_shrink, 1},
     {"realloc_grow", check_realloc_grow, 1},
+    {"realloc_aligned_usable", check_realloc_aligned_usable, 1},
     {"realloc_huge", check_realloc_huge, 1},
     {"reallocarray", check_reallocarray, 1},
     {"posix_memalign_einval", check_posix_memalign_einval, 1},
     {"posix_memalign", check_posix_memalign, 1},
+    {"huge_alignment", check_huge_alignment, 1},
     {"aligned_alloc", check_aligned_alloc, 1},
     {"memalign", check_memalign, 1},
     {"valloc", check_valloc, 1},
