@@ -43,32 +43,36 @@ static AP__NOINLINE void *refuse(void) {
 }
 
 /*
- * Where an aligned block's backend allocation starts. The header's 32-bit
- * offset holds the distance to the user pointer; an alignment of 2^32 or more
- * can need more, and then the header says AP__OFFSET_FAR and the full offset
- * sits in the 8 bytes just below the header (the padding in front of such a
- * block is at least 2^32 - 16 bytes, so they are always there and unused).
+ * Blocks whose user pointer is 2^32 bytes or more into their backend block
+ * (alignments of 2^32 and more) do not fit the header's 32-bit offset. Their
+ * header carries AP__FAR_TAG instead of AP__TAG, and the full offset sits in
+ * the 8 bytes just below the header (the padding in front of such a block is
+ * at least 2^32 - 16 bytes, so they are always there and unused). The other
+ * tag keeps them off the fast paths, which test for AP__TAG anyway: they
+ * reach the same functions as foreign pointers do, and those look for it.
  */
-#define AP__OFFSET_FAR UINT32_MAX
+#define AP__FAR_TAG 0xFA12u
 
 static inline uint64_t *far_offset_of(void *user) {
     return (uint64_t *)((char *)user - AP__HEADER_SIZE) - 1;
 }
 
+static inline int is_far(void *p) { return (ap__header_of(p)->size_tag >> 48) == AP__FAR_TAG; }
+
 static inline uint64_t block_offset(void *user) {
-    uint32_t offset = ap__header_of(user)->offset;
-    return AP__LIKELY(offset != AP__OFFSET_FAR) ? offset : *far_offset_of(user);
+    return is_far(user) ? *far_offset_of(user) : ap__header_of(user)->offset;
 }
 
 static AP__INLINE void write_header(void *user, uint64_t size, uint64_t offset) {
     ap__header *h = ap__header_of(user);
-    h->size_tag = size | (uint64_t)AP__TAG << 48;
     h->instance = ap__tls.cur | ap__tls.owner_bits;
-    if (AP__LIKELY(offset < AP__OFFSET_FAR)) {
+    if (AP__LIKELY(offset <= UINT32_MAX)) {
+        h->size_tag = size | (uint64_t)AP__TAG << 48;
         h->offset = (uint32_t)offset;
     } else {
+        h->size_tag = size | (uint64_t)AP__FAR_TAG << 48;
         *far_offset_of(user) = offset;
-        h->offset = AP__OFFSET_FAR;
+        h->offset = 0;
     }
 }
 
@@ -97,7 +101,7 @@ static AP__INLINE void *cache_pop(ap__tls_t *t, uint64_t size) {
 
 /* Keep a freed block for reuse; 0 if it must go to the backend. */
 static AP__INLINE int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64_t size) {
-    if (size > AP__CACHE_MAX || !t->registered)
+    if (size > AP__CACHE_MAX || h->offset != AP__HEADER_SIZE || !t->registered)
         return 0;
     uint32_t cls = ap__cache_class(size);
     if (t->cached[cls] >= AP__CACHE_DEPTH)
@@ -198,8 +202,24 @@ static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
     return user;
 }
 
+/* A block with a far offset (see AP__FAR_TAG): credited as release_block
+ * credits, never cached. */
+static void release_far(void *p) {
+    ap__header *h = ap__header_of(p);
+    uint64_t size = h->size_tag & AP__SIZE_MASK;
+    uint32_t instance = h->instance;
+    void *base = (char *)p - *far_offset_of(p);
+    h->size_tag = 0;
+    ap__credit(instance, size, AP_DOMAIN_LIBC);
+    ap__next.free(base);
+}
+
 static AP__NOINLINE void release_foreign(void *p) {
     ap__header *h = ap__header_of(p);
+    if (is_far(p)) {
+        release_far(p);
+        return;
+    }
     if ((h->size_tag >> 48) == AP__CACHED_TAG && cached_here(&ap__tls, h)) {
         /* The block is in this thread's cache: it was freed already. */
         ap__abort_double_free(p);
@@ -211,14 +231,15 @@ static AP__NOINLINE void release_foreign(void *p) {
 static AP__INLINE void release_block(void *p) {
     if (AP__UNLIKELY(!is_ours(p))) {
         /* Not handed out by us (e.g. allocated before an interposer chain
-         * changed). Give it to the backend untouched. */
+         * changed): give it to the backend untouched. Or one of ours with a
+         * far offset. */
         release_foreign(p);
         return;
     }
     ap__header *h = ap__header_of(p);
     uint64_t size = h->size_tag & AP__SIZE_MASK;
     uint32_t instance = h->instance;
-    uint32_t offset = h->offset;
+    void *base = (char *)p - h->offset;
     ap__tls_t *t = &ap__tls;
     /* Read everything needed from the header first: after the backend free,
      * another thread may own these bytes. Clearing the tag makes a double
@@ -233,13 +254,6 @@ static AP__INLINE void release_block(void *p) {
     } else {
         ap__credit_slow(instance, size, AP_DOMAIN_LIBC);
     }
-    if (AP__UNLIKELY(offset != AP__HEADER_SIZE)) {
-        /* An aligned block: never cached (its class would not say where it
-         * starts). */
-        ap__next.free((char *)p - block_offset(p));
-        return;
-    }
-    void *base = (char *)p - AP__HEADER_SIZE;
     if (!cache_push(t, h, base, size))
         ap__next.free(base);
 }
@@ -418,7 +432,7 @@ static void *realloc_block(void *p, size_t size) {
         return NULL;
     }
     if (AP__UNLIKELY(!is_ours(p)))
-        return ap__next.realloc(p, size);
+        return is_far(p) ? move_block(p, size) : ap__next.realloc(p, size);
     ap__header *h = ap__header_of(p);
     uint64_t old = h->size_tag & AP__SIZE_MASK;
     if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE || ap__pool_owns(p)))
@@ -473,7 +487,7 @@ AP__EXPORT void *reallocarray(void *p, size_t n, size_t m) {
 AP__EXPORT size_t malloc_usable_size(void *p) {
     if (!p)
         return 0;
-    if (!is_ours(p))
+    if (!is_ours(p) && !is_far(p))
         return ap__next.malloc_usable_size(p);
     return usable_size(p);
 }

@@ -88,6 +88,9 @@ static struct {
     ap_status (*exit)(void);
     ap_status (*last_violation)(ap_violation *);
     int (*is_preloaded)(void);
+    ap_status (*current)(uint32_t *, uint32_t *);
+    void (*flush)(void);
+    ap_status (*instance_stats)(uint32_t, ap_instance_stats *);
 } ap;
 
 static int have_runtime(void) {
@@ -96,7 +99,12 @@ static int have_runtime(void) {
     ap.exit = (ap_status(*)(void))dlsym(RTLD_DEFAULT, "ap_exit");
     ap.last_violation = (ap_status(*)(ap_violation *))dlsym(RTLD_DEFAULT, "ap_last_violation");
     ap.is_preloaded = (int (*)(void))dlsym(RTLD_DEFAULT, "ap_is_preloaded");
-    return ap.scope_find && ap.enter && ap.exit && ap.last_violation && ap.is_preloaded;
+    ap.current = (ap_status(*)(uint32_t *, uint32_t *))dlsym(RTLD_DEFAULT, "ap_current");
+    ap.flush = (void (*)(void))dlsym(RTLD_DEFAULT, "ap_flush");
+    ap.instance_stats =
+        (ap_status(*)(uint32_t, ap_instance_stats *))dlsym(RTLD_DEFAULT, "ap_get_instance_stats");
+    return ap.scope_find && ap.enter && ap.exit && ap.last_violation && ap.is_preloaded &&
+           ap.current && ap.flush && ap.instance_stats;
 }
 
 /* Enter scope `name` (declared by the table in the environment). */
@@ -113,6 +121,17 @@ static int enter_scope(const char *name) {
         return 0;
     }
     return 1;
+}
+
+/* Live bytes of the calling thread's innermost instance, published. */
+static int64_t live_here(void) {
+    uint32_t inst, depth;
+    ap.flush();
+    ap.current(&inst, &depth);
+    ap_instance_stats st = {.size = sizeof st};
+    if (ap.instance_stats(inst, &st) != AP_OK)
+        return -1;
+    return st.live;
 }
 
 /* ---- Checks --------------------------------------------------------------- */
@@ -631,6 +650,42 @@ static void check_process_budget(void) {
     printf("ok %s\n", mode_name);
 }
 
+/* Aligned blocks are charged their requested size and credited exactly,
+ * whatever their alignment (2^32 and more keep their offset outside the
+ * header). Needs the preload and a table declaring `work` without a budget. */
+static void check_aligned_accounting(void) {
+    if (!have_runtime()) {
+        printf("skip %s: runtime not preloaded\n", mode_name);
+        return;
+    }
+    if (!enter_scope("work"))
+        return;
+    int64_t before = live_here();
+    static const size_t aligns[] = {64, 4096, (size_t)1 << 20, (size_t)1 << 32, (size_t)1 << 33};
+    for (size_t i = 0; i < sizeof aligns / sizeof aligns[0]; i++) {
+        void *p = NULL;
+        CHECK(posix_memalign(&p, aligns[i], 1000) == 0, "posix_memalign(%zu) failed", aligns[i]);
+        int64_t live = live_here();
+        CHECK(live == before + 1000, "align %zu: live %lld, expected %lld", aligns[i],
+              (long long)live, (long long)before + 1000);
+        unsigned char *q = launder(realloc(p, 3000));
+        CHECK(q != NULL, "realloc(align %zu) failed", aligns[i]);
+        live = live_here();
+        CHECK(live == before + 3000, "align %zu after realloc: live %lld", aligns[i],
+              (long long)live);
+        free(q);
+        CHECK(live_here() == before, "align %zu after free: live %lld, expected %lld",
+              aligns[i], (long long)live_here(), (long long)before);
+        p = launder(aligned_alloc(aligns[i], 500));
+        CHECK(p != NULL && live_here() == before + 500, "aligned_alloc(%zu) not charged 500",
+              aligns[i]);
+        free(p);
+        CHECK(live_here() == before, "aligned_alloc(%zu) not credited", aligns[i]);
+    }
+    CHECK(ap.exit() == AP_OK, "ap_exit failed");
+    printf("ok %s\n", mode_name);
+}
+
 /* Scope `strict` in abort mode: the first refused allocation ends the process. */
 static void check_budget_abort(void) {
     if (!have_runtime()) {
@@ -734,6 +789,7 @@ static const check checks[] = {
     {"budget_raise", check_budget_raise, 0},
     {"process_budget", check_process_budget, 0},
     {"fallible", check_fallible, 0},
+    {"aligned_accounting", check_aligned_accounting, 0},
     {"budget_abort", check_budget_abort, 0},
     {"jemalloc_serves", check_jemalloc_serves, 0},
     {"mimalloc_serves", check_mimalloc_serves, 0},
