@@ -20,7 +20,6 @@
 
 #include "internal.h"
 
-#define AP__EXPORT __attribute__((visibility("default")))
 /* The hot path is spread over small helpers for reading; they must still
  * compile into one function per hook (the compiler's size heuristics would
  * otherwise call out to backend_block from malloc). */
@@ -273,7 +272,6 @@ typedef struct {
 } lib_args;
 
 #define AP__LIBS_ON() AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed))
-#define AP__CALLER() __builtin_extract_return_addr(__builtin_return_address(0))
 
 static void *lib_malloc(void *x) { return alloc_block(((lib_args *)x)->a, 0, 0); }
 
@@ -329,6 +327,21 @@ static void *memalign_block(size_t align, size_t size) {
 static void *lib_memalign(void *x) {
     lib_args *a = x;
     return memalign_block(a->b, a->a);
+}
+
+/* For the C++ family (hooks_cxx.c), whose entry points take their caller's
+ * address themselves. `align` 0 asks for malloc's alignment. */
+void *ap__alloc_for(void *caller, size_t size, size_t align) {
+    if (AP__LIBS_ON()) {
+        lib_args a = {.a = size, .b = align};
+        return ap__lib_call(caller, size, align ? lib_memalign : lib_malloc, &a);
+    }
+    return AP__LIKELY(!align) ? alloc_block(size, 0, 0) : memalign_block(align, size);
+}
+
+void ap__release(void *p) {
+    if (AP__LIKELY(p != NULL))
+        release_block(p);
 }
 
 AP__EXPORT void *memalign(size_t align, size_t size) {
