@@ -46,6 +46,16 @@ def test_operator_new_is_governed(cxx_new, run_preloaded, backend_chain, mode):
     assert_ok(proc, mode)
 
 
+@pytest.mark.parametrize("mode", ["raise", "fallible"])
+def test_impossible_new_throws_in_every_mode_but_abort(cxx_new, run_preloaded, backend_chain,
+                                                       mode):
+    # 2^50 bytes: no budget matter, a failure the program sees (a fallible
+    # scope aborted the process here before).
+    table = f"v=1;process=raise:0;grace=0;scope=work:{mode}:4194304:0"
+    proc = run_preloaded([cxx_new, "impossible"], table=table, preload=backend_chain)
+    assert_ok(proc, "impossible")
+
+
 def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded, python_exe,
                                                         backend_chain):
     # Python loads C++ code with RTLD_LOCAL, and itself has no C++ runtime:

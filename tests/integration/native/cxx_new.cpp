@@ -12,6 +12,8 @@
  *   handler      a std::new_handler that frees memory is called and the
  *                allocation retried; one that throws bad_alloc propagates
  *                from the throwing forms; the nothrow forms do not call it
+ *   impossible   2^50 bytes, more than any backend serves: bad_alloc and
+ *                NULL too, in whatever mode `work` has (but abort)
  *
  * Prints "ok MODE" or "FAIL MODE: why" lines; exit status 1 if any failed.
  * The runtime's C ABI is found with dlsym, so the program links only
@@ -272,6 +274,27 @@ static void check_handler() {
     std::printf("ok %s\n", mode_name);
 }
 
+static void check_impossible() {
+    int64_t before = live();
+    const std::size_t huge = std::size_t(1) << 50;
+    bool thrown = false;
+    try {
+        launder(new char[huge]);
+    } catch (const std::bad_alloc &) {
+        thrown = true;
+    }
+    CHECK(thrown, "new char[2^50] did not throw std::bad_alloc");
+    void *p = ::operator new(huge, A256, std::nothrow);
+    CHECK(launder(p) == nullptr, "aligned nothrow new(2^50) returned %p", p);
+    ap_violation v = {};
+    v.size = sizeof v;
+    ap.last_violation(&v);
+    CHECK(v.reason == AP_REASON_OOM && v.requested == huge, "reason %u requested %llu",
+          v.reason, (unsigned long long)v.requested);
+    CHECK(live() == before, "live %lld after the refusals", (long long)live());
+    std::printf("ok %s\n", mode_name);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s MODE...\n", argv[0]);
@@ -297,6 +320,8 @@ int main(int argc, char **argv) {
             check_refusal();
         else if (std::strcmp(argv[i], "handler") == 0)
             check_handler();
+        else if (std::strcmp(argv[i], "impossible") == 0)
+            check_impossible();
         else {
             std::fprintf(stderr, "unknown mode %s\n", argv[i]);
             return 2;

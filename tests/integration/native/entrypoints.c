@@ -627,6 +627,15 @@ static void check_fallible(void) {
     CHECK(r != NULL && r[big - 1] == 3, "realloc failed in a fallible scope");
     free(r);
     free(q);
+    /* A size no backend can serve is no budget matter: it fails, it does not
+     * abort (a fallible scope's promise is about budgets). */
+    errno = 0;
+    void *impossible = launder(malloc((size_t)1 << 50));
+    CHECK(impossible == NULL && errno == ENOMEM, "malloc(2^50) gave %p errno %d", impossible,
+          errno);
+    ap_violation v = {.size = sizeof v};
+    CHECK(ap.last_violation(&v) == AP_OK && v.reason == AP_REASON_OOM,
+          "malloc(2^50): violation reason %u", v.reason);
     CHECK(ap.exit() == AP_OK, "ap_exit failed");
     printf("ok %s\n", mode_name);
 }
