@@ -6,7 +6,9 @@
  * write the header, or undo the charge when the backend fails. Frees read the
  * header, credit the instance named in it, then keep the block in the cache or
  * give it to the backend. The entry points all funnel into alloc_block() and
- * release_block(), so alignment and failure handling live in one place.
+ * release_block(), so alignment and failure handling live in one place; the
+ * C++ family (hooks_cxx.c) reaches them through ap__alloc_for() and
+ * ap__release().
  *
  * Semantics follow glibc where the standards leave room: realloc(p, 0) frees
  * and returns NULL; memalign/aligned_alloc round an alignment that is not a
@@ -142,11 +144,12 @@ static int cached_here(const ap__tls_t *t, const void *base) {
  *
  * Asking the backend's posix_memalign instead (for `size + align` bytes,
  * since the header needs the room in front) costs twice the alignment in
- * address space: glibc, whose memalign takes `size + align` from malloc
- * itself, then refuses alignments it serves to its own callers (2^34 on a
- * machine with 24 GiB). Some backends also get small aligned requests wrong
- * (mimalloc 2.0.9, Debian 12's, for 256..1024 bytes with an equal or half
- * alignment; microsoft/mimalloc#700).
+ * address space: glibc, whose memalign takes `size + align` from its malloc
+ * itself, then refuses alignments it serves its own callers (with 24 GiB and
+ * the default overcommit heuristic: posix_memalign(2^34, 64) works, a block
+ * of 2^34 + 64 bytes so aligned does not). Some backends also get small
+ * aligned requests wrong (mimalloc 2.0.9, Debian 12's, for 256..1024 bytes
+ * with an equal or half alignment; microsoft/mimalloc#700).
  *
  * The block gets at least its size class's capacity too: when the aligned
  * address happens to be 16 bytes in, its offset looks like a plain block's,
