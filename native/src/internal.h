@@ -373,6 +373,18 @@ AP__HIDDEN int ap__lib_refusal_aborts(uint32_t scope, const char **note);
 AP__HIDDEN uint32_t ap__open_instance(uint32_t scope, uint32_t parent);
 AP__HIDDEN void ap__close_instance(uint32_t id);
 
+/* ---- Entry points (hooks_libc.c, hooks_cxx.c) ---------------------------------- */
+
+#define AP__EXPORT __attribute__((visibility("default")))
+/* The code that called the entry point; taken in the exported function. */
+#define AP__CALLER() __builtin_extract_return_addr(__builtin_return_address(0))
+
+/* Allocate as malloc (align 0) or memalign would, on behalf of the code at
+ * `caller` (for library scopes); NULL with errno ENOMEM when refused. */
+AP__HIDDEN void *ap__alloc_for(void *caller, size_t size, size_t align);
+/* free() of a block from any entry point. */
+AP__HIDDEN void ap__release(void *p);
+
 /* ---- Reports (report.c) ------------------------------------------------------ */
 
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_with(const ap_violation *v);
