@@ -17,6 +17,7 @@ import os
 import _thread
 from typing import Any
 
+from . import _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
 ABI_VERSION = 1
@@ -247,8 +248,9 @@ def _sized(struct_type):
 def library_path() -> str:
     """Absolute path of the runtime library shipped with this package.
 
-    ``ALLOCPOLICY_LIBRARY`` overrides it. Raises :class:`RuntimeLoadError` if the
-    file is missing (for example in a source checkout that was never built).
+    ``ALLOCPOLICY_LIBRARY`` overrides it. A package imported from a source
+    checkout uses the checkout's ``native/build/``, built first if missing or
+    stale. Raises :class:`RuntimeLoadError` if there is no library to use.
     """
     override = os.environ.get(ENV_LIBRARY)
     if override:
@@ -259,18 +261,16 @@ def library_path() -> str:
             "library shipped with the package"
         )
     here = os.path.dirname(os.path.realpath(__file__))
-    candidates = [
-        os.path.join(here, "_lib", LIBRARY_NAME),
-        # a source checkout, after `make -C native`
-        os.path.join(os.path.dirname(here), "native", "build", LIBRARY_NAME),
-    ]
-    for path in candidates:
-        if os.path.isfile(path):
-            return os.path.realpath(path)
-    tried = ", ".join(candidates)
+    native = _checkout.native_dir(here)
+    if native is not None:
+        return _checkout.library(here, native, [LIBRARY_NAME, INPROCESS_LIBRARY_NAME])
+    path = os.path.join(here, "_lib", LIBRARY_NAME)
+    if os.path.isfile(path):
+        return os.path.realpath(path)
     raise RuntimeLoadError(
-        f"the allocpolicy runtime library was not found (looked at {tried}); "
-        "reinstall the package with `pip install .` or build it with `make -C native`"
+        f"the allocpolicy runtime library {path} is missing from the installed package "
+        f"{here}; reinstall it (`pip install --force-reinstall allocpolicy`, or "
+        "`pip install .` in a checkout)"
     )
 
 
@@ -701,8 +701,9 @@ def inprocess_library_path() -> str:
     path = os.path.join(os.path.dirname(library_path()), INPROCESS_LIBRARY_NAME)
     if not os.path.isfile(path):
         raise RuntimeLoadError(
-            f"the allocpolicy in-process library was not found at {path}; reinstall the "
-            "package with `pip install .` or build it with `make -C native`"
+            f"the allocpolicy in-process library {path} is missing (it is built and "
+            f"installed next to {LIBRARY_NAME}); reinstall the package, or rebuild a "
+            "checkout's with `make -C native`"
         )
     return path
 

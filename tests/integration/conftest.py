@@ -29,7 +29,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_TESTS = Path(__file__).resolve().parent / "native"
 INCLUDE = ROOT / "native" / "include"
-LIBRARY_NAME = "liballocpolicy.so"
 
 # Generous: a hang must fail the test, never stall the CI run.
 DEFAULT_TIMEOUT = 120
@@ -43,46 +42,18 @@ BACKENDS = {
 }
 
 
-SOURCE_BUILD = ROOT / "native" / "build" / LIBRARY_NAME
-
-
-def _make_source_build() -> None:
-    # `make` rebuilds only when a source changed, so a checkout never tests a
-    # stale library, and a fresh one gets built.
-    if (ROOT / "native" / "Makefile").is_file() and shutil.which("make"):
-        subprocess.run(
-            ["make", "-s", "-C", str(ROOT / "native")],
-            check=False, timeout=300, stdout=subprocess.DEVNULL,
-        )
-
-
-def _find_library() -> str:
-    """The library the package would load, else a source-checkout build."""
-    try:
-        from allocpolicy import _native
-
-        path = Path(_native.library_path()).resolve()
-        if path == SOURCE_BUILD.resolve():
-            _make_source_build()
-        return str(path)
-    except Exception:  # noqa: BLE001 - module absent or library missing: fall back
-        pass
-    override = os.environ.get("ALLOCPOLICY_LIBRARY")
-    if override:
-        return str(Path(override).resolve())
-    _make_source_build()
-    return str(SOURCE_BUILD)
-
-
 @pytest.fixture(scope="session")
 def allocpolicy_lib() -> str:
-    path = _find_library()
-    if not Path(path).is_file():
-        pytest.fail(
-            f"the allocpolicy runtime library was not found at {path}; "
-            "build it with `make -C native` or install the package with `pip install .`"
-        )
-    return path
+    """The library the package loads: ALLOCPOLICY_LIBRARY, the installed
+    package's, or (imported from the checkout, as `python -m pytest` in its
+    root does) native/build/, rebuilt first if a source is newer."""
+    from allocpolicy import _native
+    from allocpolicy._errors import RuntimeLoadError
+
+    try:
+        return _native.library_path()
+    except RuntimeLoadError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture(scope="session")

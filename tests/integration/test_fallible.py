@@ -540,6 +540,7 @@ print(json.dumps(sorted(set(failures_seen))))
 """
 
 
+@pytest.mark.slow
 def test_try_extend_property_under_a_budget_that_runs_out(tmp_path):
     # GIVEN random inputs and a random amount of room left in a 4 MiB budget
     # (fallible: only try_extend's own checks can fail; hypothesis itself
