@@ -40,7 +40,6 @@ static void *stub_malloc(size_t n);
 static void stub_free(void *p);
 static void *stub_calloc(size_t n, size_t m);
 static void *stub_realloc(void *p, size_t n);
-static int stub_posix_memalign(void **out, size_t align, size_t n);
 static size_t stub_malloc_usable_size(void *p);
 
 ap__backend_t ap__next = {
@@ -102,14 +101,6 @@ static void *stub_realloc(void *p, size_t n) {
     if (AP__IN_BOOTSTRAP())
         return NULL; /* callers of realloc during dlsym do not exist in glibc */
     return ap__next.realloc(p, n);
-}
-
-static int stub_posix_memalign(void **out, size_t align, size_t n) {
-    if (AP__IN_BOOTSTRAP()) {
-        *out = ap__pool_alloc(n, align);
-        return *out ? 0 : 12 /* ENOMEM */;
-    }
-    return ap__next.posix_memalign(out, align, n);
 }
 
 static size_t stub_malloc_usable_size(void *p) {
