@@ -20,7 +20,7 @@ import importlib as _importlib
 import os as _os
 import warnings as _warnings
 
-from . import _native
+from . import _native, _postimport
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -164,6 +164,9 @@ def _activate() -> None:
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    # Scopes entered in coroutines follow their task: the event loops are
+    # followed from the moment asyncio is imported (see _loops.py).
+    _postimport.follow_loops()
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
     source = _os.environ.get("ALLOCPOLICY_POLICY")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
+import types
 import weakref
 from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
-from . import _config, _native
+from . import _config, _native, _steps
 from ._errors import AllocError
 
-__all__ = ["scope", "task", "bind"]
+__all__ = ["scope", "task", "bind", "bind_instance"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,15 +75,38 @@ class scope(ContextDecorator):
         self.name = _check_name(name, self._func)
 
     def __call__(self, func: F) -> F:
-        import inspect  # at decoration time only: it is a heavy import
+        if _is_coroutine_function(func):
+            # Each call's coroutine runs its body in a new instance, which
+            # follows the task that awaits it (see _steps.py).
+            @functools.wraps(func)
+            async def scoped(*args, **kwargs):
+                with self._recreate_cm():
+                    return await func(*args, **kwargs)
 
-        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            return scoped  # type: ignore[return-value]
+        if _is_async_generator_function(func):
             raise TypeError(
-                f"{self._func}(): cannot decorate the coroutine function {func.__qualname__}: "
-                "the scope stack is per thread, and other coroutines would run inside the "
-                "scope at every await"
+                f"{self._func}(): cannot decorate the async generator function {func.__qualname__}: "
+                "between its yields, the code that consumes it would run inside the scope"
             )
         return super().__call__(func)
+
+    async def __aenter__(self) -> "scope":
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self.__exit__(exc_type, exc, tb)
+        finally:
+            exc = tb = None  # see __exit__
+
+    def _resolve(self, rt: _native.Runtime) -> int:
+        """What _open() needs, looked up before anything is entered."""
+        return _config.scope_id(rt, self.name)
+
+    def _open(self, rt: _native.Runtime, target: int) -> int:
+        """Enter the block's instance on this thread; returns its id."""
+        return rt.enter(target)
 
     def __enter__(self) -> "scope":
         rt = _native.runtime()
@@ -89,20 +114,38 @@ class scope(ContextDecorator):
             _config.warn_inactive()
             _stack().append((False, 0))
             return self
-        sid = _config.scope_id(rt, self.name)
+        target = self._resolve(rt)
+        stepper = _steps.stepping()
+        if stepper is not None:
+            # In a task: the instance follows the task (see _steps.py).
+            _steps.enter(rt, stepper, self, target)
+            return self
         # Recorded before entering: inside, the list's growth would be an
         # allocation of the scope (and refused in a forbid scope).
         stack = _stack()
         stack.append((True, rt.last_violation().seq))
         try:
-            rt.enter(sid)
+            self._open(rt, target)
         except BaseException:
             stack.pop()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        frame = _steps.leaving(self)
+        if frame is not None:
+            rt = frame.rt
+            left_region = rt.exit() == _native.EXIT_REGION
+            # Popped after leaving, as below.
+            seq = _steps.left(frame)
+            frame = None
+            return self._after_exit(rt, left_region, seq, exc, tb)
         stack = _stack()
+        if not stack:
+            # Entered in a task whose coroutine is being finalized elsewhere
+            # (garbage collection, another task closing an async generator):
+            # the instance was never attached here, and goes with the context.
+            return False
         entered, seq = stack[-1]
         if not entered:
             stack.pop()
@@ -112,12 +155,15 @@ class scope(ContextDecorator):
         # Popped after leaving: shrinking the list may allocate (a forbid
         # scope would refuse it).
         stack.pop()
+        return self._after_exit(rt, left_region, seq, exc, tb)
+
+    def _after_exit(self, rt, left_region, seq, exc, tb) -> bool:
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
                 from ._regions import _raise_outcome, region_outcome
 
-                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
+                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
@@ -164,7 +210,9 @@ def bind(fn: F) -> F:
     allocations are charged to the same instance, under the same budgets, as if
     it ran inside the ``with`` block that called :func:`bind`; the instance stays
     alive for as long as the wrapper exists. A refused allocation in the bound
-    call leaves it as :class:`AllocError`, as at a task boundary.
+    call leaves it as :class:`AllocError`, as at a task boundary. A coroutine
+    function gives a coroutine function whose coroutines run in the instance,
+    in whichever task awaits them.
     Outside any scope, or without a preloaded runtime, ``fn`` is returned as is.
     """
     if not callable(fn):
@@ -173,29 +221,71 @@ def bind(fn: F) -> F:
     if rt is None:
         return fn
     instance, _ = rt.current()
-    if instance == 0 or not rt.hold(instance):
-        return fn
-    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
+    return bind_instance(fn, rt, instance)
 
-    @functools.wraps(fn)
-    def bound(*args, **kwargs):
+
+class _Bound(task):
+    """The block of a bound call: it attaches an existing instance."""
+
+    def __init__(self, instance: int, scope_name: str) -> None:
+        self.name = scope_name
+        self._instance = instance
+
+    def _resolve(self, rt: _native.Runtime) -> int:
+        return self._instance
+
+    def _open(self, rt: _native.Runtime, target: int) -> int:
         # The wrapper holds the instance, so attaching only fails at capacity
         # (ScopeCapacityError), never silently.
-        rt.attach(instance)
-        seq = rt.last_violation().seq
-        try:
-            return fn(*args, **kwargs)
-        except MemoryError as exc:
-            if not isinstance(exc, AllocError):
-                err = _to_alloc_error(rt, seq, scope_name)
-                if err is not None:
-                    try:
-                        raise err.with_traceback(exc.__traceback__) from None
-                    finally:
-                        err = exc = None  # no cycle through this frame
-            raise
-        finally:
-            rt.exit()
+        rt.attach(target)
+        return target
+
+
+def bind_instance(fn: F, rt: _native.Runtime, instance: int) -> F:
+    """``fn`` wrapped to run in ``instance`` (see :func:`bind`); ``fn`` itself
+    for the process scope, or an instance that has already ended."""
+    if instance == 0 or not rt.hold(instance):
+        return fn
+    block = _Bound(instance, _config.scope_name(rt, rt.instance_stats(instance).scope))
+
+    if _is_coroutine_function(fn):
+
+        @functools.wraps(fn)
+        async def bound(*args, **kwargs):
+            with block:
+                return await fn(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            with block:
+                return fn(*args, **kwargs)
 
     weakref.finalize(bound, rt.release, instance)
     return bound  # type: ignore[return-value]
+
+
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+def _code_flags(func: object) -> int:
+    # What inspect.iscoroutinefunction() looks at, without importing inspect
+    # (a heavy import, and bind() is called at every hand-off).
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = getattr(func, "__func__", func)
+    code = getattr(func, "__code__", None)
+    return code.co_flags if isinstance(code, types.CodeType) else 0
+
+
+def _is_coroutine_function(func: object) -> bool:
+    inspect = sys.modules.get("inspect")
+    if inspect is not None:  # it knows markcoroutinefunction() and the like
+        return inspect.iscoroutinefunction(func)
+    return bool(_code_flags(func) & _CO_COROUTINE)
+
+
+def _is_async_generator_function(func: object) -> bool:
+    return bool(_code_flags(func) & _CO_ASYNC_GENERATOR)
