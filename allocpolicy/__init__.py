@@ -20,7 +20,8 @@ import importlib as _importlib
 import os as _os
 import warnings as _warnings
 
-from . import _native, _postimport
+from . import _native
+from ._core import postimport as _postimport
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -88,7 +89,7 @@ __all__ = [
 # (policy parsing, dataclasses, pathlib) loads on first use.
 _LAZY = {
     "active_policy": "_config",
-    "configure": "_config",
+    "configure": "_configure",
     "is_active": "_config",
     "install": "_inprocess",
     "is_installed": "_inprocess",
@@ -118,7 +119,7 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
-    "InjectSettings": "_inject",
+    "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
     "inject_stats": "_inject",
@@ -165,8 +166,9 @@ def _activate() -> None:
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
     # Scopes entered in coroutines follow their task: the event loops are
-    # followed from the moment asyncio is imported (see _loops.py).
-    _postimport.follow_loops()
+    # followed from the moment asyncio is imported (_loops.follow() does the
+    # same, without importing _loops at every start).
+    _postimport.after_import("asyncio.base_events", "allocpolicy._loops:follow_asyncio")
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
     source = _os.environ.get("ALLOCPOLICY_POLICY")

@@ -6,7 +6,7 @@ its ``create_task`` method: ``asyncio.create_task``, ``ensure_future``,
 ``gather``, ``TaskGroup``, anyio's task groups and ``run_until_complete`` all go
 through it, and a task factory set on the loop is called from it. So the
 method is wrapped on the loop classes themselves, once, as soon as their
-module is imported (``_postimport.follow_loops``): loops created before that are covered
+module is imported (``_core/postimport.py``): loops created before that are covered
 too, a task factory set later keeps working (it receives the stepper), and a
 loop that is idle pays nothing.
 
@@ -24,21 +24,31 @@ import sys
 import types
 from collections.abc import Coroutine
 
-from . import _postimport, _steps
-from ._scope import bind_instance
+from ._core import postimport, stepping
+from ._core.instances import InstanceHandle
+from ._scope import bind_handle
 
-__all__ = ["follow_anyio", "follow_asyncio", "follow_uvloop", "carry"]
+__all__ = ["follow", "follow_anyio", "follow_asyncio", "follow_uvloop", "carry"]
 
 _ORIGINAL = "__allocpolicy_original__"
+
+
+def follow() -> None:
+    """Follow every loop, from the moment asyncio is imported (now or later).
+
+    Only asyncio's own import is waited for at first: uvloop and anyio import
+    it before they can run anything, and are waited for from then on.
+    """
+    postimport.after_import("asyncio.base_events", f"{__name__}:follow_asyncio")
 
 
 def carry(func):
     """``func`` bound to the running context's innermost scope instance, for
     another thread; ``func`` itself outside scopes."""
-    frame = _steps.current()
+    frame = stepping.current()
     if frame is None:
         return func
-    return bind_instance(func, frame.rt, frame.instance)
+    return bind_handle(func, InstanceHandle.hold(frame.rt, frame.instance))
 
 
 def _wrap(owner: object, name: str, make) -> None:
@@ -53,7 +63,7 @@ def _wrap(owner: object, name: str, make) -> None:
 
 
 def _stepping_create_task(original):
-    stepper = _steps.Stepper
+    stepper = stepping.TaskStepper
 
     def create_task(self, coro, *args, **kwargs):
         if type(coro) is types.CoroutineType or (type(coro) is not stepper and isinstance(coro, Coroutine)):
@@ -83,10 +93,10 @@ def _follow_loop_class(cls: type) -> None:
 
 
 def follow_asyncio(base_events: types.ModuleType) -> None:
-    _steps.use_asyncio(sys.modules["asyncio.events"]._get_running_loop, sys.modules["asyncio.tasks"].current_task)
+    stepping.use_asyncio(sys.modules["asyncio.events"]._get_running_loop, sys.modules["asyncio.tasks"].current_task)
     _follow_loop_class(base_events.BaseEventLoop)
-    _postimport.after_import("uvloop", "allocpolicy._loops:follow_uvloop")
-    _postimport.after_import("anyio.to_thread", "allocpolicy._loops:follow_anyio")
+    postimport.after_import("uvloop", "allocpolicy._loops:follow_uvloop")
+    postimport.after_import("anyio.to_thread", "allocpolicy._loops:follow_anyio")
 
 
 def follow_uvloop(uvloop: types.ModuleType) -> None:

@@ -6,18 +6,18 @@ import functools
 import sys
 import threading
 import types
-import weakref
 from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
-from . import _config, _native, _steps
-from ._errors import AllocError
+from . import _native
+from ._core import refusal, stepping
+from ._core.instances import InstanceHandle
+from ._core.names import scope_id, warn_inactive
+from ._regions import raise_outcome, region_outcome
 
-__all__ = ["scope", "task", "bind", "bind_instance"]
+__all__ = ["scope", "task", "bind", "bind_handle"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_INJECTED = _native.REASONS.index("injected")
 
 # Per-thread record of what each `with` entered, so that exits pair with
 # entries even when one scope object is used by many threads at once.
@@ -40,24 +40,6 @@ def _check_name(name: object, func: str) -> str:
     return name
 
 
-def _to_alloc_error(rt: _native.Runtime, since_seq: int, task: str | None) -> AllocError | None:
-    """The AllocError for this thread's newest violation, if one happened
-    after ``since_seq``; ``None`` means the MemoryError was not ours."""
-    v = rt.last_violation()
-    if v.seq == since_seq:
-        return None
-    return AllocError(
-        scope=_config.scope_name(rt, v.scope),
-        size=v.requested,
-        budget=v.budget or None,
-        live=v.live,
-        reason=_native.REASONS[v.reason] if v.reason < len(_native.REASONS) else "budget",
-        limit=_native.LIMITS[v.limit] if v.limit < len(_native.LIMITS) else None,
-        task=task,
-        index=v.index if v.reason == _INJECTED else None,
-    )
-
-
 class scope(ContextDecorator):
     """Run a block (or a decorated function) in a new instance of scope ``name``.
 
@@ -77,7 +59,7 @@ class scope(ContextDecorator):
     def __call__(self, func: F) -> F:
         if _is_coroutine_function(func):
             # Each call's coroutine runs its body in a new instance, which
-            # follows the task that awaits it (see _steps.py).
+            # follows the task that awaits it (_core/stepping.py).
             @functools.wraps(func)
             async def scoped(*args, **kwargs):
                 with self._recreate_cm():
@@ -102,7 +84,7 @@ class scope(ContextDecorator):
 
     def _resolve(self, rt: _native.Runtime) -> int:
         """What _open() needs, looked up before anything is entered."""
-        return _config.scope_id(rt, self.name)
+        return scope_id(rt, self.name)
 
     def _open(self, rt: _native.Runtime, target: int) -> int:
         """Enter the block's instance on this thread; returns its id."""
@@ -111,19 +93,19 @@ class scope(ContextDecorator):
     def __enter__(self) -> "scope":
         rt = _native.runtime()
         if rt is None:
-            _config.warn_inactive()
+            warn_inactive()
             _stack().append((False, 0))
             return self
         target = self._resolve(rt)
-        stepper = _steps.stepping()
+        stepper = stepping.running_stepper()
         if stepper is not None:
-            # In a task: the instance follows the task (see _steps.py).
-            _steps.enter(rt, stepper, self, target)
+            # In a task: the instance follows the task (_core/stepping.py).
+            stepping.enter(rt, stepper, self, target)
             return self
         # Recorded before entering: inside, the list's growth would be an
         # allocation of the scope (and refused in a forbid scope).
         stack = _stack()
-        stack.append((True, rt.last_violation().seq))
+        stack.append((True, refusal.seq(rt)))
         try:
             self._open(rt, target)
         except BaseException:
@@ -132,12 +114,12 @@ class scope(ContextDecorator):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        frame = _steps.leaving(self)
+        frame = stepping.leaving(self)
         if frame is not None:
             rt = frame.rt
             left_region = rt.exit() == _native.EXIT_REGION
             # Popped after leaving, as below.
-            seq = _steps.left(frame)
+            seq = stepping.left(frame)
             frame = None
             return self._after_exit(rt, left_region, seq, exc, tb)
         stack = _stack()
@@ -161,9 +143,7 @@ class scope(ContextDecorator):
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
-                from ._regions import _raise_outcome, region_outcome
-
-                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
+                raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
@@ -192,13 +172,11 @@ class task(scope):
         super().__init__(name)
 
     def _boundary(self, rt, seq, exc, tb) -> bool:
-        if not isinstance(exc, MemoryError) or isinstance(exc, AllocError):
-            return False
-        err = _to_alloc_error(rt, seq, self.name)
-        if err is None:
-            return False
+        err = refusal.convert(exc, rt, seq, self.name)
         try:
-            raise err.with_traceback(tb) from None
+            if err is not None:
+                refusal.raise_converted(err, exc)
+            return False
         finally:
             err = exc = tb = None  # no cycle through this frame (see __exit__)
 
@@ -220,33 +198,33 @@ def bind(fn: F) -> F:
     rt = _native.runtime()
     if rt is None:
         return fn
-    instance, _ = rt.current()
-    return bind_instance(fn, rt, instance)
+    return bind_handle(fn, InstanceHandle.current(rt))
 
 
 class _Bound(task):
-    """The block of a bound call: it attaches an existing instance."""
+    """The block of a bound call: it attaches the held instance of ``handle``."""
 
-    def __init__(self, instance: int, scope_name: str) -> None:
-        self.name = scope_name
-        self._instance = instance
+    def __init__(self, handle: InstanceHandle) -> None:
+        self.name = handle.scope
+        self._handle = handle
 
     def _resolve(self, rt: _native.Runtime) -> int:
-        return self._instance
+        return self._handle.instance
 
     def _open(self, rt: _native.Runtime, target: int) -> int:
-        # The wrapper holds the instance, so attaching only fails at capacity
+        # The wrapper holds the instance (through the handle, released when
+        # the wrapper is garbage), so attaching only fails at capacity
         # (ScopeCapacityError), never silently.
-        rt.attach(target)
+        self._handle.attach()
         return target
 
 
-def bind_instance(fn: F, rt: _native.Runtime, instance: int) -> F:
-    """``fn`` wrapped to run in ``instance`` (see :func:`bind`); ``fn`` itself
-    for the process scope, or an instance that has already ended."""
-    if instance == 0 or not rt.hold(instance):
+def bind_handle(fn: F, handle: InstanceHandle | None) -> F:
+    """``fn`` wrapped to run in the instance ``handle`` holds (see
+    :func:`bind`), for as long as the wrapper lives; ``fn`` itself for ``None``."""
+    if handle is None:
         return fn
-    block = _Bound(instance, _config.scope_name(rt, rt.instance_stats(instance).scope))
+    block = _Bound(handle)
 
     if _is_coroutine_function(fn):
 
@@ -262,7 +240,6 @@ def bind_instance(fn: F, rt: _native.Runtime, instance: int) -> F:
             with block:
                 return fn(*args, **kwargs)
 
-    weakref.finalize(bound, rt.release, instance)
     return bound  # type: ignore[return-value]
 
 
@@ -271,8 +248,8 @@ _CO_ASYNC_GENERATOR = 0x200
 
 
 def _code_flags(func: object) -> int:
-    # What inspect.iscoroutinefunction() looks at, without importing inspect
-    # (a heavy import, and bind() is called at every hand-off).
+    # What inspect looks at, without importing it (a heavy import, and bind()
+    # is called at every hand-off).
     while isinstance(func, functools.partial):
         func = func.func
     func = getattr(func, "__func__", func)

@@ -1,32 +1,111 @@
-"""Scope instances that follow the asyncio task, not the thread.
+"""Driving a generator or coroutine one step at a time, with something around each step.
 
-The native scope stack is per thread, and an event loop runs the steps of many
-tasks on one thread, one after another. A scope entered in a coroutine must
-hold only while that coroutine's task runs: so its instances live here, in a
-context variable (each task runs in a context of its own, which the tasks it
-spawns and the work it hands to threads copy), and the task's coroutine is
-wrapped in a :class:`Stepper` whose ``send`` and ``throw`` attach them to the
-thread for the step and detach them when the step yields. Between steps the
-thread is back in whatever it was in before, so other tasks and the loop's
-own work are never charged to them.
+Two mechanisms, one idea: code that runs in a scope must be in it while it
+runs and out of it while it is suspended, because other code runs on the
+thread then.
 
-How the loops come to create steppers is in ``_loops.py``; the reasoning is in
-``docs/internals.rst`` (Scopes in coroutines).
+- :func:`drive` and :class:`Stepped` wrap one generator or coroutine, calling
+  ``enter()`` before each of its steps (the first, each resumption by
+  ``send``/``throw``, and ``close``) and ``leave(token, exc)`` right after it,
+  with what ``enter`` returned and the exception that ended the step, if any.
+  ``leave`` may raise in place of that exception (a boundary converting it).
+  Module-bound scopes use them for generator and coroutine functions.
+- :class:`TaskStepper` wraps the whole coroutine of an asyncio task, so that
+  the scope instances entered anywhere in that task follow it: they live in a
+  context variable (each task runs in a context of its own, which the tasks it
+  spawns and the work it hands to threads copy), and each step of the task
+  attaches them to the thread and detaches them when the step yields. Between
+  steps the thread is back in whatever it was in before, so other tasks and
+  the loop's own work are never charged to them. How the loops come to create
+  steppers is in ``_loops.py``; the reasoning in ``docs/internals.rst``
+  (Scopes in coroutines).
 """
 
 from __future__ import annotations
 
+import _thread
 import ctypes
-import threading
 import warnings
-from collections.abc import Coroutine
 from contextvars import ContextVar
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-from . import _native
-from ._errors import AllocPolicyWarning, ScopeCapacityError
+from .. import _native
+from .._errors import AllocPolicyWarning, ScopeCapacityError
 
-__all__ = ["Frame", "Stepper", "current", "enter", "leaving", "left", "stepping", "use_asyncio"]
+if TYPE_CHECKING:  # collections.abc is not loaded at startup; this module may be
+    from collections.abc import Callable, Generator
+    from typing import Any
+
+    Enter = Callable[[], Any]
+    Leave = Callable[[Any, BaseException | None], None]
+
+__all__ = [
+    "drive",
+    "Stepped",
+    "Frame",
+    "TaskStepper",
+    "current",
+    "enter",
+    "leaving",
+    "left",
+    "running_stepper",
+    "use_asyncio",
+]
+
+
+def drive(inner, enter: Enter, leave: Leave) -> Generator:
+    """``yield from inner``, with ``enter()``/``leave(token, exc)`` around each step."""
+    value = None
+    error = None
+    while True:
+        token = enter()
+        try:
+            if error is None:
+                item = inner.send(value)
+            else:
+                item = inner.throw(error)
+        except StopIteration as stop:
+            leave(token, None)
+            return stop.value
+        except BaseException as exc:
+            leave(token, exc)
+            raise
+        finally:
+            # Not kept across the suspension: the value or error of one step
+            # must not stay alive while other code runs.
+            error = value = None
+        leave(token, None)
+        try:
+            value = yield item
+        except GeneratorExit:
+            token = enter()
+            try:
+                inner.close()
+            except BaseException as exc:
+                leave(token, exc)
+                raise
+            leave(token, None)
+            raise
+        except BaseException as exc:
+            error = exc
+
+
+class Stepped:
+    """An awaitable running each step of the coroutine ``inner`` between
+    ``enter()`` and ``leave(token, exc)`` (see :func:`drive`)."""
+
+    __slots__ = ("inner", "enter", "leave")
+
+    def __init__(self, inner, enter: Enter, leave: Leave) -> None:
+        self.inner = inner
+        self.enter = enter
+        self.leave = leave
+
+    def __await__(self):
+        return drive(self.inner, self.enter, self.leave)
+
+
+# --- Tasks: scope instances that follow the asyncio task -----------------------------
 
 #: The innermost scope instance entered (or bound) in the running context.
 _frames: ContextVar["Frame | None"] = ContextVar("allocpolicy_scope_frames", default=None)
@@ -56,7 +135,7 @@ class Frame:
 
     __slots__ = ("rt", "instance", "parent", "levels", "chain", "owner", "seq", "stepper", "thread", "held")
 
-    def __init__(self, rt: _native.Runtime, parent: "Frame | None", owner: object, seq: int, stepper: "Stepper") -> None:
+    def __init__(self, rt: _native.Runtime, parent: "Frame | None", owner: object, seq: int, stepper: "TaskStepper") -> None:
         self.rt = rt
         self.instance = 0
         self.parent = parent
@@ -68,8 +147,8 @@ class Frame:
         self.chain = (ctypes.c_uint32 * self.levels)(*(parent.chain if parent is not None else ()))
         self.owner = owner
         self.seq = seq
-        self.stepper: Stepper | None = stepper
-        self.thread = threading.get_ident()
+        self.stepper: TaskStepper | None = stepper
+        self.thread = _thread.get_ident()
         self.held = False
 
     def __del__(self) -> None:
@@ -84,7 +163,7 @@ def current() -> Frame | None:
     return _get()
 
 
-def stepping() -> "Stepper | None":
+def running_stepper() -> "TaskStepper | None":
     """The stepper of the task running on this thread, if that task is stepped.
 
     ``None`` outside tasks (no running loop, or between steps), and for a task
@@ -102,7 +181,7 @@ def stepping() -> "Stepper | None":
     if task is None:
         return None
     coro = task.get_coro()
-    if type(coro) is Stepper:
+    if type(coro) is TaskStepper:
         return coro
     if not _warned_unfollowed:
         _warned_unfollowed = True
@@ -116,7 +195,7 @@ def stepping() -> "Stepper | None":
     return None
 
 
-def enter(rt: _native.Runtime, stepper: "Stepper", owner: Any, target: int) -> Frame:
+def enter(rt: _native.Runtime, stepper: "TaskStepper", owner: Any, target: int) -> Frame:
     """Enter ``owner``'s instance (``owner._open(rt, target)``) in the running task."""
     parent = _get()
     # Everything that allocates comes before the native entry: inside, it
@@ -140,7 +219,7 @@ def leaving(owner: object) -> Frame | None:
     """The frame an exit of ``owner`` closes: the running context's innermost,
     if ``owner`` entered it on this thread; else ``None`` (a thread's scope)."""
     frame = _get()
-    if frame is None or frame.owner is not owner or frame.thread != threading.get_ident():
+    if frame is None or frame.owner is not owner or frame.thread != _thread.get_ident():
         return None
     return frame
 
@@ -159,7 +238,7 @@ def left(frame: Frame) -> int:
     return frame.seq
 
 
-def _leave_step(stepper: "Stepper", end: Frame) -> None:
+def _leave_step(stepper: "TaskStepper", end: Frame) -> None:
     """Detach the context's instances at the end of a step."""
     if end.rt.step_leave(end.instance, end.levels) != _native.OK:
         raise RuntimeError(
@@ -168,17 +247,19 @@ def _leave_step(stepper: "Stepper", end: Frame) -> None:
         )
 
 
-class Stepper(Coroutine):
+class TaskStepper:
     """A task's coroutine, stepped inside the scope instances of its context.
 
     Everything but ``send``, ``throw`` and ``close`` is the wrapped coroutine's
     (``cr_frame``, ``cr_await``, ``__qualname__``...), so tracebacks, task
     reprs, ``Task.get_stack()`` and ``inspect.getcoroutinestate()`` see it.
+    It is a :class:`collections.abc.Coroutine` by its methods (the ABC checks
+    for them), without importing that module at startup.
     """
 
     __slots__ = ("_coro", "_seq", "_seq_ref")
 
-    def __init__(self, coro: Coroutine) -> None:
+    def __init__(self, coro) -> None:
         self._coro = coro
         self._seq = None
         self._seq_ref = None

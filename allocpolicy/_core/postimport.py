@@ -13,7 +13,7 @@ import _thread
 import importlib
 import sys
 
-__all__ = ["after_import", "follow_loops"]
+__all__ = ["after_import"]
 
 _lock = _thread.allocate_lock()
 _pending: dict[str, list[str]] = {}
@@ -35,12 +35,6 @@ def after_import(name: str, target: str) -> None:
         _pending.setdefault(name, []).append(target)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
-
-
-def follow_loops() -> None:
-    """Make scopes entered in coroutines follow their task (``_loops.py``),
-    from the moment asyncio is imported; uvloop and anyio import it first."""
-    after_import("asyncio.base_events", "allocpolicy._loops:follow_asyncio")
 
 
 class _Finder:
