@@ -48,7 +48,7 @@ import functools
 import sys
 from types import FunctionType, ModuleType
 
-from . import _native
+from . import _native, _refusal
 
 __all__ = ["apply", "activate_from_environment", "bound_scope"]
 
@@ -189,6 +189,7 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
     if not refused:
         return  # no error, or a MemoryError the runtime did not cause: leave it alone
     err = _to_alloc_error(rt, -1, binding.name)  # this thread's newest violation
+    _refusal.notify(err)
     try:
         raise err.with_traceback(exc.__traceback__) from None
     finally:

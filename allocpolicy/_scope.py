@@ -8,7 +8,7 @@ import weakref
 from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
-from . import _config, _native
+from . import _config, _native, _refusal
 from ._errors import AllocError
 
 __all__ = ["scope", "task", "bind"]
@@ -151,6 +151,7 @@ class task(scope):
         err = _to_alloc_error(rt, seq, self.name)
         if err is None:
             return False
+        _refusal.notify(err)
         try:
             raise err.with_traceback(tb) from None
         finally:
@@ -189,6 +190,7 @@ def bind(fn: F) -> F:
             if not isinstance(exc, AllocError):
                 err = _to_alloc_error(rt, seq, scope_name)
                 if err is not None:
+                    _refusal.notify(err)
                     try:
                         raise err.with_traceback(exc.__traceback__) from None
                     finally:

@@ -124,6 +124,7 @@ typedef struct {
     _Atomic int64_t overdraft_bytes;
     _Atomic uint64_t forbidden;
     _Atomic uint64_t injected;
+    _Atomic uint64_t refused[AP_REASON_COUNT_]; /* violations by ap_reason */
 } ap__scope;
 
 enum { AP__INST_FREE = 0, AP__INST_ACTIVE = 1, AP__INST_ENDED = 2 };
