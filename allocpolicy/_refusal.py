@@ -65,14 +65,20 @@ def remove_refusal_hook(callback: Hook) -> bool:
 
 def notify(err: AllocError) -> None:
     """Tell every registered callback about ``err``; never raises an ``Exception``."""
+    if not _hooks:
+        return
+    # The boundary runs while the refused allocation's MemoryError is being
+    # handled; that one is the program's to see, not part of a hook's report.
+    handling = sys.exc_info()[1]
     for hook in _hooks:
         try:
             hook(err)
         except Exception as exc:
-            _report(hook, exc)
+            _report(hook, exc, handling)
+    handling = None
 
 
-def _report(hook: Hook, exc: Exception) -> None:
+def _report(hook: Hook, exc: Exception, handling: BaseException | None) -> None:
     # Like the interpreter's "Exception ignored in": the refusal stays the
     # error that propagates, the callback's failure is shown, not lost.
     try:
@@ -80,12 +86,10 @@ def _report(hook: Hook, exc: Exception) -> None:
 
         name = getattr(hook, "__qualname__", None) or repr(hook)
         print(f"allocpolicy: exception ignored in on_refusal callback {name}:", file=sys.stderr)
-        # The boundary runs while the refused allocation's MemoryError is being
-        # handled; that one is the program's to see, not part of this report.
-        if exc.__context__ is not None and exc.__context__ is sys.exc_info()[1]:
+        if handling is not None and exc.__context__ is handling:
             exc.__suppress_context__ = True
         traceback.print_exception(exc, file=sys.stderr)
     except Exception:
         pass
     finally:
-        exc = None  # no cycle through this frame
+        exc = handling = None  # no cycle through this frame
