@@ -74,6 +74,7 @@ __all__ = [
     "replay_setting",
     "reserve",
     "scope",
+    "serve_stats",
     "stats",
     "task",
     "try_append",
@@ -120,6 +121,7 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
+    "serve_stats": "_stats_socket",
     "on_refusal": "_refusal",
     "remove_refusal_hook": "_refusal",
     "InjectSettings": "_inject",
@@ -177,6 +179,11 @@ def _activate() -> None:
         from . import _modules
 
         _modules.activate_from_environment(source)
+    if _os.environ.get("ALLOCPOLICY_STATS_SOCKET"):
+        # Asked for (`run --stats-socket`): only then is there a thread.
+        from . import _stats_socket
+
+        _stats_socket.start_from_environment()
 
 
 _activate()
