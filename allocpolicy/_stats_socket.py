@@ -19,6 +19,7 @@ asked: without the setting, nothing here runs.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -78,6 +79,11 @@ class _Server:
         except BaseException:
             self.sock.close()
             raise
+        self.pid = os.getpid()
+        if not self.address.startswith("@"):
+            # A path outlives the process unless removed; a forked child that
+            # exits normally runs this too, hence the pid.
+            atexit.register(self._unlink)
         self.thread = threading.Thread(target=self._loop, name="allocpolicy-stats", daemon=True)
         self.thread.start()
 
@@ -124,7 +130,11 @@ class _Server:
         except OSError:
             pass
         self.sock.close()
-        if not self.address.startswith("@"):
+        self._unlink()
+        atexit.unregister(self._unlink)
+
+    def _unlink(self) -> None:
+        if not self.address.startswith("@") and os.getpid() == self.pid:
             try:
                 os.unlink(self.address)
             except OSError:
