@@ -258,7 +258,13 @@ def _with_injection(policy: Policy, text: str) -> Policy:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    print(_load(args.file).describe())
+    from ._budget_checks import budget_warnings
+
+    policy = _load(args.file)
+    print(policy.describe())
+    sys.stdout.flush()  # the warnings follow the description, also in a terminal
+    for problem in budget_warnings(policy):
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
