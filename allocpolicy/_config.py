@@ -9,6 +9,7 @@ garbage collection walks, so the scope path keeps its imports small.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -140,8 +141,21 @@ def warn_inactive() -> None:
             "the allocpolicy runtime is not preloaded in this process, so scopes and budgets "
             "are not enforced; start the program with `allocpolicy run -- ...`",
             AllocPolicyWarning,
-            stacklevel=3,
+            stacklevel=_outside_the_package(),
         )
+
+
+def _outside_the_package() -> int:
+    """``stacklevel`` for a warning issued by our caller that names the first
+    frame outside this package, however deep inside it the call came from
+    (``reserve`` reaches here through one more function than ``scope``)."""
+    here = os.path.dirname(__file__)
+    frame = sys._getframe(2)  # the caller of warn_inactive
+    level = 2
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def scope_id(rt: _native.Runtime, name: str) -> int:
