@@ -128,3 +128,12 @@ def test_importing_allocpolicy_and_its_metrics_imports_no_framework():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_docs_list_every_metric_with_its_type():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "observing.rst").read_text()
+    rows = {line.split()[0].strip("`"): line.split()[1] for line in page.splitlines()
+            if line.startswith("``allocpolicy_")}
+    assert rows == {(m.name + "_total" if m.kind == "counter" else m.name): m.kind for m in METRICS}
