@@ -28,8 +28,8 @@ def on_refusal(callback: H) -> H:
     ``err`` is the :class:`AllocError` about to be raised, with its facts
     (``scope``, ``size``, ``budget``, ``live``, ``reason``, ``limit``, ``task``,
     ...). The callback runs in the thread of the refusal, at the boundary that
-    converts it (:func:`task`, a :func:`bind` wrapper, a module-bound scope),
-    before the error propagates; the refused instance has already been left,
+    converts it (:func:`task`, a :func:`bind` wrapper, a module-bound scope,
+    the end of a ``forbid`` scope), before the error propagates; the refused instance has already been left,
     except in a :func:`bind` wrapper. Use it for logging and metrics; it cannot
     stop the error. Refusals returned or raised by the fallible API
     (:func:`reserve`, ``try_*``) are the caller's to handle and are not

@@ -117,13 +117,16 @@ class scope(ContextDecorator):
                 # A forbid scope: its region ended with it.
                 from ._regions import _raise_outcome, region_outcome
 
-                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
+                err = region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3)
+                if err is not None:
+                    _refusal.notify(err)
+                _raise_outcome(err, exc, tb)
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
             # locals must not keep the failed task's frames (and their memory)
             # alive until the cyclic GC runs.
-            exc = tb = None
+            err = exc = tb = None
 
     def _boundary(self, rt, seq, exc, tb) -> bool:
         return False

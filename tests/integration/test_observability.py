@@ -79,12 +79,20 @@ def test_on_refusal_sees_each_refusal_once_with_its_facts_at_the_boundary(tmp_pa
             except Exception as exc:
                 return exc
         t.start(); t.join()
+        del bound  # the wrapper held its instance
         # the fallible API reports to its caller, not to the hook
         with allocpolicy.scope("request"):
             try:
                 allocpolicy.reserve(1 << 30)
             except allocpolicy.AllocError:
                 pass
+        # the end of a forbid scope, inside a task: reported once, by the scope
+        try:
+            with allocpolicy.task("request"):
+                with allocpolicy.scope("quiet"):
+                    bytearray(100_000)
+        except allocpolicy.AllocError:
+            pass
         assert allocpolicy.remove_refusal_hook(hook) and not allocpolicy.remove_refusal_hook(hook)
         try:
             with allocpolicy.task("request"):
@@ -98,6 +106,7 @@ def test_on_refusal_sees_each_refusal_once_with_its_facts_at_the_boundary(tmp_pa
         f"('request', {(64 << 20) + 1}, {16 << 20}, 'budget', 'request', 1)",
         f"('request', {(32 << 20) + 1}, {16 << 20}, 'budget', 'request', 1)",
         "('thread', 'AllocError')",
+        "('quiet', 100001, None, 'forbidden', None, 1)",
     ]
 
 
