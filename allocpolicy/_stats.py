@@ -161,6 +161,11 @@ def _refusals(s: _native.ScopeStatsC) -> dict[str, int]:
     return {reason: s.refused[_native.REASONS.index(reason)] for reason in REFUSAL_REASONS}
 
 
+def _from_native(cls, struct, **special):
+    """``cls`` with each field read from ``struct`` by name, but for ``special`` ones."""
+    return cls(**{f.name: special[f.name] if f.name in special else getattr(struct, f.name) for f in fields(cls)})
+
+
 def stats() -> Stats:
     """Per-scope and process counters.
 
@@ -187,39 +192,21 @@ def stats() -> Stats:
         if sid == 0:
             continue
         name = s.name.decode("utf-8", "replace")
-        scopes[name] = ScopeStats(
+        scopes[name] = _from_native(
+            ScopeStats,
+            s,
             name=name,
             mode=_native.MODES[s.mode] if s.mode < len(_native.MODES) else str(s.mode),
-            budget=s.budget or None,
+            budget=s.budget or None,  # 0 is "no budget" in the ABI
             total_budget=s.total_budget or None,
-            live=s.live,
-            peak=s.peak,
-            allocations=s.allocations,
-            violations=s.violations,
-            instances=s.instances,
-            active=s.active,
-            escaped=s.escaped,
-            grace_bytes=s.grace_bytes,
-            max_instance_peak=s.max_instance_peak,
-            reservations=s.reservations,
-            refused_reservations=s.refused_reservations,
-            overdrafts=s.overdrafts,
-            overdraft_bytes=s.overdraft_bytes,
-            forbidden=s.forbidden,
-            injected=s.injected,
             refusals=by_reason,
         )
-    process = ProcessStats(
+    process = _from_native(
+        ProcessStats,
+        p,
         preloaded=bool(p.preloaded),
         budget=p.budget or None,
-        live=p.live,
-        peak=p.peak,
-        allocations=p.allocations,
-        violations=p.violations,
-        arenas_live=p.arenas_live,
         arena_hook=bool(p.arena_hook),
-        foreign_frees=p.foreign_frees,
-        grace=p.grace,
         refusals=refusals,
     )
     return Stats(active=True, process=process, scopes=scopes)
