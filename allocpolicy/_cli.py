@@ -11,8 +11,9 @@
     allocpolicy --version
 
 Exit codes: 0 success; 1 the runtime library is missing, or ``stats`` could
-not read the counters it was asked for; 2 a usage or policy error; 126 the command cannot be executed; 127 the command was not found (the
-last two as in POSIX shells). After ``run`` has started the command, the exit
+not read the counters it was asked for; 2 a usage or policy error; 126 the
+command cannot be executed; 127 the command was not found (the last two as in
+POSIX shells). After ``run`` has started the command, the exit
 status and signals are the command's own: ``run`` replaces itself with it.
 """
 
@@ -30,6 +31,8 @@ import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import _stats_client
+from ._budget_checks import budget_warnings
 from ._errors import PolicyError, RuntimeLoadError
 from ._inject import ENV_INJECT
 from ._policy import BUILTIN_SOURCE, ENV_POLICY, ENV_TABLE, MAX_FD, Policy, default_policy, load_policy
@@ -258,8 +261,6 @@ def _with_injection(policy: Policy, text: str) -> Policy:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ._budget_checks import budget_warnings
-
     policy = _load(args.file)
     print(policy.describe())
     sys.stdout.flush()  # the warnings follow the description, also in a terminal
@@ -279,18 +280,17 @@ def _pid(text: str) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from . import _stats_client
-
     if args.pid is not None and args.socket is not None:
         raise UserError("stats: give PID or --socket ADDRESS, not both")
     if args.pid is None and args.socket is None:
         print(_stats_client.listing(as_json=args.json))
         return EXIT_OK
+    shape = "json" if args.json else "prometheus" if args.prometheus else "table"
     try:
-        doc = _stats_client.fetch(args.pid, args.socket)
+        text = _stats_client.render(_stats_client.fetch(args.pid, args.socket), shape)
     except _stats_client.StatsUnavailable as exc:
         raise UserError(f"stats: {exc}", EXIT_UNAVAILABLE) from None
-    print(_stats_client.render(doc, "json" if args.json else "prometheus" if args.prometheus else "table"), end="")
+    print(text, end="")
     return EXIT_OK
 
 
