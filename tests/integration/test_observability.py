@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from runtime_run import check, run_python
 
 TIMEOUT = 60
@@ -262,3 +263,53 @@ def test_stats_says_why_a_process_has_nothing_to_show(tmp_path):
     finally:
         under.send_signal(signal.SIGKILL)
         under.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_only_the_processs_own_user_and_root_are_served(tmp_path):
+    from allocpolicy._stats_socket import StatsUnavailable, read_stats
+
+    proc = _start(tmp_path)
+    try:
+        proc.stdout.readline()
+        address = f"@allocpolicy-stats-{proc.pid}"
+        assert read_stats(address)["pid"] == proc.pid  # root (our user, too)
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # another user: nobody
+            try:
+                os.close(r)
+                os.setuid(65534)
+                try:
+                    read_stats(address)
+                    os.write(w, b"served")
+                except StatsUnavailable as exc:
+                    os.write(w, str(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            said = f.read()
+        os.waitpid(child, 0)
+        assert said == f"process {proc.pid} serves its stats only to its own user and root"
+    finally:
+        _stop(proc)
+
+
+def test_serve_stats_from_code_and_moving_the_socket(tmp_path):
+    out = check(run_python(
+        """
+        import os, allocpolicy
+        from allocpolicy._stats_socket import StatsUnavailable, read_stats
+        first = allocpolicy.serve_stats("@observability-test-{pid}")
+        print(os.getpid())
+        print(first == f"@observability-test-{os.getpid()}", read_stats(first)["pid"] == os.getpid())
+        second = allocpolicy.serve_stats(str(__import__("pathlib").Path.cwd() / "s.sock"))
+        try:
+            read_stats(first)
+        except StatsUnavailable as exc:
+            print("moved:", exc)
+        print(read_stats(second)["scopes"]["task"]["instances"])
+        """, None, tmp_path))
+    pid, *rest = out.splitlines()
+    assert rest == ["True True", f"moved: nothing serves stats at @observability-test-{pid}", "0"]
