@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .._stats import REFUSAL_REASONS, ProcessStats, ScopeStats, Stats
+from .. import ProcessStats, ScopeStats, Stats
 
 __all__ = ["Metric", "Sample", "METRICS", "samples"]
 
@@ -53,8 +53,8 @@ def _scopes(value: Callable[[ScopeStats], int | None]) -> Callable[[Stats], Iter
 
 def _scope_refusals(stats: Stats) -> Iterator[Sample]:
     for s in stats.scopes.values():
-        for reason in REFUSAL_REASONS:
-            yield Sample({"scope": s.name, "reason": reason}, s.refusals.get(reason, 0))
+        for reason, n in s.refusals.items():
+            yield Sample({"scope": s.name, "reason": reason}, n)
 
 
 def _process(value: Callable[[ProcessStats], int | None]) -> Callable[[Stats], Iterator[Sample]]:
@@ -69,8 +69,8 @@ def _process(value: Callable[[ProcessStats], int | None]) -> Callable[[Stats], I
 
 def _process_refusals(stats: Stats) -> Iterator[Sample]:
     if stats.process is not None:
-        for reason in REFUSAL_REASONS:
-            yield Sample({"reason": reason}, stats.process.refusals.get(reason, 0))
+        for reason, n in stats.process.refusals.items():
+            yield Sample({"reason": reason}, n)
 
 
 def _active(stats: Stats) -> Iterator[Sample]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .._stats import Stats
-from .._stats import stats as _take_stats
+from .. import Stats
+from .. import stats as _take_stats
 from ._model import samples
 
 __all__ = ["CONTENT_TYPE", "prometheus_text"]

@@ -16,9 +16,8 @@ from typing import Callable, Iterable
 from opentelemetry import metrics as _otel_metrics
 from opentelemetry.metrics import CallbackOptions, Instrument, MeterProvider, Observation
 
-from .. import __version__
-from .._stats import Stats
-from .._stats import stats as _take_stats
+from .. import Stats, __version__
+from .. import stats as _take_stats
 from ._model import METRICS, Metric
 
 __all__ = ["instrument", "ATTRIBUTES"]

@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 from prometheus_client.core import REGISTRY, CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .._stats import Stats
-from .._stats import stats as _take_stats
+from .. import Stats
+from .. import stats as _take_stats
 from ._model import samples
 
 __all__ = ["AllocPolicyCollector", "register"]
