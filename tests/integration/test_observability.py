@@ -313,3 +313,11 @@ def test_serve_stats_from_code_and_moving_the_socket(tmp_path):
         """, None, tmp_path))
     pid, *rest = out.splitlines()
     assert rest == ["True True", f"moved: nothing serves stats at @observability-test-{pid}", "0"]
+
+
+def test_an_address_that_cannot_be_bound_warns_and_the_program_runs(tmp_path):
+    proc = run_python("print('ran')", None, tmp_path,
+                      env={"ALLOCPOLICY_STATS_SOCKET": str(tmp_path / "missing" / "s.sock")})
+    assert check(proc) == "ran\n"
+    assert "AllocPolicyWarning: ALLOCPOLICY_STATS_SOCKET=" in proc.stderr
+    assert "cannot serve the stats of process" in proc.stderr and "No such file or directory" in proc.stderr
