@@ -91,7 +91,7 @@ __all__ = [
 # (policy parsing, dataclasses, pathlib) loads on first use.
 _LAZY = {
     "active_policy": "_config",
-    "configure": "_config",
+    "configure": "_configure",
     "is_active": "_config",
     "install": "_inprocess",
     "is_installed": "_inprocess",
@@ -122,9 +122,9 @@ _LAZY = {
     "Stats": "_stats",
     "stats": "_stats",
     "serve_stats": "_stats_socket",
-    "on_refusal": "_refusal",
-    "remove_refusal_hook": "_refusal",
-    "InjectSettings": "_inject",
+    "on_refusal": "_core.refusal_hooks",
+    "remove_refusal_hook": "_core.refusal_hooks",
+    "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
     "inject_stats": "_inject",

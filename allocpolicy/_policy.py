@@ -55,8 +55,8 @@ from typing import Any
 
 from ._errors import PolicyError, PolicyProblem
 from ._errors import did_you_mean as _did_you_mean
-from ._inject import VALIDATORS as _INJECT_VALIDATORS
-from ._inject import InjectSettings, check_combination
+from ._inject_settings import VALIDATORS as _INJECT_VALIDATORS
+from ._inject_settings import InjectSettings, check_combination
 from ._sizes import MAX_SIZE, MiB, Percent, format_size, parse_size
 
 #: Environment variable carrying the compiled table to a preloaded library.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import allocpolicy
-from allocpolicy import _config
+from allocpolicy._core import names
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -54,7 +54,7 @@ def test_each_process_of_a_tree_writes_a_libraries_report_that_names_it(tmp_path
 def test_without_the_runtime_warnings_point_at_the_callers_line(monkeypatch):
     for use in (lambda: allocpolicy.reserve(10), lambda: allocpolicy.try_reserve(10),
                 lambda: allocpolicy.scope("x").__enter__()):
-        monkeypatch.setattr(_config, "_warned_inactive", False)
+        monkeypatch.setattr(names, "_warned_inactive", False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             use()

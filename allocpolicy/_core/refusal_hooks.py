@@ -2,7 +2,9 @@
 
 Rust's ``std::alloc::set_alloc_error_hook`` for Python: a place to log a
 refusal and count it, once, where it becomes an :class:`AllocError`. Kept apart
-from the boundaries themselves so that each of them calls one function.
+from the boundaries themselves: the one conversion (:mod:`.refusal`) and the regions
+call :func:`notify`, and this module imports nothing but the errors, so it can
+sit below both.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TypeVar
 
-from ._errors import AllocError
+from .._errors import AllocError
 
 __all__ = ["on_refusal", "remove_refusal_hook", "notify"]
 
@@ -23,17 +25,21 @@ _hooks: tuple[Hook, ...] = ()
 
 
 def on_refusal(callback: H) -> H:
-    """Call ``callback(err)`` for every refused allocation that becomes an :class:`AllocError`.
+    """Call ``callback(err)`` for every refused allocation that the program sees as an :class:`AllocError`.
 
     ``err`` is the :class:`AllocError` about to be raised, with its facts
     (``scope``, ``size``, ``budget``, ``live``, ``reason``, ``limit``, ``task``,
-    ...). The callback runs in the thread of the refusal, at the boundary that
-    converts it (:func:`task`, a :func:`bind` wrapper, a module-bound scope,
-    the end of a ``forbid`` scope), before the error propagates; the refused instance has already been left,
-    except in a :func:`bind` wrapper. Use it for logging and metrics; it cannot
-    stop the error. Refusals returned or raised by the fallible API
-    (:func:`reserve`, ``try_*``) are the caller's to handle and are not
-    reported, nor are ``abort`` scopes, which end the process.
+    ...). The callback runs in the thread of the refusal, where the error is
+    raised in place of the ``MemoryError`` (a :func:`task` boundary, a
+    :func:`bind` wrapper, a module-bound scope, the end of a ``forbid`` scope
+    or a :func:`no_alloc` region, a reservation overdraft), before it
+    propagates; once per refusal, by the innermost place that converts it. A
+    task boundary has left its scope instance by then, so the callback's own
+    allocations are not charged to the exhausted budget. Use it for logging
+    and metrics; it cannot stop the error. What the fallible API returns or
+    raises up front (:func:`reserve`, :func:`try_reserve`, ``try_*``) is the
+    caller's to handle and is not reported, nor are ``abort`` scopes, which
+    end the process.
 
     An exception raised by the callback never replaces the refusal: it is
     printed to standard error (``allocpolicy: exception ignored in on_refusal
