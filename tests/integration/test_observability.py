@@ -321,3 +321,29 @@ def test_an_address_that_cannot_be_bound_warns_and_the_program_runs(tmp_path):
     assert check(proc) == "ran\n"
     assert "AllocPolicyWarning: ALLOCPOLICY_STATS_SOCKET=" in proc.stderr
     assert "cannot serve the stats of process" in proc.stderr and "No such file or directory" in proc.stderr
+
+
+def test_on_refusal_hears_of_regions_and_overdrafts_but_not_of_the_fallible_api(tmp_path):
+    out = check(run_python(
+        """
+        import allocpolicy
+        seen = []
+        allocpolicy.on_refusal(lambda err: seen.append((err.reason, err.limit)))
+        try:
+            with allocpolicy.no_alloc():
+                bytearray(100_000)
+        except allocpolicy.AllocError:
+            pass
+        with allocpolicy.scope("request"):
+            try:
+                with allocpolicy.reserve(1 << 20, overdraft="raise"):
+                    bytearray(4 << 20)
+            except allocpolicy.AllocError:
+                pass
+            # the fallible API answers its caller: nothing to hear of
+            assert isinstance(allocpolicy.try_reserve(1 << 30), allocpolicy.AllocError)
+            left = allocpolicy.try_bytearray(1 << 30)
+            assert isinstance(left, allocpolicy.AllocError), left
+        print(seen)
+        """, POLICY, tmp_path))
+    assert out == "[('forbidden', None), ('budget', 'reservation')]\n"
