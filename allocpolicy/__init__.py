@@ -70,9 +70,12 @@ __all__ = [
     "load_policy",
     "machine_headroom",
     "no_alloc",
+    "on_refusal",
+    "remove_refusal_hook",
     "replay_setting",
     "reserve",
     "scope",
+    "serve_stats",
     "stats",
     "task",
     "try_append",
@@ -119,6 +122,9 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
+    "serve_stats": "_stats_socket",
+    "on_refusal": "_core.refusal_hooks",
+    "remove_refusal_hook": "_core.refusal_hooks",
     "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
@@ -178,6 +184,11 @@ def _activate() -> None:
         from . import _modules
 
         _modules.activate_from_environment(source)
+    if _os.environ.get("ALLOCPOLICY_STATS_SOCKET"):
+        # Asked for (`run --stats-socket`): only then is there a thread.
+        from . import _stats_socket
+
+        _stats_socket.start_from_environment()
 
 
 _activate()

@@ -112,6 +112,7 @@ class ScopeStatsC(ctypes.Structure):
         ("overdraft_bytes", ctypes.c_int64),
         ("forbidden", ctypes.c_uint64),
         ("injected", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64 * len(REASONS)),  # violations by reason, indexed like REASONS
     ]
 
 

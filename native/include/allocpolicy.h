@@ -56,6 +56,7 @@ typedef enum {
     AP_REASON_OOM = 2,       /* the backend allocator returned NULL */
     AP_REASON_INJECTED = 3,  /* fault injection chose this allocation */
     AP_REASON_FORBIDDEN = 4, /* the scope forbids allocation */
+    AP_REASON_COUNT_ = 5
 } ap_reason;
 
 /* Which budget refused, for AP_REASON_BUDGET. */
@@ -142,6 +143,8 @@ typedef struct {
     int64_t overdraft_bytes; /* bytes beyond reservations */
     uint64_t forbidden;     /* allocations (and frees) seen in forbid regions */
     uint64_t injected;      /* failures injected in its instances */
+    uint64_t refused[AP_REASON_COUNT_]; /* `violations` by ap_reason ([0] unused), counted
+                                         * for the innermost scope, as `violations` is */
 } ap_scope_stats;
 
 /* Counters of one instance. */
