@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from runtime_run import check, run_python
+
 # Raise mode, a 4 MiB budget, no unwind grace: every over-budget request is
 # refused, not just the first.
 TABLE = "v=1;process=raise:0;grace=0;scope=work:raise:4194304:0"
@@ -71,3 +73,37 @@ def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded,
     proc = run_preloaded([python_exe, "-c", code], table=TABLE, preload=backend_chain)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result 1" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["system", "jemalloc", "mimalloc"])
+def test_library_scope_binds_the_cxx_code_that_calls_new(build_c, backend_library, tmp_path,
+                                                         backend):
+    # GIVEN the C++ plugin bound to a 4 MiB raise scope WHEN it asks for 8 MiB
+    # with new THEN it gets std::bad_alloc, while the rest of the program
+    # allocates as much freely (over jemalloc and mimalloc, whose own
+    # operator new used to take the request past every scope).
+    if backend != "system":
+        backend_library(backend)  # skips when not installed
+    plugin = build_c("cxx_plugin", shared=True)
+    out = check(
+        run_python(
+            f"""
+            import ctypes
+            lib = ctypes.CDLL({plugin!r})
+            lib.cxx_plugin_try_new.argtypes = [ctypes.c_size_t]
+            print("plugin 8 MiB:", lib.cxx_plugin_try_new(8 << 20))
+            print("plugin 1 MiB:", lib.cxx_plugin_try_new(1 << 20))
+            print("python 8 MiB:", len(bytearray(8 << 20)))
+            """,
+            """
+            version = 1
+            [scopes.plugin]
+            on_oom = "raise"
+            budget = "4 MiB"
+            libraries = ["libcxx_plugin.so"]
+            """,
+            tmp_path,
+            run_options=("--backend", backend),
+        )
+    )
+    assert out.splitlines() == ["plugin 8 MiB: 0", "plugin 1 MiB: 1", "python 8 MiB: 8388608"]
