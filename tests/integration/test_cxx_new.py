@@ -16,7 +16,11 @@ from runtime_run import check, run_python
 # Raise mode, a 4 MiB budget, no unwind grace: every over-budget request is
 # refused, not just the first.
 TABLE = "v=1;process=raise:0;grace=0;scope=work:raise:4194304:0"
-BACKENDS = ["glibc", "jemalloc", "mimalloc"]
+BACKENDS = [
+    "glibc",
+    pytest.param("jemalloc", marks=pytest.mark.backend),
+    pytest.param("mimalloc", marks=pytest.mark.backend),
+]
 MODES = ["accounting", "refusal", "handler"]
 
 
@@ -75,7 +79,7 @@ def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded,
     assert "result 1" in proc.stdout, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("backend", ["system", "jemalloc", "mimalloc"])
+@pytest.mark.parametrize("backend", ["system", *BACKENDS[1:]])
 def test_library_scope_binds_the_cxx_code_that_calls_new(build_c, backend_library, tmp_path,
                                                          backend):
     # GIVEN the C++ plugin bound to a 4 MiB raise scope WHEN it asks for 8 MiB
