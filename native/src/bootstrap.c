@@ -63,6 +63,15 @@ void ap__bootstrap(void) {
         ap__threads_init();
         ap__policy_from_environment();
         atomic_store(&ap__ready, RESOLVED);
+        /* The allocation that got here (libstdc++'s constructor runs before
+         * ours in a C++ program) was decided before the thread could register
+         * its exit destructor. Left alone, the fast path would serve the
+         * thread from then on without ever registering it, and its
+         * small-block cache, which needs the destructor, would stay off for
+         * good. An empty allowance sends its next allocation through the slow
+         * path, which registers. */
+        ap__publish(&ap__tls);
+        ap__refill(&ap__tls);
         return;
     }
     /* Another thread is resolving; dlsym takes no lock we hold, so wait. */

@@ -9,6 +9,8 @@ tests/integration/native/cxx_plugin.cpp.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from runtime_run import check, run_python
@@ -60,6 +62,17 @@ def test_impossible_new_throws_in_every_mode_but_abort(cxx_new, run_preloaded, b
     table = f"v=1;process=raise:0;grace=0;scope=work:{mode}:4194304:0"
     proc = run_preloaded([cxx_new, "impossible"], table=table, preload=backend_chain)
     assert_ok(proc, "impossible")
+
+
+def test_small_block_cache_works_in_a_cxx_program(cxx_new, run_preloaded):
+    # libstdc++ allocates in its constructor, before the runtime's, and the
+    # thread then never registered: its small-block cache stayed off (a
+    # 64-byte pair cost 243 instructions instead of 128). A block deleted
+    # twice shows the cache is on: it is found in it, reported, and aborts.
+    proc = run_preloaded([cxx_new, "double-free"], table=TABLE)
+    assert proc.returncode == -signal.SIGABRT, proc.stdout + proc.stderr
+    assert "survived" not in proc.stdout
+    assert "allocpolicy: double free of the block at 0x" in proc.stderr
 
 
 def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded, python_exe,
