@@ -21,6 +21,7 @@ import os as _os
 import warnings as _warnings
 
 from . import _native
+from ._core import postimport as _postimport
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -170,6 +171,10 @@ def _activate() -> None:
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    # Scopes entered in coroutines follow their task: the event loops are
+    # followed from the moment asyncio is imported (_loops.follow() does the
+    # same, without importing _loops at every start).
+    _postimport.after_import("asyncio.base_events", "allocpolicy._loops:follow_asyncio")
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
     source = _os.environ.get("ALLOCPOLICY_POLICY")

@@ -29,6 +29,7 @@ LAYERS = [
             "allocpolicy._fallible",
             "allocpolicy._inject",
             "allocpolicy._inprocess",
+            "allocpolicy._loops",
             "allocpolicy._modules",
             "allocpolicy._regions",
             "allocpolicy._scope",
