@@ -192,6 +192,10 @@ def test_stats_of_a_process_started_with_stats_socket(tmp_path):
         assert 'allocpolicy_scope_refusals_total{scope="request",reason="budget"} 1' in prom.stdout.splitlines()
         listed = _stats_cli()
         assert f"{proc.pid}  " in listed.stdout and "serve.py" in listed.stdout
+        listed = json.loads(_stats_cli("--json").stdout)
+        assert {"pid": proc.pid, "command": " ".join(doc["argv"])} in listed
+        both = _stats_cli(str(proc.pid), "--socket", "@x")
+        assert (both.returncode, both.stderr) == (2, "allocpolicy: error: stats: give PID or --socket ADDRESS, not both\n")
     finally:
         _stop(proc)
 
