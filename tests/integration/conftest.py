@@ -3,7 +3,8 @@ programs built on demand, and running a child process under the preload.
 
 Fixtures
     allocpolicy_lib   path of the runtime library (str)
-    build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled;
+    build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled
+                      (a .cpp of that name with the C++ compiler);
                       build_c("oomlib", shared=True) -> a shared library, for ctypes
     run_preloaded     run_preloaded(argv, table=..., preload=[...]) -> CompletedProcess
     backend_library   backend_library("jemalloc") -> path, or skip when not installed
@@ -57,22 +58,31 @@ def allocpolicy_lib() -> str:
 
 @pytest.fixture(scope="session")
 def build_c(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    """Compile tests/integration/native/<name>.c once per session."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler (cc) to build the test programs")
+    """Compile tests/integration/native/<name>.c (or <name>.cpp, with the C++
+    compiler) once per session."""
     out_dir = tmp_path_factory.mktemp("native-tests")
     built: dict[tuple[str, bool], str] = {}
 
     def build(name: str, shared: bool = False) -> str:
         if (name, shared) not in built:
-            source = NATIVE_TESTS / f"{name}.c"
+            cxx = (NATIVE_TESTS / f"{name}.cpp").is_file()
+            source = NATIVE_TESTS / (f"{name}.cpp" if cxx else f"{name}.c")
             exe = out_dir / (f"lib{name}.so" if shared else name)
-            cmd = [
-                cc, "-std=gnu11", "-O1", "-g", "-pthread",
+            if cxx:
+                compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+                if not compiler:
+                    pytest.skip(f"no C++ compiler (c++) to build {source.name}")
+                # The allocations are the point: never elide a new/delete pair.
+                dialect = ["-std=c++17", "-fno-allocation-dce"]
+            else:
+                compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+                if not compiler:
+                    pytest.skip("no C compiler (cc) to build the test programs")
                 # The checks call the allocator for its side effects and its
                 # failures; builtin knowledge of malloc would fold them away.
-                "-fno-builtin",
+                dialect = ["-std=gnu11", "-fno-builtin"]
+            cmd = [
+                compiler, *dialect, "-O1", "-g", "-pthread",
                 "-Wall", "-Wextra", "-Wno-alloc-size-larger-than", "-Wno-use-after-free",
                 "-Wno-deprecated-declarations", "-Wno-unknown-warning-option",
                 f"-I{INCLUDE}", str(source), "-o", str(exe), "-ldl",
