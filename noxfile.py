@@ -1,6 +1,6 @@
 """Development sessions: tests on every supported Python, docs, benchmarks.
 
-    nox -s tests docs        # what CI runs
+    nox -s tests docs sanitize   # what CI runs
     nox -s tests-3.12 -- -k budget
     nox -s bench
 """
@@ -16,7 +16,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 PYTHONS = ["3.11", "3.12", "3.13"]
 
-nox.options.sessions = ["tests", "docs"]
+nox.options.sessions = ["tests", "docs", "sanitize"]
 nox.options.reuse_venv = "yes"
 
 # pyenv keeps interpreters out of PATH unless selected; make every installed
@@ -47,6 +47,13 @@ def docs(session: nox.Session) -> None:
         "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
         *session.posargs,
     )
+
+
+@nox.session(python="3.11")
+def sanitize(session: nox.Session) -> None:
+    """The runtime and its native stress programs under ThreadSanitizer, then ASan+UBSan."""
+    _system_deps(session)
+    session.run("python", "tests/sanitize.py", *session.posargs)
 
 
 @nox.session(python="3.11")
