@@ -346,7 +346,7 @@ class Runtime:
         if status == EFULL:
             raise ScopeCapacityError(
                 "cannot enter another scope: nesting is limited to 32 per thread and "
-                "65536 instances may be alive at once"
+                "65536 instances may be active at once"
             )
         if status != OK:
             raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
@@ -781,7 +781,7 @@ class InprocessRuntime(Runtime):
         if status == EFULL:
             raise ScopeCapacityError(
                 "cannot enter another scope: nesting is limited to 32 per thread and "
-                "65536 instances may be alive at once"
+                "65536 instances may be active at once"
             )
         if status != OK:
             raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
