@@ -533,10 +533,13 @@ static void release_slot(uint32_t slot);
  * slot's active occupant, its chain takes them. Once it ended, its bytes are
  * in the slot's `dead` ledger and still in the enclosing instances: take them
  * from the ledger, then go on with its parent, until an active level. The
- * pin keeps the slot's occupant from ending, and the slot from being reused,
- * while the credit is under way; that is why a dead slot's parent link can be
- * trusted (it changes only when the slot goes back to the common pool, which
- * needs its ledger empty and no pins).
+ * pin keeps the slot's occupant from ending, and the slot from being reused
+ * by a new occupant, while the credit is under way. A dead slot's parent link
+ * changes only when the slot goes back to the common pool, which needs its
+ * ledger empty: so it is read before this credit's bytes leave the ledger.
+ * The ledgers are inclusive (an instance that ends moves what it and its
+ * nested instances still hold), so every dead slot above still holds them
+ * too when the walk gets there.
  */
 static void credit_block(uint32_t id, int64_t size) {
     for (;;) {
