@@ -124,6 +124,7 @@ typedef struct {
     _Atomic int64_t overdraft_bytes;
     _Atomic uint64_t forbidden;
     _Atomic uint64_t injected;
+    _Atomic uint64_t refused[AP_REASON_COUNT_]; /* violations by ap_reason */
     /* Ended slots of this scope kept for its next instances (scope.c);
      * `ended_lock` holds the pid of the process whose thread holds it. */
     _Atomic int32_t ended_lock;
@@ -372,6 +373,18 @@ AP__HIDDEN int ap__lib_refusal_aborts(uint32_t scope, const char **note);
  * when the instance table is full. */
 AP__HIDDEN uint32_t ap__open_instance(uint32_t scope, uint32_t parent);
 AP__HIDDEN void ap__close_instance(uint32_t id);
+
+/* ---- Entry points (hooks_libc.c, hooks_cxx.c) ---------------------------------- */
+
+#define AP__EXPORT __attribute__((visibility("default")))
+/* The code that called the entry point; taken in the exported function. */
+#define AP__CALLER() __builtin_extract_return_addr(__builtin_return_address(0))
+
+/* Allocate as malloc (align 0) or memalign would, on behalf of the code at
+ * `caller` (for library scopes); NULL with errno ENOMEM when refused. */
+AP__HIDDEN void *ap__alloc_for(void *caller, size_t size, size_t align);
+/* free() of a block from any entry point. */
+AP__HIDDEN void ap__release(void *p);
 
 /* ---- Reports (report.c) ------------------------------------------------------ */
 

@@ -330,6 +330,9 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
     v->index = 0;
+    /* By reason, for the innermost scope (the process scope at the root), so
+     * that the per-scope sums are the `violations` of the same scopes. */
+    atomic_fetch_add_explicit(&ap__scopes[cur->scope].refused[reason], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
     if (t->cur != AP_INSTANCE_PROCESS) {
         atomic_fetch_add_explicit(&ap__scopes[cur->scope].total.violations, 1,
@@ -518,11 +521,11 @@ int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t in
 int ap__backend_failed(uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
     record(t, AP_REASON_OOM, domain, size, NULL);
-    uint32_t mode = current_mode(t);
-    /* A real out-of-memory is not something a fallible scope asked to see. */
-    if (mode == AP_MODE_FALLIBLE)
-        ap__abort_with(&t->last);
-    abort_if_required(t, mode, domain);
+    /* The backend returned NULL, or no backend could serve the request: a
+     * failure the caller sees in every mode but abort. Fallible scopes too:
+     * their promise is about budgets, and this is what Python itself turns
+     * into a MemoryError (bytearray(2**50)) without the runtime. */
+    abort_if_required(t, current_mode(t), domain);
     return 0;
 }
 
@@ -1001,7 +1004,7 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
     if (overdraft == AP_ACTION_FROM_SCOPE)
         overdraft = atomic_load_explicit(&ap__scopes[ap__inst(t->cur)->scope].overdraft,
                                          memory_order_relaxed);
-    if (nbytes < 0 || (uint64_t)nbytes > AP__MAX_REQUEST || overdraft > AP_ACTION_COUNT)
+    if (nbytes < 0 || overdraft > AP_ACTION_COUNT)
         return AP_EINVAL;
     if (t->nres >= AP_MAX_RESERVATIONS)
         return AP_EFULL;
@@ -1025,8 +1028,10 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
         v.scope = ap__inst(t->cur)->scope;
         v.instance = t->cur;
         atomic_fetch_add_explicit(&sc->injected, 1, memory_order_relaxed);
-    } else if (claim > room) {
-        /* Whatever the budgets say, the machine cannot spare it. */
+    } else if (claim > room || (uint64_t)nbytes > AP__MAX_REQUEST) {
+        /* Whatever the budgets say, the machine cannot spare it; nor can
+         * any machine spare what no allocation could ask for (the header
+         * keeps 48 bits of size), whatever the files say. */
         refused = 1;
         v.reason = AP_REASON_OOM;
         v.limit = AP_LIMIT_MACHINE;
