@@ -50,7 +50,7 @@ _ACTION_CODES = {name: i for i, name in enumerate(_native.ACTIONS)}
 
 def _meminfo_available(proc_root: str) -> int | None:
     try:
-        with open(f"{proc_root}/meminfo") as f:
+        with open(f"{proc_root}/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
@@ -63,7 +63,7 @@ def _cgroup_v2_headroom(proc_root: str, cgroup_root: str) -> tuple[int, str] | N
     """``memory.max - memory.current`` of the tightest cgroup v2 level that
     sets a limit, the process's own cgroup or an ancestor."""
     try:
-        with open(f"{proc_root}/self/cgroup") as f:
+        with open(f"{proc_root}/self/cgroup", encoding="ascii") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
@@ -75,9 +75,9 @@ def _cgroup_v2_headroom(proc_root: str, cgroup_root: str) -> tuple[int, str] | N
     for depth in range(len(parts), -1, -1):
         base = "/".join([cgroup_root, *parts[:depth]])
         try:
-            with open(f"{base}/memory.max") as f:
+            with open(f"{base}/memory.max", encoding="ascii") as f:
                 limit_text = f.read().strip()
-            with open(f"{base}/memory.current") as f:
+            with open(f"{base}/memory.current", encoding="ascii") as f:
                 current = int(f.read().strip())
         except (OSError, ValueError):
             continue

@@ -246,15 +246,19 @@ def library_path() -> str:
 
 def _preloaded_path() -> str | None:
     """Path of the mapped file that provides ap_abi_version, if any is mapped."""
+    # Bytes: paths in the maps are the file system's, in no particular
+    # encoding, and a text open would depend on the locale (and warn under
+    # -X warn_default_encoding in every program started under the runtime).
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", "rb") as f:
             maps = f.read()
     except OSError:
         return None
+    names = (LIBRARY_NAME.encode(), LIBRARY_NAME.encode() + b".1")
     for line in maps.splitlines():
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].endswith((LIBRARY_NAME, LIBRARY_NAME + ".1")):
-            return parts[5]
+        if len(parts) == 6 and parts[5].endswith(names):
+            return os.fsdecode(parts[5])
     return None
 
 

@@ -1084,7 +1084,7 @@ def resolve_process_budget(
 
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8", errors="surrogateescape")
     except (OSError, UnicodeDecodeError):
         return None
 
