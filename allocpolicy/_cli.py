@@ -22,6 +22,7 @@ __all__ = ["main", "BACKENDS"]
 import argparse
 import ctypes.util
 import dataclasses
+import fcntl
 import os
 import platform
 import sys
@@ -147,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = dataclasses.replace(
             policy, process=dataclasses.replace(policy.process, report_fd=args.report_fd)
         )
+    _check_report_fd(policy, args.report_fd is not None)
     inject_text = args.inject if args.inject is not None else os.environ.get(ENV_INJECT)
     if inject_text:
         policy = _with_injection(policy, inject_text)
@@ -181,6 +183,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_report_fd(policy: Policy, from_option: bool) -> None:
+    """The command writes its diagnostics to the report descriptor: one that
+    is not open for writing would lose the only account of an abort, so
+    refuse to start. It is made inheritable, or exec would close it."""
+    fd = policy.process.report_fd
+    where = f"--report-fd {fd}" if from_option else f"report_fd = {fd} in {policy.source} [process]"
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise UserError(
+            f"run: {where}: descriptor {fd} is not open, so diagnostics would be lost; "
+            f"open it for the command (for example `{fd}>>report.log`) or choose another"
+        ) from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise UserError(f"run: {where}: descriptor {fd} is open for reading only; diagnostics are written to it")
+    if fd > 2:
+        os.set_inheritable(fd, True)
 
 
 def _libs_report_fd(target: str) -> int:
