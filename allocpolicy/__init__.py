@@ -141,8 +141,9 @@ def __dir__():
 
 
 def _activate() -> None:
-    """Under a preloaded runtime: count Python's small objects and make sure an
-    abort diagnostic is followed by the Python traceback, on the same fd."""
+    """Under a preloaded runtime: put the policy handed over in force, count
+    Python's small objects and make sure an abort diagnostic is followed by
+    the Python traceback, on the same fd."""
     rt = _native.runtime()
     if rt is None:
         return
@@ -158,6 +159,13 @@ def _activate() -> None:
                 AllocPolicyWarning,
                 stacklevel=2,
             )
+    else:
+        # A bare LD_PRELOAD (a container entry point, a systemd unit): the
+        # library knows no policy, so Python applies the one ALLOCPOLICY_POLICY
+        # names, or the built-in default, before the program runs.
+        from . import _config
+
+        _config.start(rt)
     if _os.environ.get("ALLOCPOLICY_INJECT"):
         # After the table: the setting may name a scope it declares.
         from . import _inject
@@ -166,13 +174,14 @@ def _activate() -> None:
     rt.install_arena_hook()
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
-    source = _os.environ.get("ALLOCPOLICY_POLICY")
-    if source and not source.startswith("<"):
+    text = _os.environ.get("ALLOCPOLICY_POLICY_TOML")
+    source = _os.environ.get("ALLOCPOLICY_POLICY", "")
+    if table and (text is not None or source[:1] not in ("", "<")):
         # A policy file may bind scopes to modules, which must hold before the
         # program imports them; the built-in policy binds none.
         from . import _modules
 
-        _modules.activate_from_environment(source)
+        _modules.activate_from_environment(text)
 
 
 _activate()

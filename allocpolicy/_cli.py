@@ -32,7 +32,17 @@ from pathlib import Path
 
 from ._errors import PolicyError, RuntimeLoadError
 from ._inject import ENV_INJECT
-from ._policy import BUILTIN_SOURCE, ENV_POLICY, ENV_TABLE, MAX_FD, Policy, default_policy, load_policy
+from ._policy import (
+    BUILTIN_SOURCE,
+    ENV_POLICY,
+    ENV_POLICY_TOML,
+    ENV_TABLE,
+    MAX_FD,
+    Policy,
+    default_policy,
+    load_policy,
+    load_policy_text,
+)
 
 PROG = "allocpolicy"
 
@@ -143,7 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UserError("run: no command given; usage: allocpolicy run [options] -- COMMAND [ARG ...]")
-    policy = _load(args.policy)
+    # Read once, here: the command gets the text, so any readable source
+    # works (a pipe, `<(...)`) and the command sees what was compiled.
+    policy, text = load_policy_text(args.policy) if args.policy is not None else (default_policy(), None)
+    if text is not None:
+        _check_can_hand_over(args.policy, text)
     if args.report_fd is not None:
         policy = dataclasses.replace(
             policy, process=dataclasses.replace(policy.process, report_fd=args.report_fd)
@@ -166,6 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     env["LD_PRELOAD"] = _preload(library, backend, env.get("LD_PRELOAD", ""))
     env[ENV_TABLE] = table
     env[ENV_POLICY] = os.path.abspath(args.policy) if args.policy is not None else BUILTIN_SOURCE
+    if text is not None:
+        env[ENV_POLICY_TOML] = text
+    else:
+        env.pop(ENV_POLICY_TOML, None)
     if inject_text:
         # The canonical form carries the seed, so that the Python side of the
         # command applies exactly what the table holds.
@@ -183,6 +201,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Linux limits one environment string (NAME=value) to 32 pages.
+_ENV_STRING_MAX = 32 * 4096
+
+
+def _check_can_hand_over(source: str, text: str) -> None:
+    if "\0" in text:
+        raise UserError(f"run: --policy {source}: the policy file contains a NUL byte")
+    size = len(ENV_POLICY_TOML) + 1 + len(text.encode("utf-8")) + 1
+    if size > _ENV_STRING_MAX:
+        raise UserError(
+            f"run: --policy {source}: the policy is {size} bytes, more than the "
+            f"{_ENV_STRING_MAX // 1024} KiB that the environment can hand to the command"
+        )
 
 
 def _check_report_fd(policy: Policy, from_option: bool) -> None:

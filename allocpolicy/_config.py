@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from . import _native
-from ._errors import AllocPolicyWarning, PolicyError, UnknownScopeError
+from ._errors import AllocPolicyError, AllocPolicyWarning, PolicyError, UnknownScopeError
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -37,28 +37,58 @@ def is_active() -> bool:
 
 def active_policy() -> Policy:
     """The policy in force: the last one configured, the one handed over by
-    ``allocpolicy run``, or the built-in default."""
+    ``allocpolicy run`` or named by ``ALLOCPOLICY_POLICY``, or the built-in default."""
     global _active
     if _active is None:
-        from ._policy import default_policy, policy_from_environment
-
         with _lock:
             if _active is None:
-                try:
-                    _active = policy_from_environment() or default_policy()
-                except PolicyError as err:
-                    # The file changed after `allocpolicy run` compiled it: the
-                    # runtime keeps what it was handed; say so, don't fail, and
-                    # describe what the runtime really enforces.
-                    warnings.warn(
-                        f"the policy file named in the environment no longer loads; "
-                        f"the runtime keeps the policy it was started with:\n{err}",
-                        AllocPolicyWarning,
-                        stacklevel=2,
-                    )
-                    rt = _native.runtime()
-                    _active = _policy_from_runtime(rt) if rt else default_policy()
+                _active = _starting_policy()
     return _active
+
+
+def _starting_policy() -> Policy:
+    """What holds before anything is configured in this process, read from the
+    environment once (a mistake there is one warning, at the first use)."""
+    from ._policy import ENV_POLICY, ENV_TABLE, default_policy, policy_from_environment
+
+    rt = _native.runtime()
+    handed_table = rt is not None and bool(os.environ.get(ENV_TABLE))
+    try:
+        policy = policy_from_environment()
+    except PolicyError as err:
+        if handed_table:
+            consequence = "the runtime keeps the compiled policy it was started with"
+        else:
+            consequence = "the built-in default policy applies instead"
+        warnings.warn(
+            f"the policy in the environment ({ENV_POLICY}) does not load; {consequence}:\n{err}",
+            AllocPolicyWarning,
+            stacklevel=4,
+        )
+        policy = None
+    if policy is not None:
+        return policy
+    if handed_table:
+        # A table set by hand, with no policy to go with it: describe what the
+        # runtime really enforces.
+        return _policy_from_runtime(rt)
+    return default_policy()
+
+
+def start(rt: _native.Runtime) -> None:
+    """Under a preload without a compiled table (``LD_PRELOAD`` set by hand):
+    put the starting policy in force, so that the runtime enforces what
+    :func:`active_policy` reports."""
+    policy = active_policy()
+    try:
+        configure(policy)
+    except AllocPolicyError as err:
+        # At interpreter startup nobody could catch it.
+        warnings.warn(
+            f"the policy {policy.source} could not be put in force, so no budgets apply: {err}",
+            AllocPolicyWarning,
+            stacklevel=3,
+        )
 
 
 def _policy_from_runtime(rt: _native.Runtime) -> Policy:
@@ -152,10 +182,27 @@ def scope_id(rt: _native.Runtime, name: str) -> int:
         pass
     sid = rt.scope_id(name)
     if sid is None or sid == 0:
-        raise UnknownScopeError(name, list(active_policy().scopes))
+        raise _unknown_scope(rt, name)
     _scope_ids[name] = sid
     _scope_names[sid] = name
     return sid
+
+
+def _unknown_scope(rt: _native.Runtime, name: str) -> UnknownScopeError:
+    """The error for a name the runtime does not know. It lists the scopes the
+    runtime knows, which are the ones that can be entered; a policy that
+    declares the name but was never put in force is named as such."""
+    known = [scope_name(rt, sid) for sid in range(1, rt.process_stats().scopes)]
+    policy = active_policy()
+    if name in policy.scopes:
+        return UnknownScopeError(
+            name,
+            known,
+            f"scope {name!r} is declared in the policy {policy.source} but the runtime was not "
+            f"configured with it (scopes in force: {', '.join(sorted(known)) or 'none'}); "
+            "apply the policy with allocpolicy.configure() or start the program with `allocpolicy run`",
+        )
+    return UnknownScopeError(name, known)
 
 
 def scope_name(rt: _native.Runtime, sid: int) -> str:

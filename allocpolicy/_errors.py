@@ -204,12 +204,13 @@ class PolicyError(AllocPolicyError, ValueError):
 class UnknownScopeError(AllocPolicyError, LookupError):
     """A scope name that the active policy does not declare."""
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], message: str | None = None) -> None:
         self.name = name
+        #: The scopes that can be entered.
         self.known = list(known)
         listed = ", ".join(sorted(known)) or "none"
         super().__init__(
-            f"scope {name!r} is not declared in the active policy (declared scopes: {listed})"
+            message or f"scope {name!r} is not declared in the active policy (declared scopes: {listed})"
         )
 
 

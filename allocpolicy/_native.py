@@ -328,7 +328,14 @@ class Runtime:
 
     def configure(self, table: str) -> None:
         offset = ctypes.c_size_t(0)
-        status = self._lib.ap_configure(table.encode("ascii"), ctypes.byref(offset))
+        try:
+            encoded = table.encode("ascii")
+        except UnicodeEncodeError as exc:
+            # The grammar is ASCII; a table set by hand may not be.
+            raise RuntimeLoadError(
+                f"the table has a character the runtime cannot read at offset {exc.start}: {table!r}"
+            ) from None
+        status = self._lib.ap_configure(encoded, ctypes.byref(offset))
         if status == EFULL:
             raise RuntimeLoadError("the runtime's scope table is full (256 scopes at most)")
         if status != OK:

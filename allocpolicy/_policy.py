@@ -26,6 +26,7 @@ __all__ = [
     "BUILTIN_SOURCE",
     "CONFIGURE_SOURCE",
     "ENV_POLICY",
+    "ENV_POLICY_TOML",
     "ENV_TABLE",
     "MODES",
     "POLICY_VERSION",
@@ -36,6 +37,7 @@ __all__ = [
     "ScopePolicy",
     "default_policy",
     "load_policy",
+    "load_policy_text",
     "memory_limit",
     "policy_from_environment",
     "policy_from_mapping",
@@ -48,6 +50,7 @@ import functools
 import importlib.resources
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -64,7 +67,15 @@ ENV_TABLE = "ALLOCPOLICY_TABLE"
 #: Environment variable naming where the policy came from: an absolute file
 #: path, or :data:`BUILTIN_SOURCE`. Lets Python code in the launched program
 #: recover the full policy (scope names, percent budgets) that the table lost.
+#: Set by hand (without a table), it names the policy file that a process
+#: started with a bare ``LD_PRELOAD`` applies when its interpreter starts.
 ENV_POLICY = "ALLOCPOLICY_POLICY"
+#: Environment variable carrying the policy file's text as ``allocpolicy run``
+#: read it: the command parses exactly what was compiled, whatever the source
+#: was (a pipe, ``<(...)``, a file changed since), and never reads it again.
+ENV_POLICY_TOML = "ALLOCPOLICY_POLICY_TOML"
+#: A policy file is a few kilobytes; a larger "file" is a mistake (``/dev/zero``).
+MAX_POLICY_BYTES = 1 << 20
 
 BUILTIN_SOURCE = "<built-in default>"
 CONFIGURE_SOURCE = "<configure>"
@@ -983,14 +994,68 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         PolicyError: listing every mistake (an unreadable file and TOML syntax
             errors are one problem each; otherwise one problem per wrong key).
     """
+    return load_policy_text(path)[0]
+
+
+def load_policy_text(path: str | os.PathLike[str]) -> tuple[Policy, str]:
+    """:func:`load_policy`, and the text it was read from (which ``allocpolicy
+    run`` hands on, so that the file is read once whatever it is)."""
     source = os.fspath(path)
+    raw = _read_policy_file(source)
+    return _load_text(raw, source), raw.decode("utf-8")
+
+
+def _read_policy_file(source: str, *, regular_only: bool = False) -> bytes:
+    """The bytes of a policy file, read once and at most :data:`MAX_POLICY_BYTES`.
+
+    Any readable source works (a pipe read by ``allocpolicy run``);
+    ``regular_only`` refuses anything but a regular file without blocking on
+    it, for sources that every process under the runtime would read again.
+    """
+
+    def problem(message: str) -> PolicyError:
+        return PolicyError([PolicyProblem(source, "", None, message)])
+
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if regular_only else 0)
     try:
-        raw = Path(source).read_bytes()
+        fd = os.open(source, flags)
     except OSError as exc:
-        raise PolicyError(
-            [PolicyProblem(source, "", None, f"cannot read the policy file: {exc.strerror or exc}")]
-        ) from None
-    return _load_text(raw, source)
+        raise problem(f"cannot read the policy file: {exc.strerror or exc}") from None
+    try:
+        if regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise problem(
+                f"not a regular file ({_file_kind(os.fstat(fd).st_mode)}), so it was not read: "
+                f"every process started with {ENV_POLICY} in its environment would read it again; "
+                "name a policy file, or start the program with `allocpolicy run --policy SOURCE`, "
+                "which reads any source once and hands the policy on"
+            )
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_POLICY_BYTES:
+                raise problem(f"the policy file is larger than {format_size(MAX_POLICY_BYTES)}")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise problem(f"cannot read the policy file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _load_text(raw: bytes, source: str) -> Policy:
@@ -1015,23 +1080,27 @@ def default_policy() -> Policy:
 
 
 def policy_from_environment(environ: Mapping[str, str] | None = None) -> Policy | None:
-    """The policy ``allocpolicy run`` handed to this process, if any.
+    """The policy handed to this process through the environment, if any.
 
-    Reads :data:`ENV_POLICY`: :data:`BUILTIN_SOURCE` gives :func:`default_policy`,
-    the path of a readable file gives that file loaded; anything else ``None``.
+    :data:`ENV_POLICY_TOML` (set by ``allocpolicy run``) is the policy's text,
+    and :data:`ENV_POLICY` names its source; without the text,
+    :data:`BUILTIN_SOURCE` gives :func:`default_policy` and a path gives that
+    file loaded, if it is a regular file. ``None`` when neither is set.
 
     Raises:
-        PolicyError: the named file no longer holds a valid policy.
+        PolicyError: the policy does not load; the file named is missing, not
+            a regular file, or not a valid policy.
     """
     env = os.environ if environ is None else environ
     where = env.get(ENV_POLICY)
+    text = env.get(ENV_POLICY_TOML)
+    if text is not None:
+        return _load_text(text.encode("utf-8", "surrogateescape"), where or ENV_POLICY_TOML)
     if not where:
         return None
     if where == BUILTIN_SOURCE:
         return default_policy()
-    if os.path.isfile(where) and os.access(where, os.R_OK):
-        return load_policy(where)
-    return None
+    return _load_text(_read_policy_file(where, regular_only=True), where)
 
 
 # --- Percent budgets -------------------------------------------------------------

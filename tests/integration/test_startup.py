@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
+import pytest
 from runtime_run import check, run_python
 
 MODULES_POLICY = """
@@ -39,3 +41,109 @@ def test_startup_opens_no_text_file_without_an_encoding(tmp_path):
     # THEN nothing warned (a warning would be an error, and printed)
     assert check(proc).split() == ["ok"]
     assert "EncodingWarning" not in proc.stderr, proc.stderr
+
+
+def _bare_preload(lib: str, code: str, *, env: dict[str, str], stdin: str | None = None, timeout: float = 120):
+    """``python -c code`` with only ``LD_PRELOAD`` set by hand (no ``allocpolicy
+    run``), as a container entry point or a systemd unit starts a program; its
+    address space is bounded, so a runaway read fails instead of filling memory."""
+    import resource
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**base, "LD_PRELOAD": lib, "PYTHONUNBUFFERED": "1", **env},
+        input=stdin, capture_output=True, text=True, timeout=timeout, preexec_fn=limits,
+    )
+
+
+REPORT_POLICY = """
+    import allocpolicy
+    p = allocpolicy.active_policy()
+    print(p.source, sorted(p.scopes))
+"""
+
+
+def test_non_ascii_table_is_one_warning_not_an_import_error(allocpolicy_lib):
+    # GIVEN a table set by hand with a character the grammar does not have
+    proc = _bare_preload(allocpolicy_lib, "import allocpolicy; print('imported')",
+                         env={"ALLOCPOLICY_TABLE": "v=1;scope=caf\u00e9:raise:0:0"})
+    # THEN the package still imports; the table is reported as ignored, once
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "imported\n"
+    assert proc.stderr.count("ALLOCPOLICY_TABLE is malformed and was ignored") == 1, proc.stderr
+    assert "UnicodeEncodeError" not in proc.stderr
+
+
+def test_run_hands_on_a_policy_read_from_a_pipe(tmp_path):
+    # GIVEN `allocpolicy run --policy /dev/fd/N` where N is a pipe, as `<(cat p.toml)` is
+    read_end, write_end = os.pipe()
+    os.write(write_end, textwrap.dedent(MODULES_POLICY).encode())
+    os.close(write_end)
+    code = """
+        import json
+        import allocpolicy
+        p = allocpolicy.active_policy()
+        print(p.source, sorted(p.scopes), p.scopes["job"].modules)
+        json.dumps(list(range(10000)))  # bound to `job` by the policy
+        print("bound:", allocpolicy.stats().scopes["job"].allocations > 0)
+        try:
+            with allocpolicy.task("job"):
+                bytearray(100 << 20)
+        except allocpolicy.AllocError as err:
+            print("refused:", err.scope, err.budget)
+    """
+    script = tmp_path / "snippet.py"
+    script.write_text(textwrap.dedent(code))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "allocpolicy", "run", "--policy", f"/dev/fd/{read_end}", "--",
+             sys.executable, str(script)],
+            env=base, pass_fds=(read_end,), capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )
+    finally:
+        os.close(read_end)
+    # THEN the command has the whole policy: its name, its scopes and its bindings
+    assert check(proc).splitlines() == [
+        f"/dev/fd/{read_end} ['job'] ('json',)",
+        "bound: True",
+        f"refused: job {64 << 20}",
+    ]
+    assert proc.stderr == ""
+
+
+def test_run_refuses_an_endless_policy_source(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "allocpolicy", "run", "--policy", "/dev/zero", "--", "true"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "allocpolicy: error: /dev/zero: top level: the policy file is larger than 1 MiB\n"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/stdin"])
+def test_policy_in_the_environment_must_be_a_regular_file(allocpolicy_lib, tmp_path, kind):
+    # GIVEN ALLOCPOLICY_POLICY naming something that is not a regular file
+    if kind == "fifo":
+        source = str(tmp_path / "policy.fifo")
+        os.mkfifo(source)  # nobody writes: opening it for reading would block
+    else:
+        source = kind
+    code = textwrap.dedent(REPORT_POLICY) + "import sys; print('stdin:', sys.stdin.read().strip())\n"
+    # WHEN a program starts with it, under a bare preload and under a table
+    for table in ({}, {"ALLOCPOLICY_TABLE": "v=1;process=raise:0;scope=job:raise:0:0"}):
+        proc = _bare_preload(allocpolicy_lib, code, env={"ALLOCPOLICY_POLICY": source, **table},
+                             stdin="the program's input\n")
+        # THEN start-up neither blocks nor reads it: one warning says why, the
+        # program keeps its input, and the policy in force is reported truly
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0] == ("<built-in default> ['request', 'task']" if not table else "<runtime> ['job']")
+        assert lines[1] == "stdin: the program's input"
+        assert proc.stderr.count("AllocPolicyWarning") == 1, proc.stderr
+        assert f"{source}: top level: not a regular file" in proc.stderr
