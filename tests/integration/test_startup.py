@@ -147,3 +147,75 @@ def test_policy_in_the_environment_must_be_a_regular_file(allocpolicy_lib, tmp_p
         assert lines[1] == "stdin: the program's input"
         assert proc.stderr.count("AllocPolicyWarning") == 1, proc.stderr
         assert f"{source}: top level: not a regular file" in proc.stderr
+
+
+def test_bare_preload_enforces_the_policy_it_reports(allocpolicy_lib):
+    # GIVEN only LD_PRELOAD, as `export LD_PRELOAD="$(allocpolicy lib)"` sets it
+    code = textwrap.dedent(REPORT_POLICY) + textwrap.dedent("""
+        try:
+            with allocpolicy.task("request"):
+                bytearray(300 << 20)
+        except allocpolicy.AllocError as err:
+            print("refused:", err.scope, err.reason, err.budget)
+    """)
+    proc = _bare_preload(allocpolicy_lib, code, env={})
+    # THEN the built-in default policy is reported and enforced alike
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "<built-in default> ['request', 'task']",
+        f"refused: request budget {256 << 20}",
+    ]
+    assert proc.stderr == ""
+
+
+def test_bare_preload_with_a_policy_file_and_a_child_process(allocpolicy_lib, tmp_path):
+    # GIVEN LD_PRELOAD and ALLOCPOLICY_POLICY set by hand (a container, a unit)
+    policy = tmp_path / "service.toml"
+    policy.write_text(textwrap.dedent(MODULES_POLICY))
+    code = textwrap.dedent(REPORT_POLICY) + textwrap.dedent("""
+        import json, subprocess, sys
+        json.dumps(list(range(10000)))
+        print("bound:", allocpolicy.stats().scopes["job"].allocations > 0)
+        try:
+            with allocpolicy.task("job"):
+                bytearray(100 << 20)
+        except allocpolicy.AllocError as err:
+            print("refused:", err.scope, err.budget)
+        if len(sys.argv) == 1:  # and a child started by the service has it too
+            sys.stdout.flush()
+            subprocess.run([sys.executable, "-c", CODE, "child"], check=True)
+    """)
+    code = f"CODE = {code!r}\n" + code
+    proc = _bare_preload(allocpolicy_lib, code, env={"ALLOCPOLICY_POLICY": str(policy)})
+    assert proc.returncode == 0, proc.stderr
+    once = [f"{policy} ['job']", "bound: True", f"refused: job {64 << 20}"]
+    assert proc.stdout.splitlines() == once + once
+    assert proc.stderr == ""
+
+
+def test_unknown_scope_error_never_contradicts_itself(allocpolicy_lib, tmp_path):
+    # GIVEN a runtime enforcing a table set by hand (scope `other`) and a policy
+    # file in the environment that declares `request`, which was never applied
+    policy = tmp_path / "p.toml"
+    policy.write_text('version = 1\n[scopes.request]\nbudget = "1 MiB"\n')
+    code = """
+        import allocpolicy
+        for name in ("request", "nope"):
+            try:
+                allocpolicy.task(name).__enter__()
+            except allocpolicy.UnknownScopeError as err:
+                print(err.known, err)
+    """
+    proc = _bare_preload(allocpolicy_lib, code, env={
+        "ALLOCPOLICY_TABLE": "v=1;process=raise:0;scope=other:raise:0:0",
+        "ALLOCPOLICY_POLICY": str(policy),
+    })
+    assert proc.returncode == 0, proc.stderr
+    # THEN the error lists the scopes the runtime knows, and says why a
+    # declared scope cannot be entered
+    assert proc.stdout.splitlines() == [
+        f"['other'] scope 'request' is declared in the policy {policy} but the runtime was not "
+        "configured with it (scopes in force: other); apply the policy with allocpolicy.configure() "
+        "or start the program with `allocpolicy run`",
+        "['other'] scope 'nope' is not declared in the active policy (declared scopes: other)",
+    ]
