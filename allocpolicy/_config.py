@@ -9,12 +9,11 @@ garbage collection walks, so the scope path keeps its imports small.
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import _native
+from . import _atfork, _native
 from ._errors import AllocPolicyError, AllocPolicyWarning, PolicyError, UnknownScopeError
 
 if TYPE_CHECKING:
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["configure", "active_policy", "is_active", "AllocPolicyWarning"]
 
 
-_lock = threading.Lock()
+_lock = _atfork.lock()
 _active: Policy | None = None
 _scope_ids: dict[str, int] = {}
 _scope_names: dict[int, str] = {}

@@ -25,10 +25,9 @@ when ``ALLOCPOLICY_INJECT`` is set.
 
 from __future__ import annotations
 
-import _thread
 import os
 
-from . import _native
+from . import _atfork, _native
 from ._errors import AllocError, AllocPolicyWarning
 
 __all__ = ["ENV_INJECT", "InjectSettings", "InjectStats", "inject", "inject_stats", "replay_setting"]
@@ -442,7 +441,7 @@ class InjectStats:
 
 # The runtime keeps one setting for the process. Python keeps what it last
 # applied, so that a `with inject(...)` block can put back what was there.
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 _STARTUP = object()  # whatever the policy handed over by `allocpolicy run` holds
 _current: object = _STARTUP
 _last: InjectSettings | None = None  # the newest setting that was not "off"

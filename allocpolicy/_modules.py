@@ -48,7 +48,7 @@ import functools
 import sys
 from types import FunctionType, ModuleType
 
-from . import _native
+from . import _atfork, _native
 
 __all__ = ["apply", "activate_from_environment", "bound_scope"]
 
@@ -543,7 +543,7 @@ def _install_wrappers() -> None:
 
 # --- Applying a policy ---------------------------------------------------------------
 
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 
 
 def _warn(message: str) -> None:

@@ -17,6 +17,7 @@ import os
 import _thread
 from typing import Any
 
+from . import _atfork
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
 ABI_VERSION = 1
@@ -580,7 +581,7 @@ class Runtime:
 # `_thread`, not `threading`: this module is imported when every interpreter
 # under `allocpolicy run` starts, and importing `threading` there changes what
 # programs observe (CPython's own test_threading checks it is not imported).
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 _runtime: Runtime | None = None
 _probed = False
 
