@@ -100,7 +100,7 @@ _LAZY = {
     "load_policy": "_policy",
     "Reservation": "_fallible",
     "Unstored": "_fallible",
-    "machine_headroom": "_fallible",
+    "machine_headroom": "_machine",
     "reserve": "_fallible",
     "try_append": "_fallible",
     "try_bytearray": "_fallible",

@@ -54,12 +54,14 @@ import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ._errors import PolicyError, PolicyProblem
 from ._inject import VALIDATORS as _INJECT_VALIDATORS
 from ._inject import InjectSettings, check_combination
+from ._machine import CGROUP_ROOT as _CGROUP_ROOT
+from ._machine import PROC_ROOT as _PROC_ROOT
+from ._machine import memory_limit
 from ._sizes import MAX_SIZE, MiB, Percent, format_size, parse_size
 
 #: Environment variable carrying the compiled table to a preloaded library.
@@ -99,8 +101,6 @@ DEFAULT_GRACE = 4 * MiB
 DEFAULT_RESERVE_MARGIN = 64 * MiB
 DEFAULT_REPORT_FD = 2
 
-_PROC_ROOT = "/proc"
-_CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 # --- Validators -------------------------------------------------------------
@@ -1105,35 +1105,6 @@ def policy_from_environment(environ: Mapping[str, str] | None = None) -> Policy 
 
 # --- Percent budgets -------------------------------------------------------------
 
-# cgroup v1 reports "no limit" as a page-rounded INT64_MAX.
-_V1_UNLIMITED = 1 << 62
-
-
-def memory_limit(*, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> tuple[int, str]:
-    """Bytes of memory available to this process, and where that number came from.
-
-    The cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``)
-    of the process's cgroup and of its ancestors, since any of them can be the
-    one that stops us; physical memory (``MemTotal``) when no cgroup sets a
-    limit, or when it is lower than the cgroup limit.
-
-    Raises:
-        OSError: neither a cgroup limit nor ``MemTotal`` could be read.
-    """
-    candidates = []
-    cgroup = _cgroup_limit(Path(proc_root), Path(cgroup_root))
-    if cgroup is not None:
-        candidates.append(cgroup)
-    total = _mem_total(Path(proc_root))
-    if total is not None:
-        candidates.append((total, f"MemTotal in {Path(proc_root, 'meminfo')}"))
-    if not candidates:
-        raise OSError(
-            f"cannot tell how much memory is available: no cgroup memory limit under {cgroup_root} "
-            f"and no MemTotal in {Path(proc_root, 'meminfo')}"
-        )
-    return min(candidates, key=lambda c: c[0])
-
 
 def resolve_process_budget(
     budget: int | Percent | None, *, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT
@@ -1151,61 +1122,3 @@ def resolve_process_budget(
     raise TypeError(f"budget must be an int, a Percent or None, not {type(budget).__name__}")
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _mem_total(proc_root: Path) -> int | None:
-    text = _read_text(proc_root / "meminfo")
-    for line in (text or "").splitlines():
-        match = re.match(r"MemTotal:\s*(\d+)\s*kB", line)
-        if match:
-            return int(match[1]) * 1024
-    return None
-
-
-def _cgroup_limit(proc_root: Path, cgroup_root: Path) -> tuple[int, str] | None:
-    text = _read_text(proc_root / "self" / "cgroup")
-    if text is None:
-        return None
-    best: tuple[int, str] | None = None
-    for line in text.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            found = _walk_limits(cgroup_root, path, "memory.max")
-        elif "memory" in controllers.split(","):
-            found = _walk_limits(cgroup_root / "memory", path, "memory.limit_in_bytes")
-        else:
-            continue
-        if found is not None and (best is None or found[0] < best[0]):
-            best = found
-    return best
-
-
-def _walk_limits(mount: Path, path: str, filename: str) -> tuple[int, str] | None:
-    """Lowest limit set on the cgroup ``path`` or any ancestor under ``mount``.
-
-    Parts of the path that do not exist under the mount (a container that sees
-    the host's path without a cgroup namespace) are skipped; the mount's own
-    directory is then the container's cgroup.
-    """
-    parts = [p for p in PurePosixPath(path).parts if p not in ("/", "", ".", "..")]
-    best: tuple[int, str] | None = None
-    for depth in range(len(parts), -1, -1):
-        file = mount.joinpath(*parts[:depth], filename)
-        text = _read_text(file)
-        if text is None:
-            continue
-        value = text.strip()
-        if not value.isdigit():  # "max", or garbage
-            continue
-        limit = int(value)
-        if limit >= _V1_UNLIMITED:
-            continue
-        if best is None or limit < best[0]:
-            best = (limit, f"cgroup limit in {file}")
-    return best

@@ -43,6 +43,11 @@ def test_startup_opens_no_text_file_without_an_encoding(tmp_path):
     assert "EncodingWarning" not in proc.stderr, proc.stderr
 
 
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without anything that starts the runtime."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
+
+
 def _bare_preload(lib: str, code: str, *, env: dict[str, str], stdin: str | None = None, timeout: float = 120):
     """``python -c code`` with only ``LD_PRELOAD`` set by hand (no ``allocpolicy
     run``), as a container entry point or a systemd unit starts a program; its
@@ -53,10 +58,9 @@ def _bare_preload(lib: str, code: str, *, env: dict[str, str], stdin: str | None
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env={**base, "LD_PRELOAD": lib, "PYTHONUNBUFFERED": "1", **env},
+        env={**_clean_environment(), "LD_PRELOAD": lib, "PYTHONUNBUFFERED": "1", **env},
         input=stdin, capture_output=True, text=True, timeout=timeout, preexec_fn=limits,
     )
 
@@ -99,12 +103,11 @@ def test_run_hands_on_a_policy_read_from_a_pipe(tmp_path):
     """
     script = tmp_path / "snippet.py"
     script.write_text(textwrap.dedent(code))
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "allocpolicy", "run", "--policy", f"/dev/fd/{read_end}", "--",
              sys.executable, str(script)],
-            env=base, pass_fds=(read_end,), capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env=_clean_environment(), pass_fds=(read_end,), capture_output=True, text=True, timeout=120, cwd=tmp_path,
         )
     finally:
         os.close(read_end)
