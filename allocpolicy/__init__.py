@@ -88,7 +88,7 @@ __all__ = [
 # (policy parsing, dataclasses, pathlib) loads on first use.
 _LAZY = {
     "active_policy": "_config",
-    "configure": "_config",
+    "configure": "_configure",
     "is_active": "_config",
     "install": "_inprocess",
     "is_installed": "_inprocess",
@@ -118,7 +118,7 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
-    "InjectSettings": "_inject",
+    "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
     "inject_stats": "_inject",
@@ -163,9 +163,9 @@ def _activate() -> None:
         # A bare LD_PRELOAD (a container entry point, a systemd unit): the
         # library knows no policy, so Python applies the one ALLOCPOLICY_POLICY
         # names, or the built-in default, before the program runs.
-        from . import _config
+        from . import _configure
 
-        _config.start(rt)
+        _configure.start(rt)
     if _os.environ.get("ALLOCPOLICY_INJECT"):
         # After the table: the setting may name a scope it declares.
         from . import _inject

@@ -204,13 +204,12 @@ class PolicyError(AllocPolicyError, ValueError):
 class UnknownScopeError(AllocPolicyError, LookupError):
     """A scope name that the active policy does not declare."""
 
-    def __init__(self, name: str, known: list[str], message: str | None = None) -> None:
+    def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
-        #: The scopes that can be entered.
         self.known = list(known)
         listed = ", ".join(sorted(known)) or "none"
         super().__init__(
-            message or f"scope {name!r} is not declared in the active policy (declared scopes: {listed})"
+            f"scope {name!r} is not declared in the active policy (declared scopes: {listed})"
         )
 
 

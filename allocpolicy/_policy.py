@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import PolicyError, PolicyProblem
-from ._inject import VALIDATORS as _INJECT_VALIDATORS
-from ._inject import InjectSettings, check_combination
+from ._inject_settings import VALIDATORS as _INJECT_VALIDATORS
+from ._inject_settings import InjectSettings, check_combination
 from ._machine import CGROUP_ROOT as _CGROUP_ROOT
 from ._machine import PROC_ROOT as _PROC_ROOT
 from ._machine import memory_limit

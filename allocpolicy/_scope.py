@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import functools
 import threading
-import weakref
 from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
-from . import _config, _native
-from ._errors import AllocError
+from . import _native
+from ._core import refusal
+from ._core.instances import InstanceHandle
+from ._core.names import scope_id, warn_inactive
+from ._regions import raise_outcome, region_outcome
 
 __all__ = ["scope", "task", "bind"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_INJECTED = _native.REASONS.index("injected")
 
 # Per-thread record of what each `with` entered, so that exits pair with
 # entries even when one scope object is used by many threads at once.
@@ -36,24 +36,6 @@ def _check_name(name: object, func: str) -> str:
     if not name:
         raise ValueError(f"{func}(): argument 'name' must not be empty")
     return name
-
-
-def _to_alloc_error(rt: _native.Runtime, since_seq: int, task: str | None) -> AllocError | None:
-    """The AllocError for this thread's newest violation, if one happened
-    after ``since_seq``; ``None`` means the MemoryError was not ours."""
-    v = rt.last_violation()
-    if v.seq == since_seq:
-        return None
-    return AllocError(
-        scope=_config.scope_name(rt, v.scope),
-        size=v.requested,
-        budget=v.budget or None,
-        live=v.live,
-        reason=_native.REASONS[v.reason] if v.reason < len(_native.REASONS) else "budget",
-        limit=_native.LIMITS[v.limit] if v.limit < len(_native.LIMITS) else None,
-        task=task,
-        index=v.index if v.reason == _INJECTED else None,
-    )
 
 
 class scope(ContextDecorator):
@@ -86,14 +68,14 @@ class scope(ContextDecorator):
     def __enter__(self) -> "scope":
         rt = _native.runtime()
         if rt is None:
-            _config.warn_inactive()
+            warn_inactive()
             _stack().append((False, 0))
             return self
-        sid = _config.scope_id(rt, self.name)
+        sid = scope_id(rt, self.name)
         # Recorded before entering: inside, the list's growth would be an
         # allocation of the scope (and refused in a forbid scope).
         stack = _stack()
-        stack.append((True, rt.last_violation().seq))
+        stack.append((True, refusal.seq(rt)))
         try:
             rt.enter(sid)
         except BaseException:
@@ -115,9 +97,7 @@ class scope(ContextDecorator):
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
-                from ._regions import _raise_outcome, region_outcome
-
-                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
+                raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
@@ -146,13 +126,11 @@ class task(scope):
         super().__init__(name)
 
     def _boundary(self, rt, seq, exc, tb) -> bool:
-        if not isinstance(exc, MemoryError) or isinstance(exc, AllocError):
-            return False
-        err = _to_alloc_error(rt, seq, self.name)
-        if err is None:
-            return False
+        err = refusal.convert(exc, rt, seq, self.name)
         try:
-            raise err.with_traceback(tb) from None
+            if err is not None:
+                refusal.raise_converted(err, exc)
+            return False
         finally:
             err = exc = tb = None  # no cycle through this frame (see __exit__)
 
@@ -172,30 +150,28 @@ def bind(fn: F) -> F:
     rt = _native.runtime()
     if rt is None:
         return fn
-    instance, _ = rt.current()
-    if instance == 0 or not rt.hold(instance):
+    handle = InstanceHandle.current(rt)
+    if handle is None:
         return fn
-    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
 
     @functools.wraps(fn)
     def bound(*args, **kwargs):
-        # The wrapper holds the instance, so attaching only fails at capacity
+        # The wrapper holds the instance (through the handle, released when
+        # the wrapper is garbage), so attaching only fails at capacity
         # (ScopeCapacityError), never silently.
-        rt.attach(instance)
-        seq = rt.last_violation().seq
+        handle.attach()
+        seq = refusal.seq(rt)
         try:
             return fn(*args, **kwargs)
         except MemoryError as exc:
-            if not isinstance(exc, AllocError):
-                err = _to_alloc_error(rt, seq, scope_name)
+            err = refusal.convert(exc, rt, seq, handle.scope)
+            try:
                 if err is not None:
-                    try:
-                        raise err.with_traceback(exc.__traceback__) from None
-                    finally:
-                        err = exc = None  # no cycle through this frame
-            raise
+                    refusal.raise_converted(err, exc)
+                raise
+            finally:
+                err = exc = None  # no cycle through this frame
         finally:
-            rt.exit()
+            handle.detach()
 
-    weakref.finalize(bound, rt.release, instance)
     return bound  # type: ignore[return-value]

@@ -94,6 +94,10 @@ typedef enum {
 #define AP_DOMAINS_ALL ((1u << AP_DOMAIN_COUNT_) - 1)
 
 #define AP_MAX_SCOPES 256
+/* Instances active at once (ended ones keep no slot). An instance id is
+ * opaque: it names a slot and a generation, so an id kept after its instance
+ * ended is never taken for a later instance (ap_get_instance_stats answers
+ * AP_ENOENT for it once the slot serves another one). */
 #define AP_MAX_INSTANCES 65536
 #define AP_SCOPE_NAME_MAX 64 /* including the terminating NUL */
 #define AP_MAX_DEPTH 32      /* scopes nested on one thread */

@@ -421,7 +421,7 @@ void *ap__lib_call(void *caller, uint64_t size, void *(*fn)(void *), void *arg) 
     uint32_t scope = obj ? atomic_load_explicit(&libs[obj - 1].scope, memory_order_relaxed) : 0;
     void *p;
     if (scope && scope < atomic_load_explicit(&ap__nscopes, memory_order_relaxed) &&
-        ap__instances[t->cur].scope != scope) {
+        ap__inst(t->cur)->scope != scope) {
         uint32_t child = child_for(c, t->cur, scope);
         p = child != AP_INSTANCE_PROCESS ? run_in(t, child, fn, arg) : fn(arg);
     } else {
