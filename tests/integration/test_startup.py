@@ -65,6 +65,20 @@ def _bare_preload(lib: str, code: str, *, env: dict[str, str], stdin: str | None
     )
 
 
+# What MODULES_POLICY makes of a program: json's calls counted in `job`, and
+# the scope's budget enforced.
+USES_THE_JOB_SCOPE = """
+    import json
+    import allocpolicy
+    json.dumps(list(range(10000)))
+    print("bound:", allocpolicy.stats().scopes["job"].allocations > 0)
+    try:
+        with allocpolicy.task("job"):
+            bytearray(100 << 20)
+    except allocpolicy.AllocError as err:
+        print("refused:", err.scope, err.budget)
+"""
+
 REPORT_POLICY = """
     import allocpolicy
     p = allocpolicy.active_policy()
@@ -88,19 +102,11 @@ def test_run_hands_on_a_policy_read_from_a_pipe(tmp_path):
     read_end, write_end = os.pipe()
     os.write(write_end, textwrap.dedent(MODULES_POLICY).encode())
     os.close(write_end)
-    code = """
-        import json
+    code = textwrap.dedent("""
         import allocpolicy
         p = allocpolicy.active_policy()
         print(p.source, sorted(p.scopes), p.scopes["job"].modules)
-        json.dumps(list(range(10000)))  # bound to `job` by the policy
-        print("bound:", allocpolicy.stats().scopes["job"].allocations > 0)
-        try:
-            with allocpolicy.task("job"):
-                bytearray(100 << 20)
-        except allocpolicy.AllocError as err:
-            print("refused:", err.scope, err.budget)
-    """
+    """) + textwrap.dedent(USES_THE_JOB_SCOPE)
     script = tmp_path / "snippet.py"
     script.write_text(textwrap.dedent(code))
     try:
@@ -175,15 +181,8 @@ def test_bare_preload_with_a_policy_file_and_a_child_process(allocpolicy_lib, tm
     # GIVEN LD_PRELOAD and ALLOCPOLICY_POLICY set by hand (a container, a unit)
     policy = tmp_path / "service.toml"
     policy.write_text(textwrap.dedent(MODULES_POLICY))
-    code = textwrap.dedent(REPORT_POLICY) + textwrap.dedent("""
-        import json, subprocess, sys
-        json.dumps(list(range(10000)))
-        print("bound:", allocpolicy.stats().scopes["job"].allocations > 0)
-        try:
-            with allocpolicy.task("job"):
-                bytearray(100 << 20)
-        except allocpolicy.AllocError as err:
-            print("refused:", err.scope, err.budget)
+    code = textwrap.dedent(REPORT_POLICY) + textwrap.dedent(USES_THE_JOB_SCOPE) + textwrap.dedent("""
+        import subprocess, sys
         if len(sys.argv) == 1:  # and a child started by the service has it too
             sys.stdout.flush()
             subprocess.run([sys.executable, "-c", CODE, "child"], check=True)
@@ -222,3 +221,16 @@ def test_unknown_scope_error_never_contradicts_itself(allocpolicy_lib, tmp_path)
     ]
     assert proc.stderr.count("AllocPolicyWarning") == 1, proc.stderr
     assert f"the policy {policy} (ALLOCPOLICY_POLICY) declares scopes that ALLOCPOLICY_TABLE does not (request)" in proc.stderr
+
+
+def test_run_refuses_a_policy_too_large_to_hand_over(tmp_path):
+    # The text goes through the environment, where one string has at most 128 KiB.
+    policy = tmp_path / "p.toml"
+    policy.write_text("version = 1\n" + "# padding\n" * 14000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "allocpolicy", "run", "--policy", str(policy), "--", "true"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_clean_environment(),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"allocpolicy: error: run: --policy {policy}: the policy is ")
+    assert proc.stderr.endswith("bytes, more than the 128 KiB that the environment can hand to the command\n")
