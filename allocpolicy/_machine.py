@@ -23,7 +23,8 @@ so the mount's own directory stands for the container's cgroup.
 
 The runtime reads the same files the same way for reservations
 (``native/src/machine.c``, without the heap); ``tests/data/machine`` holds the
-trees both readings are tested on.
+trees both readings are tested on. ``ALLOCPOLICY_MACHINE_ROOT`` names a
+directory that stands for ``/`` in both readings, for those tests.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 V1_UNLIMITED = 1 << 62
 #: machine_headroom() when nothing can be read: large enough never to refuse.
 UNKNOWN_HEADROOM = 1 << 62
+ENV_ROOT = "ALLOCPOLICY_MACHINE_ROOT"
 
 # (mount under the cgroup root, limit file, usage file)
 _V2 = ("memory.max", "memory.current")
@@ -46,6 +48,7 @@ _V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes")
 
 
 def _read(path: str) -> str | None:
+    path = os.environ.get(ENV_ROOT, "") + path
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
@@ -66,7 +69,8 @@ def _hierarchies(proc_root: str, cgroup_root: str) -> Iterator[tuple[str, str, t
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":
             unified = f"{cgroup_root}/unified"
-            yield (unified if os.path.isdir(unified) else cgroup_root), path, _V2
+            hybrid = os.path.isdir(os.environ.get(ENV_ROOT, "") + unified)
+            yield (unified if hybrid else cgroup_root), path, _V2
         elif "memory" in controllers.split(","):
             yield f"{cgroup_root}/memory", path, _V1
 

@@ -234,3 +234,21 @@ def test_run_refuses_a_policy_too_large_to_hand_over(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"allocpolicy: error: run: --policy {policy}: the policy is ")
     assert proc.stderr.endswith("bytes, more than the 128 KiB that the environment can hand to the command\n")
+
+
+def test_bare_preload_with_a_policy_that_cannot_be_put_in_force(allocpolicy_lib, tmp_path):
+    # GIVEN a valid policy whose percentage budget cannot be resolved on this
+    # machine (one where neither a cgroup limit nor /proc/meminfo can be read)
+    policy = tmp_path / "service.toml"
+    policy.write_text('version = 1\n[process]\nbudget = "50%"\n[scopes.job]\nbudget = "1 MiB"\n')
+    empty = tmp_path / "machine"
+    empty.mkdir()
+    env = {"ALLOCPOLICY_POLICY": str(policy), "ALLOCPOLICY_MACHINE_ROOT": str(empty)}
+    proc = _bare_preload(allocpolicy_lib, REPORT_POLICY, env=env)
+    # THEN the program starts under the built-in default, which it reports,
+    # and one warning says why
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "<built-in default> ['request', 'task']\n"
+    assert proc.stderr.count("AllocPolicyWarning") == 1, proc.stderr
+    assert f"the policy {policy} could not be put in force; the built-in default policy applies instead" in proc.stderr
+    assert "[process] key 'budget': cannot resolve 50%" in proc.stderr

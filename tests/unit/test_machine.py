@@ -54,3 +54,11 @@ def test_nothing_readable(tmp_path):
     assert machine_headroom(**nothing) == (1 << 62, "unknown")
     with pytest.raises(OSError, match="cannot tell how much memory is available"):
         memory_limit(**nothing)
+
+
+def test_the_machine_root_stands_for_slash(monkeypatch):
+    # The runtime's reading takes the same root (tests/integration/test_machine_headroom.py).
+    want = expected("v1_docker")
+    monkeypatch.setenv("ALLOCPOLICY_MACHINE_ROOT", str(CORPUS / "v1_docker" / "root"))
+    assert machine_headroom()[0] == want["headroom"]
+    assert memory_limit()[0] == want["limit"]
