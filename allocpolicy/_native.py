@@ -24,6 +24,8 @@ ABI_VERSION = 1
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
+#: AP_MAX_DEPTH: scopes nested on one thread.
+MAX_DEPTH = 32
 
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
@@ -110,6 +112,7 @@ class ScopeStatsC(ctypes.Structure):
         ("overdraft_bytes", ctypes.c_int64),
         ("forbidden", ctypes.c_uint64),
         ("injected", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64 * len(REASONS)),  # violations by reason, indexed like REASONS
     ]
 
 
@@ -352,6 +355,14 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         self._exit = handle.ap_exit
+        # Every step of a task in a scope crosses ctypes twice (see
+        # _core/stepping.py): through the handle that keeps the GIL (releasing and
+        # taking it back would cost more than the call, and let other threads
+        # in between), and without argtypes, whose conversions cost as much
+        # again; instance ids and levels are small ints, the third argument
+        # of step_enter a byref() made once per task.
+        self.step_enter = gil_handle.ap_step_enter
+        self.step_leave = gil_handle.ap_step_leave
         self._local = _thread._local()
 
     # -- policy ---------------------------------------------------------------

@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 import datetime
-import difflib
 import functools
 import importlib.resources
 import os
@@ -57,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import PolicyError, PolicyProblem
+from ._errors import did_you_mean as _did_you_mean
 from ._inject_settings import VALIDATORS as _INJECT_VALIDATORS
 from ._inject_settings import InjectSettings, check_combination
 from ._machine import CGROUP_ROOT as _CGROUP_ROOT
@@ -126,11 +126,6 @@ def _kind(value: object) -> str:
     if isinstance(value, (datetime.date, datetime.time)):
         return f"a date/time ({value})"
     return f"{type(value).__name__} ({value!r:.40})"
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _mode(value: object) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from .. import _native
 from .._errors import AllocError
 from .names import scope_name
+from .refusal_hooks import notify
 
 __all__ = ["seq", "from_violation", "since", "convert", "raise_converted"]
 
@@ -71,7 +72,13 @@ def convert(
 
 
 def raise_converted(err: AllocError, exc: BaseException) -> None:
-    """Raise ``err`` in place of ``exc``, with the traceback of the allocation that failed."""
+    """Raise ``err`` in place of ``exc``, with the traceback of the allocation that failed.
+
+    Every boundary raises its conversion here, so this is where the
+    :func:`~allocpolicy.on_refusal` callbacks hear of it: once per refusal
+    that the program sees as an AllocError.
+    """
+    notify(err)
     try:
         raise err.with_traceback(exc.__traceback__) from None
     finally:

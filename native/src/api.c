@@ -62,6 +62,8 @@ ap_status ap_get_scope_stats(uint32_t id, ap_scope_stats *out) {
         .forbidden = atomic_load(&sc->forbidden),
         .injected = atomic_load(&sc->injected),
     };
+    for (int reason = 0; reason < AP_REASON_COUNT_; reason++)
+        s.refused[reason] = atomic_load(&sc->refused[reason]);
     memcpy(s.name, sc->name, sizeof s.name);
     return copy_out(out, &s, sizeof s);
 }

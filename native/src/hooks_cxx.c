@@ -38,17 +38,21 @@ static const char *const get_new_handler_names[] = {"_ZSt15get_new_handlerv", NU
 static const char *const throw_bad_alloc_names[] = {"_ZSt17__throw_bad_allocv",
                                                     "_ZNSt3__117__throw_bad_allocEv", NULL};
 
+/* A failed dlsym or dlopen keeps its message on the heap, charged to the
+ * scope that refused, until dlerror() has returned it and is called once
+ * more. (The caller's own pending dlerror() message, if any, goes too.) */
+static void forget_dl_error(void) {
+    dlerror();
+    dlerror();
+}
+
 static void *lookup_in(void *handle, const char *const *names) {
     void *f = NULL;
     int missed = 0;
     for (; *names && !f; names++)
         missed |= (f = dlsym(handle, *names)) == NULL;
-    /* A failed dlsym keeps its message on the heap, charged to the scope that
-     * refused, until dlerror() has returned it and is called once more. */
-    if (missed) {
-        dlerror();
-        dlerror();
-    }
+    if (missed)
+        forget_dl_error();
     return f;
 }
 
@@ -60,8 +64,8 @@ static void *lookup_in(void *handle, const char *const *names) {
  * is not in the global scope. Looked up on every refusal, not kept: the
  * calling code keeps its runtime loaded while it runs, but nothing would keep
  * a remembered one from being unloaded later, and pinning it with
- * RTLD_NODELETE allocates (charged to whatever scope refused). Neither
- * lookup allocates when it finds the name.
+ * RTLD_NODELETE allocates (charged to whatever scope refused). A lookup
+ * leaves nothing allocated.
  */
 static void *runtime_function(void *caller, const char *const *names) {
     Dl_info info;
@@ -72,6 +76,8 @@ static void *runtime_function(void *caller, const char *const *names) {
             dlclose(handle); /* drops the reference RTLD_NOLOAD took */
             if (f)
                 return f;
+        } else {
+            forget_dl_error();
         }
     }
     /* The main program (dladdr names it ""), or code that is no C++. */
@@ -151,8 +157,7 @@ static AP__NOINLINE void *new_refused(void *caller, size_t size, size_t align, i
     X(_ZdlPvmSt11align_val_t, (void *p, size_t size, size_t align))                        \
     X(_ZdaPvmSt11align_val_t, (void *p, size_t size, size_t align))
 
-/* The declarations keep -Wmissing-prototypes quiet and the definitions
- * checked against one list. */
+/* Declared with their visibility, then defined, from the same lists. */
 #define AP__X(name, params, align, nothrow) AP__EXPORT void *name params;
 AP__CXX_NEW_FUNCTIONS(AP__X)
 #undef AP__X

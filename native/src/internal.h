@@ -124,6 +124,7 @@ typedef struct {
     _Atomic int64_t overdraft_bytes;
     _Atomic uint64_t forbidden;
     _Atomic uint64_t injected;
+    _Atomic uint64_t refused[AP_REASON_COUNT_]; /* violations by ap_reason */
     /* Ended slots of this scope kept for its next instances (scope.c);
      * `ended_lock` holds the pid of the process whose thread holds it. */
     _Atomic int32_t ended_lock;

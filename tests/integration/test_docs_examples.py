@@ -36,6 +36,7 @@ RUNS = {
     "try_extend.py": "fallible_code_policy.toml",
     "no_alloc_regions.py": "no_alloc_policy.toml",
     "inject_task.py": "inject_policy.toml",
+    "observe_refusals.py": "quickstart_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
@@ -111,6 +112,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "no_alloc_regions.py",
         "library_scope.py",
         "inject_task.py",
+        "observe_refusals.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):

@@ -324,7 +324,7 @@ def test_scope_and_task_work_as_decorators(tmp_path):
             try:
                 @allocpolicy.task("request")
                 async def nope():
-                    pass
+                    yield  # an async generator: its consumer would run in the scope
             except TypeError as err:
                 print("TypeError")
             """,

@@ -32,16 +32,29 @@ LAYERS = [
             "allocpolicy._fallible",
             "allocpolicy._inject",
             "allocpolicy._inprocess",
+            "allocpolicy._loops",
             "allocpolicy._modules",
             "allocpolicy._regions",
             "allocpolicy._scope",
             "allocpolicy._stats",
+            "allocpolicy._stats_socket",
+            "allocpolicy._budget_checks",
         },
     ),
     ("integrations", {"allocpolicy.integrations", "allocpolicy.integrations.*"}),
     (
         "entry points",
-        {"allocpolicy", "allocpolicy.__main__", "allocpolicy._cli", "allocpolicy.pytest_plugin"},
+        {
+            "allocpolicy",
+            "allocpolicy.__main__",
+            "allocpolicy._cli",
+            "allocpolicy._stats_client",
+            "allocpolicy.pytest_plugin",
+            # Public modules a program imports to export metrics; like the
+            # pytest plugin, they build on the public namespace.
+            "allocpolicy.metrics",
+            "allocpolicy.metrics.*",
+        },
     ),
 ]
 
