@@ -29,6 +29,7 @@ from ._errors import (
     PolicyProblem,
     RuntimeLoadError,
     ScopeCapacityError,
+    ScopeMismatchError,
     UnknownScopeError,
 )
 from ._native import library_path
@@ -50,6 +51,7 @@ __all__ = [
     "Reservation",
     "RuntimeLoadError",
     "ScopeCapacityError",
+    "ScopeMismatchError",
     "ScopePolicy",
     "ScopeStats",
     "Stats",

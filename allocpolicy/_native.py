@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
@@ -308,6 +308,7 @@ class Runtime:
             "ap_configure": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int),
             "ap_scope_find": ([ctypes.c_char_p, u32p], ctypes.c_int),
             "ap_enter": ([ctypes.c_uint32, u32p], ctypes.c_int),
+            "ap_set_budget": ([ctypes.c_uint32, ctypes.c_int64], ctypes.c_int),
             "ap_attach": ([ctypes.c_uint32], ctypes.c_int),
             "ap_hold": ([ctypes.c_uint32], ctypes.c_int),
             "ap_release": ([ctypes.c_uint32], ctypes.c_int),
@@ -389,6 +390,10 @@ class Runtime:
             return self._exit()
         except MemoryError:
             return self._exit()
+
+    def set_budget(self, instance: int, budget: int) -> None:
+        """Give ``instance``, just entered on this thread, a budget of its own (0: none)."""
+        check(self._lib.ap_set_budget(instance, budget), "ap_set_budget", instance, budget)
 
     def hold(self, instance: int) -> bool:
         return self._lib.ap_hold(instance) == OK

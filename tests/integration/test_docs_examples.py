@@ -35,6 +35,8 @@ RUNS = {
     "try_extend.py": "fallible_code_policy.toml",
     "no_alloc_regions.py": "no_alloc_policy.toml",
     "inject_task.py": "inject_policy.toml",
+    "task_boundaries.py": "nested_policy.toml",
+    "task_retries.py": "quickstart_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
