@@ -21,6 +21,7 @@ import os as _os
 import warnings as _warnings
 
 from . import _native
+from ._core import postimport as _postimport
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -71,9 +72,12 @@ __all__ = [
     "load_policy",
     "machine_headroom",
     "no_alloc",
+    "on_refusal",
+    "remove_refusal_hook",
     "replay_setting",
     "reserve",
     "scope",
+    "serve_stats",
     "stats",
     "task",
     "try_append",
@@ -120,6 +124,9 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
+    "serve_stats": "_stats_socket",
+    "on_refusal": "_core.refusal_hooks",
+    "remove_refusal_hook": "_core.refusal_hooks",
     "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
@@ -166,6 +173,10 @@ def _activate() -> None:
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    # Scopes entered in coroutines follow their task: the event loops are
+    # followed from the moment asyncio is imported (_loops.follow() does the
+    # same, without importing _loops at every start).
+    _postimport.after_import("asyncio.base_events", "allocpolicy._loops:follow_asyncio")
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
     source = _os.environ.get("ALLOCPOLICY_POLICY")
@@ -175,6 +186,11 @@ def _activate() -> None:
         from . import _modules
 
         _modules.activate_from_environment(source)
+    if _os.environ.get("ALLOCPOLICY_STATS_SOCKET"):
+        # Asked for (`run --stats-socket`): only then is there a thread.
+        from . import _stats_socket
+
+        _stats_socket.start_from_environment()
 
 
 _activate()

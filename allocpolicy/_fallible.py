@@ -115,12 +115,20 @@ def machine_headroom(
 # --- Reservations -------------------------------------------------------------------
 
 
-def _check_nbytes(nbytes: object, func: str) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        raise TypeError(f"{func}(): argument 'nbytes' must be int, not {type(nbytes).__name__}")
-    if nbytes < 0:
-        raise ValueError(f"{func}(): argument 'nbytes' must be >= 0, got {nbytes}")
-    return nbytes
+def _check_size(value: object, func: str, arg: str = "nbytes") -> int:
+    """A byte count for ``func``'s argument ``arg``: an int from 0 to
+    ``sys.maxsize``, the largest size an object can have (as for
+    ``bytearray(n)``). Sizes within that range that no allocation can serve
+    are the runtime's to refuse, as an :class:`AllocError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{func}(): argument '{arg}' must be int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{func}(): argument '{arg}' must be >= 0, got {value}")
+    if value > sys.maxsize:
+        raise OverflowError(
+            f"{func}(): argument '{arg}' must be at most sys.maxsize ({sys.maxsize}), got {value}"
+        )
+    return value
 
 
 def _check_overdraft(overdraft: object, func: str) -> int:
@@ -265,7 +273,7 @@ def try_reserve(nbytes: int, *, overdraft: str | None = None) -> Reservation | A
 
 
 def _try_reserve(nbytes: int, overdraft: str | None, func: str) -> Reservation | AllocError:
-    nbytes = _check_nbytes(nbytes, func)
+    nbytes = _check_size(nbytes, func)
     action = _check_overdraft(overdraft, func)
     rt = _native.runtime()
     if rt is None:
@@ -471,12 +479,10 @@ def try_insert(mapping: MutableMapping, key: Any, value: Any) -> Unstored | None
 def try_bytearray(n: int) -> bytearray | AllocError:
     """A zeroed ``bytearray`` of ``n`` bytes, or the :class:`AllocError` that
     refused it (returned, not raised)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"try_bytearray(): argument 'n' must be int, not {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"try_bytearray(): argument 'n' must be >= 0, got {n}")
+    n = _check_size(n, "try_bytearray", "n")
     out: list[bytearray] = []
-    err = _guarded(n + 64, lambda: out.append(bytearray(n)))
+    # The object's header on top; a reservation of sys.maxsize is refused anyway.
+    err = _guarded(min(n + 64, sys.maxsize), lambda: out.append(bytearray(n)))
     return err if err is not None else out[0]
 
 

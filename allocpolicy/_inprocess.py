@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import _config, _configure, _native
+from . import _config, _configure, _loops, _native
 from ._errors import AllocPolicyWarning, RuntimeLoadError
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ def install(policy: Policy | Mapping | str | os.PathLike | None = None) -> Polic
             _state.settle(_state.rt.hooks_lost())
             return active
         _state = _Installed.start(new)
+        _loops.follow()
         return _config.active_policy()
 
 

@@ -17,12 +17,15 @@ import os
 import _thread
 from typing import Any
 
+from . import _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
 ABI_VERSION = 2
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
+#: AP_MAX_DEPTH: scopes nested on one thread.
+MAX_DEPTH = 32
 
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
@@ -109,6 +112,7 @@ class ScopeStatsC(ctypes.Structure):
         ("overdraft_bytes", ctypes.c_int64),
         ("forbidden", ctypes.c_uint64),
         ("injected", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64 * len(REASONS)),  # violations by reason, indexed like REASONS
     ]
 
 
@@ -247,8 +251,9 @@ def _sized(struct_type):
 def library_path() -> str:
     """Absolute path of the runtime library shipped with this package.
 
-    ``ALLOCPOLICY_LIBRARY`` overrides it. Raises :class:`RuntimeLoadError` if the
-    file is missing (for example in a source checkout that was never built).
+    ``ALLOCPOLICY_LIBRARY`` overrides it. A package imported from a source
+    checkout uses the checkout's ``native/build/``, built first if missing or
+    stale. Raises :class:`RuntimeLoadError` if there is no library to use.
     """
     override = os.environ.get(ENV_LIBRARY)
     if override:
@@ -259,18 +264,16 @@ def library_path() -> str:
             "library shipped with the package"
         )
     here = os.path.dirname(os.path.realpath(__file__))
-    candidates = [
-        os.path.join(here, "_lib", LIBRARY_NAME),
-        # a source checkout, after `make -C native`
-        os.path.join(os.path.dirname(here), "native", "build", LIBRARY_NAME),
-    ]
-    for path in candidates:
-        if os.path.isfile(path):
-            return os.path.realpath(path)
-    tried = ", ".join(candidates)
+    native = _checkout.native_dir(here)
+    if native is not None:
+        return _checkout.library(here, native, [LIBRARY_NAME, INPROCESS_LIBRARY_NAME])
+    path = os.path.join(here, "_lib", LIBRARY_NAME)
+    if os.path.isfile(path):
+        return os.path.realpath(path)
     raise RuntimeLoadError(
-        f"the allocpolicy runtime library was not found (looked at {tried}); "
-        "reinstall the package with `pip install .` or build it with `make -C native`"
+        f"the allocpolicy runtime library {path} is missing from the installed package "
+        f"{here}; reinstall it (`pip install --force-reinstall allocpolicy`, or "
+        "`pip install .` in a checkout)"
     )
 
 
@@ -309,6 +312,7 @@ class Runtime:
             "ap_scope_find": ([ctypes.c_char_p, u32p], ctypes.c_int),
             "ap_enter": ([ctypes.c_uint32, u32p], ctypes.c_int),
             "ap_set_budget": ([ctypes.c_uint32, ctypes.c_int64], ctypes.c_int),
+            "ap_enter_noting": ([ctypes.c_uint32, u32p, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
             "ap_attach": ([ctypes.c_uint32], ctypes.c_int),
             "ap_hold": ([ctypes.c_uint32], ctypes.c_int),
             "ap_release": ([ctypes.c_uint32], ctypes.c_int),
@@ -349,6 +353,15 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         self._exit = handle.ap_exit
+        self._enter_noting = handle.ap_enter_noting
+        # Every step of a task in a scope crosses ctypes twice (see
+        # _core/stepping.py): through the handle that keeps the GIL (releasing and
+        # taking it back would cost more than the call, and let other threads
+        # in between), and without argtypes, whose conversions cost as much
+        # again; instance ids and levels are small ints, the third argument
+        # of step_enter a byref() made once per task.
+        self.step_enter = gil_handle.ap_step_enter
+        self.step_leave = gil_handle.ap_step_leave
         self._local = _thread._local()
 
     # -- policy ---------------------------------------------------------------
@@ -390,6 +403,23 @@ class Runtime:
             return self._exit()
         except MemoryError:
             return self._exit()
+
+    def enter_noting(self, scope_id: int) -> int:
+        """:meth:`enter`, returning the thread's violation number from just
+        before the entry (what a task boundary notes) in the same call."""
+        local = self._local
+        try:
+            out, seq, out_ref, seq_ref = local.entry
+        except AttributeError:
+            # Made once per thread, outside any scope: made inside, they
+            # would be allocations of the scope entered.
+            out, seq = ctypes.c_uint32(), ctypes.c_uint64()
+            local.entry = (out, seq, ctypes.byref(out), ctypes.byref(seq))
+            out, seq, out_ref, seq_ref = local.entry
+        status = self._enter_noting(scope_id, out_ref, seq_ref)
+        if status:
+            check(status, "ap_enter", scope_id)
+        return seq.value
 
     def set_budget(self, instance: int, budget: int) -> None:
         """Give ``instance``, just entered on this thread, a budget of its own (0: none)."""
@@ -706,8 +736,9 @@ def inprocess_library_path() -> str:
     path = os.path.join(os.path.dirname(library_path()), INPROCESS_LIBRARY_NAME)
     if not os.path.isfile(path):
         raise RuntimeLoadError(
-            f"the allocpolicy in-process library was not found at {path}; reinstall the "
-            "package with `pip install .` or build it with `make -C native`"
+            f"the allocpolicy in-process library {path} is missing (it is built and "
+            f"installed next to {LIBRARY_NAME}); reinstall the package, or rebuild a "
+            "checkout's with `make -C native`"
         )
     return path
 
@@ -798,6 +829,12 @@ class InprocessRuntime(Runtime):
             status = self._lib.ap_enter(scope_id, ctypes.byref(out))
         check(status, "ap_enter", scope_id)
         return out.value
+
+    def enter_noting(self, scope_id: int) -> int:
+        # The checks of in-process mode come first (enter()), so two calls.
+        seq = self.last_violation().seq
+        self.enter(scope_id)
+        return seq
 
     def attach(self, instance: int) -> None:
         before = self.before_enter

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from . import _native
 from ._core.names import scope_name, warn_inactive
+from ._core.refusal_hooks import notify
 from ._errors import AllocError, AllocPolicyWarning
 
 __all__ = ["no_alloc", "count_allocs", "RegionStats", "region_outcome", "raise_outcome"]
@@ -163,6 +164,7 @@ def region_outcome(
 def raise_outcome(err: AllocError | None, exc, tb) -> None:
     if err is None:
         return
+    notify(err)  # a region's refusal, as raise_converted reports a boundary's
     try:
         if exc is not None:
             raise err.with_traceback(tb) from None

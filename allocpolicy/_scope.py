@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
+import types
 from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
 from . import _native
-from ._core import refusal
+from ._core import refusal, stepping
 from ._core.instances import InstanceHandle
 from ._core.names import scope_id, warn_inactive
 from ._errors import AllocError, ScopeMismatchError
 from ._regions import raise_outcome, region_outcome
 
-__all__ = ["scope", "task", "bind"]
+__all__ = ["scope", "task", "bind", "bind_handle"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,18 +76,43 @@ class scope(ContextDecorator):
         self.name = _check_name(name, self._func)
 
     def __call__(self, func: F) -> F:
-        self._check_decorated(func)
+        if _is_coroutine_function(func):
+            # Each call's coroutine runs its body in a new instance, which
+            # follows the task that awaits it (_core/stepping.py).
+            @functools.wraps(func)
+            async def scoped(*args, **kwargs):
+                with self._recreate_cm():
+                    return await func(*args, **kwargs)
+
+            return scoped  # type: ignore[return-value]
+        if _is_async_generator_function(func):
+            raise TypeError(
+                f"{self._func}(): cannot decorate the async generator function {func.__qualname__}: "
+                "between its yields, the code that consumes it would run inside the scope"
+            )
         return super().__call__(func)
 
-    def _check_decorated(self, func: Callable) -> None:
-        import inspect  # at decoration time only: it is a heavy import
+    async def __aenter__(self) -> "scope":
+        return self.__enter__()
 
-        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-            raise TypeError(
-                f"{self._func}(): cannot decorate the coroutine function {func.__qualname__}: "
-                "the scope stack is per thread, and other coroutines would run inside the "
-                "scope at every await"
-            )
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self.__exit__(exc_type, exc, tb)
+        finally:
+            exc = tb = None  # see __exit__
+
+    def _resolve(self, rt: _native.Runtime) -> int:
+        """What _open() needs, looked up before anything is entered."""
+        return scope_id(rt, self.name)
+
+    def _open(self, rt: _native.Runtime, target: int) -> int:
+        """Enter the block's instance on this thread; returns its id."""
+        return rt.enter(target)
+
+    def _open_noting(self, rt: _native.Runtime, target: int) -> int:
+        """:meth:`_open`, returning the thread's violation number from before
+        the entry instead (one native call)."""
+        return rt.enter_noting(target)
 
     def __enter__(self) -> "scope":
         rt = _native.runtime()
@@ -93,21 +120,40 @@ class scope(ContextDecorator):
             warn_inactive()
             _stack().append(_Entry(self, None))
             return self
-        sid = scope_id(rt, self.name)
+        target = self._resolve(rt)
+        stepper = stepping.running_stepper()
+        if stepper is not None:
+            # In a task: the instance follows the task (_core/stepping.py).
+            stepping.enter(rt, stepper, self, target)
+            return self
         # Recorded before entering: inside, the list's growth would be an
         # allocation of the scope (and refused in a forbid scope).
         stack = _stack()
-        stack.append(_Entry(self, refusal.seq(rt)))
+        entry = _Entry(self, 0)
+        stack.append(entry)
         try:
-            rt.enter(sid)
+            entry.seq = self._open_noting(rt, target)
         except BaseException:
             stack.pop()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        frame = stepping.leaving(self)
+        if frame is not None:
+            rt = frame.rt
+            left_region = rt.exit() == _native.EXIT_REGION
+            # Popped after leaving, as below.
+            seq = stepping.left(frame)
+            frame = None
+            return self._after_exit(rt, left_region, seq, exc, tb)
         stack = _stack()
-        if not stack or stack[-1].owner is not self:
+        if not stack:
+            # Entered in a task whose coroutine is being finalized elsewhere
+            # (garbage collection, another task closing an async generator):
+            # the instance was never attached here, and goes with the context.
+            return False
+        if stack[-1].owner is not self:
             self._out_of_order(stack)
         seq = stack[-1].seq
         if seq is None:
@@ -120,16 +166,9 @@ class scope(ContextDecorator):
         stack.pop()
         if stack and stack[-1].abandoned:
             _leave_abandoned(rt, stack)
-        try:
-            if left_region:
-                # A forbid scope: its region ended with it.
-                raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
-            return self._boundary(rt, seq, exc, tb)
-        finally:
-            # This frame ends up in the traceback of a raised AllocError; its
-            # locals must not keep the failed task's frames (and their memory)
-            # alive until the cyclic GC runs.
-            exc = tb = None
+        if exc is None and not left_region:
+            return False  # the common case: nothing to report
+        return self._after_exit(rt, left_region, seq, exc, tb)
 
     def _out_of_order(self, stack: list[_Entry]) -> None:
         """An exit that is not of the innermost entry: say so, and leave the
@@ -151,6 +190,18 @@ class scope(ContextDecorator):
             f"or an await interleave them); {self.name!r} is left when the scopes entered "
             "after it are"
         )
+
+    def _after_exit(self, rt, left_region, seq, exc, tb) -> bool:
+        try:
+            if left_region:
+                # A forbid scope: its region ended with it.
+                raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
+            return self._boundary(rt, seq, exc, tb)
+        finally:
+            # This frame ends up in the traceback of a raised AllocError; its
+            # locals must not keep the failed task's frames (and their memory)
+            # alive until the cyclic GC runs.
+            exc = tb = None
 
     def _boundary(self, rt, seq, exc, tb) -> bool:
         return False
@@ -184,6 +235,8 @@ class task(scope):
     """
 
     _func = "task"
+    retries = 0
+    escalate = 2.0
 
     def __init__(self, name: str = "task", *, retries: int = 0, escalate: float = 2.0) -> None:
         super().__init__(name)
@@ -213,13 +266,28 @@ class task(scope):
         return super().__enter__()
 
     def __call__(self, func: F) -> F:
-        if not self.retries:
+        if not self.retries or _is_async_generator_function(func):
             return super().__call__(func)
-        self._check_decorated(func)
+        if _is_coroutine_function(func):
 
-        @functools.wraps(func)
-        def retried(*args, **kwargs):
-            return self.run(func, *args, **kwargs)
+            @functools.wraps(func)
+            async def retried(*args, **kwargs):
+                budget = None  # the scope's own, for the first attempt
+                attempt = 0
+                while True:
+                    try:
+                        return await self._attempt_async(budget, func, args, kwargs)
+                    except AllocError as err:
+                        if attempt >= self.retries or not self._retryable(err):
+                            raise
+                        budget = self._escalated(err)
+                        attempt += 1
+
+        else:
+
+            @functools.wraps(func)
+            def retried(*args, **kwargs):
+                return self.run(func, *args, **kwargs)
 
         return retried  # type: ignore[return-value]
 
@@ -235,21 +303,42 @@ class task(scope):
             except AllocError as err:
                 if attempt >= self.retries or not self._retryable(err):
                     raise
-                # The failed attempt's memory came back when its instance
-                # ended (the error keeps no locals of the frames that failed).
-                budget = min(int(err.budget * self.escalate), _MAX_BUDGET)
+                budget = self._escalated(err)
                 attempt += 1
 
     def _retryable(self, err: AllocError) -> bool:
+        # Only the instance's own budget: more room in it helps nothing else.
         return err.task == self.name and err.scope == self.name and err.limit == "budget" and bool(err.budget)
 
-    def _attempt(self, budget: int | None, fn, args, kwargs):
+    def _escalated(self, err: AllocError) -> int:
+        # The failed attempt's memory came back when its instance ended (the
+        # error keeps no locals of the frames that failed).
+        return min(int(err.budget * self.escalate), _MAX_BUDGET)
+
+    def _enter_attempt(self, budget: int | None) -> None:
         scope.__enter__(self)
-        try:
-            if budget is not None:
-                rt = _native.runtime()
+        if budget is not None:
+            rt = _native.runtime()
+            try:
                 rt.set_budget(rt.current()[0], budget)
+            except BaseException as exc:
+                self.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+
+    def _attempt(self, budget: int | None, fn, args, kwargs):
+        self._enter_attempt(budget)
+        try:
             result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)  # raises the AllocError
+            raise
+        self.__exit__(None, None, None)
+        return result
+
+    async def _attempt_async(self, budget: int | None, fn, args, kwargs):
+        self._enter_attempt(budget)
+        try:
+            result = await fn(*args, **kwargs)
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)  # raises the AllocError
             raise
@@ -282,7 +371,9 @@ def bind(fn: F) -> F:
     allocations are charged to the same instance, under the same budgets, as if
     it ran inside the ``with`` block that called :func:`bind`; the instance stays
     alive for as long as the wrapper exists. A refused allocation in the bound
-    call leaves it as :class:`AllocError`, as at a task boundary.
+    call leaves it as :class:`AllocError`, as at a task boundary. A coroutine
+    function gives a coroutine function whose coroutines run in the instance,
+    in whichever task awaits them.
     Outside any scope, or without a preloaded runtime, ``fn`` is returned as is.
     """
     if not callable(fn):
@@ -290,28 +381,76 @@ def bind(fn: F) -> F:
     rt = _native.runtime()
     if rt is None:
         return fn
-    handle = InstanceHandle.current(rt)
-    if handle is None:
-        return fn
+    return bind_handle(fn, InstanceHandle.current(rt))
 
-    @functools.wraps(fn)
-    def bound(*args, **kwargs):
+
+class _Bound(task):
+    """The block of a bound call: it attaches the held instance of ``handle``."""
+
+    def __init__(self, handle: InstanceHandle) -> None:
+        self.name = handle.scope
+        self._handle = handle
+
+    def _resolve(self, rt: _native.Runtime) -> int:
+        return self._handle.instance
+
+    def _open(self, rt: _native.Runtime, target: int) -> int:
         # The wrapper holds the instance (through the handle, released when
         # the wrapper is garbage), so attaching only fails at capacity
         # (ScopeCapacityError), never silently.
-        handle.attach()
+        self._handle.attach()
+        return target
+
+    def _open_noting(self, rt: _native.Runtime, target: int) -> int:
         seq = refusal.seq(rt)
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            err = refusal.convert(exc, rt, seq, handle.scope)
-            try:
-                if err is not None:
-                    refusal.raise_converted(err, exc)
-                raise
-            finally:
-                err = exc = None  # no cycle through this frame
-        finally:
-            handle.detach()
+        self._open(rt, target)
+        return seq
+
+
+def bind_handle(fn: F, handle: InstanceHandle | None) -> F:
+    """``fn`` wrapped to run in the instance ``handle`` holds (see
+    :func:`bind`), for as long as the wrapper lives; ``fn`` itself for ``None``."""
+    if handle is None:
+        return fn
+    block = _Bound(handle)
+
+    if _is_coroutine_function(fn):
+
+        @functools.wraps(fn)
+        async def bound(*args, **kwargs):
+            with block:
+                return await fn(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            with block:
+                return fn(*args, **kwargs)
 
     return bound  # type: ignore[return-value]
+
+
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+def _code_flags(func: object) -> int:
+    # What inspect looks at, without importing it (a heavy import, and bind()
+    # is called at every hand-off).
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = getattr(func, "__func__", func)
+    code = getattr(func, "__code__", None)
+    return code.co_flags if isinstance(code, types.CodeType) else 0
+
+
+def _is_coroutine_function(func: object) -> bool:
+    inspect = sys.modules.get("inspect")
+    if inspect is not None:  # it knows markcoroutinefunction() and the like
+        return inspect.iscoroutinefunction(func)
+    return bool(_code_flags(func) & _CO_COROUTINE)
+
+
+def _is_async_generator_function(func: object) -> bool:
+    return bool(_code_flags(func) & _CO_ASYNC_GENERATOR)

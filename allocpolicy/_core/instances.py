@@ -39,6 +39,12 @@ class InstanceHandle:
         """A handle on the calling thread's innermost instance; ``None`` outside
         every scope (the process scope is not held) or if it cannot be held."""
         instance, _ = rt.current()
+        return cls.hold(rt, instance)
+
+    @classmethod
+    def hold(cls, rt: _native.Runtime, instance: int) -> InstanceHandle | None:
+        """A handle on ``instance``; ``None`` for the process scope, or an
+        instance that has already ended."""
         if instance == 0 or not rt.hold(instance):
             return None
         return cls(rt, instance, scope_name(rt, rt.instance_stats(instance).scope))

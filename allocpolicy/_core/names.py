@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 from .. import _native
@@ -58,5 +60,21 @@ def warn_inactive() -> None:
             "the allocpolicy runtime is not preloaded in this process, so scopes and budgets "
             "are not enforced; start the program with `allocpolicy run -- ...`",
             AllocPolicyWarning,
-            stacklevel=3,
+            stacklevel=_outside_the_package(),
         )
+
+
+#: Directory of the allocpolicy package, with a trailing separator.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _outside_the_package() -> int:
+    """``stacklevel`` for a warning issued by the caller that names the first
+    frame outside the package, however deep inside it the call came from
+    (``reserve`` reaches ``warn_inactive`` through one more function than ``scope``)."""
+    frame = sys._getframe(2)  # the caller of warn_inactive
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -20,6 +20,7 @@ import opcode
 from .. import _native
 from .._errors import AllocError
 from .names import scope_name
+from .refusal_hooks import notify
 
 __all__ = ["ANY", "seq", "from_violation", "since", "convert", "raise_converted"]
 
@@ -176,7 +177,13 @@ def _release_frames(tb) -> None:
 
 
 def raise_converted(err: AllocError, exc: BaseException) -> None:
-    """Raise ``err`` in place of ``exc``, with the traceback of the allocation that failed."""
+    """Raise ``err`` in place of ``exc``, with the traceback of the allocation that failed.
+
+    Every boundary raises its conversion here, so this is where the
+    :func:`~allocpolicy.on_refusal` callbacks hear of it: once per refusal
+    that the program sees as an AllocError.
+    """
+    notify(err)
     tb = exc.__traceback__
     _release_frames(tb)
     try:

@@ -37,6 +37,7 @@ RUNS = {
     "inject_task.py": "inject_policy.toml",
     "task_boundaries.py": "nested_policy.toml",
     "task_retries.py": "quickstart_policy.toml",
+    "observe_refusals.py": "quickstart_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
@@ -109,6 +110,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "no_alloc_regions.py",
         "library_scope.py",
         "inject_task.py",
+        "observe_refusals.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "allocpolicy"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = [
-    ("base", {"allocpolicy._errors", "allocpolicy._sizes"}),
+    ("base", {"allocpolicy._errors", "allocpolicy._sizes", "allocpolicy._checkout"}),
     ("native", {"allocpolicy._native"}),
     ("core", {"allocpolicy._core", "allocpolicy._core.*"}),
     ("model", {"allocpolicy._inject_settings", "allocpolicy._policy"}),
@@ -29,16 +29,29 @@ LAYERS = [
             "allocpolicy._fallible",
             "allocpolicy._inject",
             "allocpolicy._inprocess",
+            "allocpolicy._loops",
             "allocpolicy._modules",
             "allocpolicy._regions",
             "allocpolicy._scope",
             "allocpolicy._stats",
+            "allocpolicy._stats_socket",
+            "allocpolicy._budget_checks",
         },
     ),
     ("integrations", {"allocpolicy.integrations", "allocpolicy.integrations.*"}),
     (
         "entry points",
-        {"allocpolicy", "allocpolicy.__main__", "allocpolicy._cli", "allocpolicy.pytest_plugin"},
+        {
+            "allocpolicy",
+            "allocpolicy.__main__",
+            "allocpolicy._cli",
+            "allocpolicy._stats_client",
+            "allocpolicy.pytest_plugin",
+            # Public modules a program imports to export metrics; like the
+            # pytest plugin, they build on the public namespace.
+            "allocpolicy.metrics",
+            "allocpolicy.metrics.*",
+        },
     ),
 ]
 
