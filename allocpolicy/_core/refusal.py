@@ -35,7 +35,7 @@ ANY = -1
 # a call into C code, an operator, a subscript (see _carries).
 _RAISE = opcode.opmap["RAISE_VARARGS"]
 # Instructions that call: a refusal carried out as another exception type
-# (RuntimeError from threading.Lock(), ssl.SSLError) is raised by C code that
+# (RuntimeError: can't allocate lock, ssl.SSLError) is raised by C code that
 # Python called.
 _CALLS = frozenset(
     opcode.opmap[name]
