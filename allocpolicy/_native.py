@@ -48,7 +48,7 @@ INJECT_ANY_SCOPE = 0xFFFFFFFF
 _CAPACITY = {
     "ap_enter": (
         "cannot enter another scope: nesting is limited to 32 per thread and "
-        "65536 instances may be alive at once"
+        "65536 instances may be active at once"
     ),
     "ap_attach": "cannot attach to the bound scope instance: nesting is limited to 32 per thread",
     "ap_reserve": "at most 16 reservations can be active on one thread",
