@@ -164,6 +164,12 @@ def _activate() -> None:
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    if table and ";libreport=" in table:
+        # Under `allocpolicy libs`: name the libraries loaded that end the
+        # process on a refusal, before the report.
+        from . import _offenders
+
+        _offenders.warn_at_exit(rt, table)
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
     source = _os.environ.get("ALLOCPOLICY_POLICY")

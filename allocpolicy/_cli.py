@@ -239,7 +239,12 @@ def _with_injection(policy: Policy, text: str) -> Policy:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    print(_load(args.file).describe())
+    policy = _load(args.file)
+    print(policy.describe())
+    from ._offenders import advice, found_in_environment, uncovered
+
+    for offender, path in found_in_environment(uncovered(policy.scopes)):
+        print(f"{PROG}: {advice(offender, path)}", file=sys.stderr)
     return EXIT_OK
 
 
