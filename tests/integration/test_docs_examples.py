@@ -35,6 +35,8 @@ RUNS = {
     "try_extend.py": "fallible_code_policy.toml",
     "no_alloc_regions.py": "no_alloc_policy.toml",
     "inject_task.py": "inject_policy.toml",
+    "web_flask.py": "web_policy.toml",
+    "task_runners.py": "tasks_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
@@ -107,11 +109,15 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "no_alloc_regions.py",
         "library_scope.py",
         "inject_task.py",
+        "web_flask.py",
+        "task_runners.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
     if script == "no_alloc_regions.py":
         pytest.importorskip("numpy")  # a test dependency; the example uses it
+    for needed in {"web_flask.py": ["flask", "waitress"], "task_runners.py": ["distributed"]}.get(script, []):
+        pytest.importorskip(needed)  # test dependencies (the [test] extra)
     # GIVEN an example script and the output recorded next to it for the docs
     # WHEN it runs under the runtime with its policy
     proc = run_example(script, tmp_path)
