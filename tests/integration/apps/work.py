@@ -84,3 +84,13 @@ def png(width: int, height: int) -> bytes:
 # request's scope for good and move the baseline the tests compare with.
 image(png(8, 8))
 array({"rows": "2", "cols": "2"})
+
+
+async def grow_across_awaits(query) -> dict:
+    """A handler that grows across awaits: other requests run between its steps."""
+    import asyncio
+
+    rows: list = []
+    while True:
+        grow_step(rows)
+        await asyncio.sleep(0)
