@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from web_load import Server, check_live_back, check_results, mixed_requests, refusal_lines, send
+from web_load import LATE_BOMB, Server, check_live_back, check_results, mixed_requests, refusal_lines, send
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ def _worker_pids(output: str) -> set[int]:
 def test_flask_server_survives_bombs(server):
     pytest.importorskip("gunicorn" if server.startswith("gunicorn") else "waitress")
     command, workers, without = SERVERS[server]
-    requests = mixed_requests(240, without=without)
+    requests = mixed_requests(240, without=without, extra_bombs=[LATE_BOMB])
     n_bombs = sum(1 for r in requests if r.kind != "normal")
     with Server(command) as srv:
         # GIVEN a warm server and its baseline

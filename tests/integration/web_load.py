@@ -50,6 +50,7 @@ class Request:
     headers: tuple[tuple[str, str], ...] = ()
     expect: int = 200
     send_body: bool = True  #: False: only the headers go out (a declared huge body)
+    cut: bool = False  #: the response starts, then the connection closes mid-body
 
 
 NORMAL = [
@@ -111,9 +112,12 @@ def _one(host: str, port: int, req: Request) -> Result:
         if req.body is not None and req.send_body:
             conn.send(req.body)
         resp = conn.getresponse()
-        return Result(req, resp.status, resp.read())
-    except OSError as exc:
-        return Result(req, None, b"", f"{type(exc).__name__}: {exc}")
+        status = resp.status
+        return Result(req, status, resp.read())
+    except (OSError, http.client.HTTPException) as exc:
+        # A response cut short (the server closed the connection mid-body)
+        # keeps its status, with no body.
+        return Result(req, locals().get("status"), b"", f"{type(exc).__name__}: {exc}")
     finally:
         conn.close()
 
@@ -129,13 +133,13 @@ def check_results(results: list[Result]) -> None:
     its refusal's facts in the body."""
     wrong = [
         f"{r.request.kind} {r.request.method} {r.request.path}: got {r.status} {r.error or r.body[:300]!r}, "
-        f"expected {r.request.expect}"
+        f"expected {r.request.expect}" + (" cut short" if r.request.cut else "")
         for r in results
-        if r.status != r.request.expect
+        if r.status != r.request.expect or r.request.cut != (r.error is not None)
     ]
     assert not wrong, f"{len(wrong)} of {len(results)} requests went wrong:\n" + "\n".join(wrong[:20])
     for r in results:
-        if r.request.kind == "normal":
+        if r.request.kind == "normal" or r.request.cut:
             continue
         facts = json.loads(r.body)
         assert facts["scope"] == "request", facts
@@ -148,7 +152,13 @@ def check_results(results: list[Result]) -> None:
 
 
 def refusal_lines(output: str) -> int:
-    return output.count(" refused with ")
+    """Log lines of refused requests (answered or cut short)."""
+    return output.count(" refused with ") + output.count(" refused after its response started")
+
+
+#: A streamed response that bombs after its first chunk: the status is sent,
+#: so the connection is closed instead.
+LATE_BOMB = Request("late", "GET", "/stream", expect=200, cut=True)
 
 
 def free_port() -> int:

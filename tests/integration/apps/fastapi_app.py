@@ -8,6 +8,7 @@ its own (Starlette's BaseHTTPMiddleware).
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 import work
 from allocpolicy.integrations.asgi import AllocPolicyMiddleware
@@ -59,6 +60,11 @@ def grow(request: Request):
 @app.get("/grow_async")
 async def grow_async(request: Request):
     return await work.grow_across_awaits(request.query_params)
+
+
+@app.get("/stream")
+def stream(request: Request):
+    return StreamingResponse(work.stream(request.query_params), media_type="text/plain")
 
 
 @app.get("/stats")

@@ -41,6 +41,11 @@ def grow():
     return jsonify(work.grow(request.args))
 
 
+@app.get("/stream")
+def stream():
+    return app.response_class(work.stream(request.args), mimetype="text/plain")
+
+
 @app.get("/stats")
 def stats():
     return jsonify(work.stats(request.args))

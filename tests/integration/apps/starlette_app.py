@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import work
@@ -41,6 +41,10 @@ async def grow_async(request):
     return JSONResponse(await work.grow_across_awaits(request.query_params))
 
 
+async def stream(request):
+    return StreamingResponse(work.stream(request.query_params), media_type="text/plain")
+
+
 def stats(request):
     return JSONResponse(work.stats(request.query_params))
 
@@ -54,6 +58,7 @@ app = Starlette(
         Route("/echo", echo, methods=["POST"]),
         Route("/grow", grow),
         Route("/grow_async", grow_async),
+        Route("/stream", stream),
         Route("/stats", stats),
     ],
     middleware=[Middleware(AllocPolicyMiddleware)],

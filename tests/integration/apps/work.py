@@ -59,6 +59,12 @@ def grow(query) -> dict:
         grow_step(rows)
 
 
+def stream(query):
+    """A streamed body whose second chunk is a bomb: the first is sent by then."""
+    yield b"first chunk\n" * 100
+    yield b"x" * (10**10)
+
+
 def stats(query) -> dict:
     import allocpolicy
 
