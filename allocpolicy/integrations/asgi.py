@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 
 import allocpolicy
 
-from ._http import BUDGET, RequestGuard, find_refusal, refusal_facts
+from ._http import RequestGuard, find_refusal, refusal_facts
 
 __all__ = ["AllocPolicyMiddleware", "refusal_facts", "find_refusal"]
 
@@ -43,27 +43,19 @@ class AllocPolicyMiddleware:
     """Wrap the ASGI application ``app`` so that each HTTP request runs in
     ``async with allocpolicy.task(scope)``.
 
-    The arguments after ``app`` are those of
+    The arguments after ``app`` (``scope``, and ``status``,
+    ``too_large_status``, ``max_body``, ``logger`` by keyword) are those of
     :class:`allocpolicy.integrations.wsgi.AllocPolicyMiddleware`; Starlette's
     ``app.add_middleware(AllocPolicyMiddleware, scope="upload")`` passes them.
     """
 
     def __init__(
-        self,
-        app: Callable[[dict, Receive, Send], Awaitable[None]],
-        scope: str = "request",
-        *,
-        status: int = 507,
-        too_large_status: int = 413,
-        max_body: int | str | None = BUDGET,
-        logger=None,
+        self, app: Callable[[dict, Receive, Send], Awaitable[None]], scope: str = "request", **options: Any
     ) -> None:
         if not callable(app):
             raise TypeError(f"argument 'app' must be an ASGI application, not {type(app).__name__}")
         self.app = app
-        self.guard = RequestGuard(
-            scope, status=status, too_large_status=too_large_status, max_body=max_body, logger=logger
-        )
+        self.guard = RequestGuard(scope, **options)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

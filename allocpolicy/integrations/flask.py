@@ -36,7 +36,7 @@ from werkzeug.exceptions import InternalServerError
 
 import allocpolicy
 
-from ._http import BUDGET, RequestGuard, find_refusal, refusal_facts
+from ._http import RequestGuard, find_refusal, refusal_facts
 from .wsgi import AllocPolicyMiddleware
 
 __all__ = ["AllocPolicy", "refusal", "refusal_facts"]
@@ -54,22 +54,12 @@ def refusal(error: BaseException | None = None) -> allocpolicy.AllocError | None
 
 
 class AllocPolicy:
-    """The Flask extension; the arguments are those of
-    :class:`~allocpolicy.integrations.wsgi.AllocPolicyMiddleware`."""
+    """The Flask extension; the arguments after ``app`` (``scope``, and
+    ``status``, ``too_large_status``, ``max_body``, ``logger`` by keyword) are
+    those of :class:`~allocpolicy.integrations.wsgi.AllocPolicyMiddleware`."""
 
-    def __init__(
-        self,
-        app: flask.Flask | None = None,
-        scope: str = "request",
-        *,
-        status: int = 507,
-        too_large_status: int = 413,
-        max_body: int | str | None = BUDGET,
-        logger=None,
-    ) -> None:
-        self._options: dict[str, Any] = dict(
-            scope=scope, status=status, too_large_status=too_large_status, max_body=max_body, logger=logger
-        )
+    def __init__(self, app: flask.Flask | None = None, scope: str = "request", **options: Any) -> None:
+        self._options: dict[str, Any] = dict(options, scope=scope)
         # Built now so that a wrong argument is reported here, not at init_app.
         self.guard = RequestGuard(**self._options)
         if app is not None:
