@@ -1,17 +1,22 @@
-"""Requests per second of a Flask app under gunicorn, without and with the
-runtime, side by side in one run.
+"""Requests per second of a web app, without and with the runtime, side by
+side in one run.
 
     python benchmarks/web_requests.py [--lib PATH] [--quick]
     python benchmarks/run.py --only web
 
-Variants (the same app, web_app.py, one gunicorn gthread worker with 4 threads):
+Two servers, the same small request (read a parameter, build and serialise a
+JSON document of a few KiB): Flask under gunicorn (web_app.py, one gthread
+worker with 4 threads) and Starlette under uvicorn (web_asgi_app.py). Each in
+three variants:
 
 plain       no preload, no middleware
 preload     under the preloaded runtime (built-in default policy), no middleware
-protected   under the runtime, behind AllocPolicy: each request in its own
-            instance of scope "request", every view a task boundary
+protected   under the runtime, behind the integration: each request in its own
+            instance of scope "request" (Flask: AllocPolicy(app), every view a
+            task boundary; Starlette: the ASGI middleware, measured when the
+            installed allocpolicy has scopes that follow asyncio tasks)
 
-All three servers run at once on loopback ports; each round sends the same
+The three servers of a kind run at once on loopback ports; each round sends the same
 number of requests to each, in rotated order, from 4 client threads on
 keep-alive connections, and times them; it also reads the CPU time the
 server's processes used (/proc), per request, which the load of a shared
@@ -37,7 +42,20 @@ ROOT = HERE.parent
 VARIANTS = {
     "plain": "no preload, no middleware",
     "preload": "runtime preloaded, no middleware",
-    "protected": "runtime preloaded, AllocPolicy(app)",
+    "protected": "runtime preloaded, the integration",
+}
+#: server -> (what it is, its command line for a port)
+SERVERS = {
+    "flask": (
+        "Flask under gunicorn (gthread, 1 worker x 4 threads)",
+        lambda port: [sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread", "-w", "1",
+                      "--threads", "4", "--log-level", "warning", "-b", f"127.0.0.1:{port}", "web_app:app"],
+    ),
+    "starlette": (
+        "Starlette under uvicorn (1 process)",
+        lambda port: [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                      "--log-level", "warning", "web_asgi_app:app"],
+    ),
 }
 CLIENTS = 4
 PATH = "/work?n=50"
@@ -51,12 +69,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(variant: str, lib: Path) -> tuple[subprocess.Popen, int]:
+def _start(server: str, variant: str, lib: Path) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
     env["PYTHONPATH"] = str(HERE)
-    command = [sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread", "-w", "1",
-               "--threads", "4", "--log-level", "warning", "-b", f"127.0.0.1:{port}", "web_app:app"]
+    command = SERVERS[server][1](port)
     if variant != "plain":
         # As a user runs it, with the built-in default policy and this library.
         command = [sys.executable, "-m", "allocpolicy", "run", "--", *command]
@@ -74,10 +91,10 @@ def _start(variant: str, lib: Path) -> tuple[subprocess.Popen, int]:
             return proc, port
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"{variant}: gunicorn exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{server} {variant}: the server exited: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"{variant}: gunicorn did not answer in 60 s")
+    raise RuntimeError(f"{server} {variant}: the server did not answer in 60 s")
 
 
 def _requests(port: int, n: int) -> None:
@@ -124,11 +141,34 @@ def _round(proc: subprocess.Popen, port: int, per_client: int) -> tuple[float, f
 
 
 def measure(lib: Path, *, quick: bool = False, repeats: int = 7) -> dict:
+    """Every server kind that can run here, each in its three variants."""
+    out = {}
+    for server in SERVERS:
+        problem = _cannot_run(server)
+        out[server] = {"skipped": problem} if problem else _measure_server(server, lib, quick, repeats)
+    return out
+
+
+def _cannot_run(server: str) -> str | None:
+    import importlib.util
+
+    import allocpolicy
+
+    needs = {"flask": ["flask", "gunicorn"], "starlette": ["starlette", "uvicorn"]}[server]
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)}"
+    if server == "starlette" and not hasattr(allocpolicy.task, "__aenter__"):
+        return "this allocpolicy has no scopes that follow asyncio tasks"
+    return None
+
+
+def _measure_server(server: str, lib: Path, quick: bool, repeats: int) -> dict:
     per_client = 100 if quick else 500
     servers = {}
     try:
         for variant in VARIANTS:
-            servers[variant] = _start(variant, lib)
+            servers[variant] = _start(server, variant, lib)
         for proc, port in servers.values():
             _round(proc, port, 50)  # warm up: imports, caches, connections
         samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -162,10 +202,17 @@ def measure(lib: Path, *, quick: bool = False, repeats: int = 7) -> dict:
     }
 
 
-def report(res: dict) -> str:
-    """The side-by-side table of :func:`measure`'s result."""
+def report(results: dict) -> str:
+    """The side-by-side tables of :func:`measure`'s result."""
+    return "\n".join(_report_server(server, res) for server, res in results.items())
+
+
+def _report_server(server: str, res: dict) -> str:
+    what = SERVERS[server][0]
+    if "skipped" in res:
+        return f"\n{what}: skipped ({res['skipped']})"
     lines = [
-        f"\nFlask under gunicorn (gthread, 1 worker x 4 threads): requests/s, median of "
+        f"\n{what}: requests/s, median of "
         f"{len(res['samples_rps']['plain'])} rounds of {res['requests_per_round']} requests "
         f"from {res['clients']} clients",
         f"  {'variant':<10} {'req/s':>8} {'vs plain':>9} {'server CPU us/req':>18} {'vs plain':>9}  what",

@@ -112,8 +112,8 @@ class ScopedProcessPoolExecutor(ProcessPoolExecutor):
             return super().submit(fn, *args, **kwargs)
         return super().submit(scoped(fn, self.scope), *args, **kwargs)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
-        return super().map(scoped(fn, self.scope), *iterables, timeout=timeout, chunksize=chunksize)
+    def map(self, fn, *iterables, **kwargs):
+        return super().map(scoped(fn, self.scope), *iterables, **kwargs)
 
 
 def _is_chunk(fn: object) -> bool:
