@@ -1,8 +1,17 @@
 """Development sessions: tests on every supported Python, docs, benchmarks.
 
-    nox -s tests docs        # what CI runs
+    nox -s tests docs              # what CI runs (README step 2): 10-15 min on 2 cores
+    nox -s quick                   # the development loop: about 2 min
+    nox -s quick -- -k budget      # arguments after -- go to pytest
     nox -s tests-3.12 -- -k budget
     nox -s bench
+
+Test sessions run pytest with one worker per core (pytest-xdist; `-- -n 0`
+turns that off). The `heavy` tests, which run CPython's and NumPy's own test
+suites under the preload, run their full selection on HEAVY_PYTHON and a quick
+one on the other Pythons (`-- --heavy=full` runs the full one anywhere). A
+pytest run that collects no test exits 5, and fails its session like any
+other status but 0.
 """
 
 from __future__ import annotations
@@ -15,6 +24,12 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 PYTHONS = ["3.11", "3.12", "3.13"]
+#: The Python on which the heavy tests run in full (about 4 minutes of a
+#: 2-core machine); NumPy's tests there too, since NumPy's C code is the
+#: same on every interpreter.
+HEAVY_PYTHON = "3.11"
+#: Every worker is a process, and most tests wait on children of their own.
+WORKERS = ["-n", "auto"]
 
 nox.options.sessions = ["tests", "docs"]
 nox.options.reuse_venv = "yes"
@@ -31,12 +46,25 @@ def _system_deps(session: nox.Session) -> None:
     session.run("bash", str(ROOT / ".ci" / "system-deps.sh"), external=True)
 
 
+def _pytest(session: nox.Session, *args: str) -> None:
+    """pytest with the suite's defaults; the session's own arguments come last
+    and so win."""
+    _system_deps(session)
+    session.install(".[test]")
+    session.run("python", "-m", "pytest", *WORKERS, "--durations=10", *args, *session.posargs)
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """Build, install and run the test suite."""
-    _system_deps(session)
-    session.install(".[test]")
-    session.run("python", "-m", "pytest", *session.posargs)
+    heavy = "full" if session.python == HEAVY_PYTHON else "quick"
+    _pytest(session, f"--heavy={heavy}")
+
+
+@nox.session(python=HEAVY_PYTHON)
+def quick(session: nox.Session) -> None:
+    """The development loop: slow tests left out, heavy tests on a small selection."""
+    _pytest(session, "--quick")
 
 
 @nox.session(python="3.11")

@@ -17,22 +17,32 @@ HERE = Path(__file__).resolve().parent
 
 
 class BuildNative(build_py):
-    """Run native/Makefile and put the result at allocpolicy/_lib/."""
+    """Run native/Makefile: into allocpolicy/_lib/ of the wheel, or for an
+    editable install into native/build/, where the package imported from the
+    checkout looks (allocpolicy/_checkout.py)."""
 
     def run(self):
         super().run()
-        out = Path(self.build_lib, "allocpolicy", "_lib", "liballocpolicy.so").resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.check_call(
-            ["make", "-s", "-C", str(HERE / "native"), f"OUT={out}", "-B"],
-            env={**os.environ},
-        )
+        if self.editable_mode:
+            # Incremental: the checkout's library, rebuilt only if a source changed.
+            subprocess.check_call(["make", "-s", "-C", str(HERE / "native")])
+            # An editable wheel holds what is in its unpacked directory (the
+            # `install` command's install_lib) besides the link to the checkout.
+            site_root = self.get_finalized_command("install").install_lib
+        else:
+            out = Path(self.build_lib, "allocpolicy", "_lib", "liballocpolicy.so").resolve()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.check_call(
+                ["make", "-s", "-C", str(HERE / "native"), f"OUT={out}", "-B"],
+                env={**os.environ},
+            )
+            site_root = self.build_lib
         # Interpreters started under `allocpolicy run` import the package at
         # startup (the line is a no-op elsewhere), so their small objects are
         # counted and an abort shows their Python traceback even if the
         # program never imports allocpolicy itself.
         self.copy_file(str(HERE / "allocpolicy" / "_startup.pth"),
-                       str(Path(self.build_lib, "allocpolicy-startup.pth")))
+                       str(Path(site_root, "allocpolicy-startup.pth")))
 
 
 class PlatformWheel(bdist_wheel):

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages used by the tests and benchmarks: allocator backends, a C
-# toolchain, valgrind and libfiu's fiu-run. Idempotent; does nothing when everything is present.
+# and C++ toolchain, valgrind and libfiu's fiu-run. Idempotent; does nothing when everything is present.
 set -euo pipefail
 need=()
 have_lib() { ls /usr/lib/*-linux-gnu/"$1" >/dev/null 2>&1; }
 have_lib libjemalloc.so.2 || need+=(libjemalloc2)
 have_lib libmimalloc.so.2 || need+=(libmimalloc2.0)
 command -v cc >/dev/null || need+=(gcc)
+# The C++ test programs (operator new/delete under the preload).
+command -v c++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
 command -v valgrind >/dev/null || need+=(valgrind)
 # libfiu's fiu-run: the fault-injection tests compare their failures with it.

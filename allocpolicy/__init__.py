@@ -21,6 +21,7 @@ import os as _os
 import warnings as _warnings
 
 from . import _native
+from ._core import postimport as _postimport
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -69,9 +70,12 @@ __all__ = [
     "load_policy",
     "machine_headroom",
     "no_alloc",
+    "on_refusal",
+    "remove_refusal_hook",
     "replay_setting",
     "reserve",
     "scope",
+    "serve_stats",
     "stats",
     "task",
     "try_append",
@@ -88,7 +92,7 @@ __all__ = [
 # (policy parsing, dataclasses, pathlib) loads on first use.
 _LAZY = {
     "active_policy": "_config",
-    "configure": "_config",
+    "configure": "_configure",
     "is_active": "_config",
     "install": "_inprocess",
     "is_installed": "_inprocess",
@@ -118,7 +122,10 @@ _LAZY = {
     "ScopeStats": "_stats",
     "Stats": "_stats",
     "stats": "_stats",
-    "InjectSettings": "_inject",
+    "serve_stats": "_stats_socket",
+    "on_refusal": "_core.refusal_hooks",
+    "remove_refusal_hook": "_core.refusal_hooks",
+    "InjectSettings": "_inject_settings",
     "InjectStats": "_inject",
     "inject": "_inject",
     "inject_stats": "_inject",
@@ -170,6 +177,10 @@ def _activate() -> None:
         from . import _offenders
 
         _offenders.warn_at_exit(rt, table)
+    # Scopes entered in coroutines follow their task: the event loops are
+    # followed from the moment asyncio is imported (_loops.follow() does the
+    # same, without importing _loops at every start).
+    _postimport.after_import("asyncio.base_events", "allocpolicy._loops:follow_asyncio")
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
     source = _os.environ.get("ALLOCPOLICY_POLICY")
@@ -179,6 +190,11 @@ def _activate() -> None:
         from . import _modules
 
         _modules.activate_from_environment(source)
+    if _os.environ.get("ALLOCPOLICY_STATS_SOCKET"):
+        # Asked for (`run --stats-socket`): only then is there a thread.
+        from . import _stats_socket
+
+        _stats_socket.start_from_environment()
 
 
 _activate()

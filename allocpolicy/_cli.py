@@ -3,15 +3,17 @@
 ::
 
     allocpolicy run [--policy FILE] [--backend system|jemalloc|mimalloc] [--report-fd N]
-                    [--inject SETTING] [--libs-report FILE|-] -- CMD ...
+                    [--inject SETTING] [--libs-report FILE|-] [--stats-socket] -- CMD ...
     allocpolicy libs [--policy FILE] [--output FILE|-] -- CMD ...
     allocpolicy check [FILE]
+    allocpolicy stats [PID | --socket ADDRESS] [--json | --prometheus]
     allocpolicy lib
     allocpolicy --version
 
-Exit codes: 0 success; 1 the runtime library is missing; 2 a usage or policy
-error; 126 the command cannot be executed; 127 the command was not found (the
-last two as in POSIX shells). After ``run`` has started the command, the exit
+Exit codes: 0 success; 1 the runtime library is missing, or ``stats`` could
+not read the counters it was asked for; 2 a usage or policy error; 126 the
+command cannot be executed; 127 the command was not found (the last two as in
+POSIX shells). After ``run`` has started the command, the exit
 status and signals are the command's own: ``run`` replaces itself with it.
 """
 
@@ -29,14 +31,19 @@ import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import _stats_client
+from ._budget_checks import budget_warnings
 from ._errors import PolicyError, RuntimeLoadError
 from ._inject import ENV_INJECT
+from ._offenders import advice, found_in_environment, uncovered
 from ._policy import BUILTIN_SOURCE, ENV_POLICY, ENV_TABLE, MAX_FD, Policy, default_policy, load_policy
+from ._stats_socket import DEFAULT_ADDRESS, ENV_STATS_SOCKET
 
 PROG = "allocpolicy"
 
 EXIT_OK = 0
 EXIT_RUNTIME_MISSING = 1
+EXIT_UNAVAILABLE = 1  # `stats`: the counters asked for cannot be read
 EXIT_USAGE = 2
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
@@ -152,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = _with_injection(policy, inject_text)
     table = policy.compile()
     if args.libs_report is not None:
-        table += f";libreport={_libs_report_fd(args.libs_report)}"
+        table += f";libreport={_libs_report_fd(args.libs_report, args.libs_report_option)}"
     backend = find_backend(args.backend)
 
     # Imported here so that `check` and `--help` work without the library.
@@ -164,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     env["LD_PRELOAD"] = _preload(library, backend, env.get("LD_PRELOAD", ""))
     env[ENV_TABLE] = table
     env[ENV_POLICY] = os.path.abspath(args.policy) if args.policy is not None else BUILTIN_SOURCE
+    if args.stats_socket:
+        env[ENV_STATS_SOCKET] = DEFAULT_ADDRESS
     if inject_text:
         # The canonical form carries the seed, so that the Python side of the
         # command applies exactly what the table holds.
@@ -177,23 +186,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise UserError(f"command not found: {command[0]}", EXIT_NOT_FOUND) from None
     except PermissionError:
-        raise UserError(f"permission denied: {command[0]}", EXIT_NOT_EXECUTABLE) from None
+        raise UserError(_not_executable(command[0], env.get("PATH", os.defpath)), EXIT_NOT_EXECUTABLE) from None
     except OSError as exc:
         raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _libs_report_fd(target: str) -> int:
+def _not_executable(name: str, path: str) -> str:
+    """Why exec of ``name`` was refused with EACCES: a directory is not a
+    program, whatever its permission bits say."""
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in path.split(os.pathsep)]
+    if any(os.path.isdir(c) for c in candidates) and not any(
+        os.path.isfile(c) and os.access(c, os.X_OK) for c in candidates
+    ):
+        return f"cannot execute {name}: is a directory"
+    return f"permission denied: {name}"
+
+
+def _libs_report_fd(target: str, option: str) -> int:
     """Descriptor the command writes the libraries report to at exit: 2 for
-    ``-``, else FILE opened here (truncated) and inherited through exec."""
+    ``-``, else FILE opened here (truncated) and inherited through exec.
+    ``option`` is how the user asked for it, for the error message."""
     if target == "-":
         return 2
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as exc:
-        raise UserError(f"run: --libs-report {target}: {exc.strerror or exc}") from None
+        raise UserError(f"{option} {target}: {exc.strerror or exc}") from None
     if fd > MAX_FD:
-        raise UserError(f"run: --libs-report {target}: descriptor {fd} is above {MAX_FD}")
+        raise UserError(f"{option} {target}: descriptor {fd} is above {MAX_FD}")
     os.set_inheritable(fd, True)
     return fd
 
@@ -209,6 +230,8 @@ def cmd_libs(args: argparse.Namespace) -> int:
         report_fd=None,
         inject=None,
         libs_report=args.output,
+        libs_report_option="libs: --output",
+        stats_socket=False,
     )
     return cmd_run(run_args)
 
@@ -241,10 +264,36 @@ def _with_injection(policy: Policy, text: str) -> Policy:
 def cmd_check(args: argparse.Namespace) -> int:
     policy = _load(args.file)
     print(policy.describe())
-    from ._offenders import advice, found_in_environment, uncovered
-
+    sys.stdout.flush()  # the warnings follow the description, also in a terminal
+    for problem in budget_warnings(policy):
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
     for offender, path in found_in_environment(uncovered(policy.scopes)):
         print(f"{PROG}: {advice(offender, path)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _pid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a process id, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a process id (a positive number), got {value}")
+    return value
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.pid is not None and args.socket is not None:
+        raise UserError("stats: give PID or --socket ADDRESS, not both")
+    if args.pid is None and args.socket is None:
+        print(_stats_client.listing(as_json=args.json))
+        return EXIT_OK
+    shape = "json" if args.json else "prometheus" if args.prometheus else "table"
+    try:
+        text = _stats_client.render(_stats_client.fetch(args.pid, args.socket), shape)
+    except _stats_client.StatsUnavailable as exc:
+        raise UserError(f"stats: {exc}", EXIT_UNAVAILABLE) from None
+    print(text, end="")
     return EXIT_OK
 
 
@@ -295,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run COMMAND with the allocpolicy runtime preloaded and the policy applied.",
         usage=(
             "%(prog)s [--policy FILE] [--backend {system,jemalloc,mimalloc}] [--report-fd N] "
-            "[--inject SETTING] [--libs-report FILE|-] -- COMMAND [ARG ...]"
+            "[--inject SETTING] [--libs-report FILE|-] [--stats-socket] -- COMMAND [ARG ...]"
         ),
     )
     _launch_options(run)
@@ -314,8 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="at exit, write which shared objects allocated, how much and how many of their "
         "allocations failed to FILE ('-': standard error)",
     )
+    run.add_argument(
+        "--stats-socket",
+        action="store_true",
+        help=f"each Python process of the command serves its stats on a Unix socket, for "
+        f"`{PROG} stats PID` (sets {ENV_STATS_SOCKET})",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, libs_report_option="run: --libs-report")
 
     check = sub.add_parser(
         "check",
@@ -343,18 +398,51 @@ def build_parser() -> argparse.ArgumentParser:
     libs.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     libs.set_defaults(handler=cmd_libs)
 
+    stats = sub.add_parser(
+        "stats",
+        help="show the counters of a running process",
+        description="Show the counters (allocpolicy.stats()) of process PID, which must serve them: "
+        f"start it with `{PROG} run --stats-socket` or {ENV_STATS_SOCKET}=1. Without PID, list "
+        "the processes that serve their stats.",
+        usage="%(prog)s [PID | --socket ADDRESS] [--json | --prometheus]",
+    )
+    stats.add_argument("pid", metavar="PID", nargs="?", type=_pid, help="process id")
+    stats.add_argument(
+        "--socket",
+        metavar="ADDRESS",
+        help="read the stats served at ADDRESS (a path, or @NAME for an abstract socket) instead",
+    )
+    shape = stats.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the JSON document the process serves")
+    shape.add_argument(
+        "--prometheus", action="store_true", help="print the metrics in the Prometheus text format"
+    )
+    stats.set_defaults(handler=cmd_stats)
+
     lib = sub.add_parser(
         "lib",
         help="print the path of the runtime library",
         description="Print the path of the runtime library.",
     )
     lib.set_defaults(handler=cmd_lib)
+    for subparser in sub.choices.values():
+        subparser.set_defaults(subparser=subparser)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported by the subcommand's parser, with its usage: the top-level
+        # usage would not say what `check` accepts.
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``allocpolicy`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.handler(args)
     except PolicyError as exc:

@@ -1,33 +1,30 @@
-"""The active policy of this process and how Python changes it.
+"""The active policy of this process: which one it is, and reading it.
 
-Entering scopes needs only the scope ids; the policy model (with TOML
-parsing, dataclasses and their imports) is loaded when a policy is read or
-configured. Every module a program imports adds objects that each full
+Entering scopes needs only the scope ids (``_core.names``); the policy model
+(with TOML parsing, dataclasses and their imports) is loaded when a policy is
+read or configured. Every module a program imports adds objects that each full
 garbage collection walks, so the scope path keeps its imports small.
+:func:`allocpolicy.configure` (``_configure``) changes the active policy
+through :func:`put_in_force`.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from . import _native
-from ._errors import AllocPolicyWarning, PolicyError, UnknownScopeError
+from ._errors import AllocPolicyWarning, PolicyError
 
 if TYPE_CHECKING:
     from ._policy import Policy
 
-__all__ = ["configure", "active_policy", "is_active", "AllocPolicyWarning"]
+__all__ = ["active_policy", "is_active", "put_in_force"]
 
 
 _lock = threading.Lock()
 _active: Policy | None = None
-_scope_ids: dict[str, int] = {}
-_scope_names: dict[int, str] = {}
-_warned_inactive = False
 
 
 def is_active() -> bool:
@@ -87,83 +84,11 @@ def _policy_from_runtime(rt: _native.Runtime) -> Policy:
     return Policy(process=process, scopes=scopes, source="<runtime>")
 
 
-def configure(policy: Policy | Mapping | str | os.PathLike) -> Policy:
-    """Make ``policy`` the active policy and return it.
-
-    ``policy`` is a :class:`Policy` (from :func:`load_policy`), a mapping shaped
-    like the TOML file (``version`` may be left out), or the path of a policy
-    file. Scopes are matched by name and new ones are added. A scope's
-    per-instance ``budget`` applies to instances entered from now on; its
-    ``on_oom``, its ``total_budget`` and the process settings take effect at
-    once, also for instances already running. Scopes are never removed: one
-    that the new policy leaves out keeps its last settings and can still be
-    entered. If the policy is invalid, :class:`PolicyError` is raised and the
-    previous policy stays in force.
-    """
+def put_in_force(new: Policy, rt: _native.Runtime | None) -> None:
+    """Compile ``new`` into the runtime (when there is one) and make it the
+    active policy, as one step: if the runtime rejects it, nothing changed."""
     global _active
-    from ._policy import Policy, load_policy, policy_from_mapping
-
-    if isinstance(policy, Policy):
-        new = policy
-    elif isinstance(policy, Mapping):
-        new = policy_from_mapping(policy, require_version=False)
-    elif isinstance(policy, (str, os.PathLike)):
-        new = load_policy(policy)
-    else:
-        raise TypeError(
-            "configure(): argument 'policy' must be a Policy, a mapping or a path, "
-            f"not {type(policy).__name__}"
-        )
-    rt = _native.runtime()
     with _lock:
         if rt is not None:
             rt.configure(new.compile())
         _active = new
-    if rt is not None and new.inject is not None:
-        # The table carried it; inject() must know it to put it back.
-        from . import _inject
-
-        _inject.applied(new.inject)
-    if rt is not None:
-        # After the scopes exist in the runtime: bindings enter them by id.
-        from . import _modules
-
-        _modules.apply(new, rt)
-    return new
-
-
-def warn_inactive() -> None:
-    global _warned_inactive
-    if not _warned_inactive:
-        _warned_inactive = True
-        warnings.warn(
-            "the allocpolicy runtime is not preloaded in this process, so scopes and budgets "
-            "are not enforced; start the program with `allocpolicy run -- ...`",
-            AllocPolicyWarning,
-            stacklevel=3,
-        )
-
-
-def scope_id(rt: _native.Runtime, name: str) -> int:
-    """Runtime id of a scope name (ids never change once assigned)."""
-    try:
-        return _scope_ids[name]
-    except KeyError:
-        pass
-    sid = rt.scope_id(name)
-    if sid is None or sid == 0:
-        raise UnknownScopeError(name, list(active_policy().scopes))
-    _scope_ids[name] = sid
-    _scope_names[sid] = name
-    return sid
-
-
-def scope_name(rt: _native.Runtime, sid: int) -> str:
-    try:
-        return _scope_names[sid]
-    except KeyError:
-        pass
-    st = rt.scope_stats(sid)
-    name = st.name.decode("utf-8", "replace") if st is not None else f"#{sid}"
-    _scope_names[sid] = name
-    return name

@@ -201,6 +201,14 @@ class PolicyError(AllocPolicyError, ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+def did_you_mean(word: str, choices) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
+    import difflib  # only on the way to an error message
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class UnknownScopeError(AllocPolicyError, LookupError):
     """A scope name that the active policy does not declare."""
 
@@ -209,7 +217,8 @@ class UnknownScopeError(AllocPolicyError, LookupError):
         self.known = list(known)
         listed = ", ".join(sorted(known)) or "none"
         super().__init__(
-            f"scope {name!r} is not declared in the active policy (declared scopes: {listed})"
+            f"scope {name!r} is not declared in the active policy{did_you_mean(name, known)} "
+            f"(declared scopes: {listed})"
         )
 
 

@@ -23,7 +23,9 @@ import warnings
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
-from . import _config, _native
+from . import _native
+from ._core import refusal
+from ._core.names import scope_name, warn_inactive
 from ._errors import AllocError, AllocPolicyWarning
 
 __all__ = [
@@ -113,12 +115,20 @@ def machine_headroom(
 # --- Reservations -------------------------------------------------------------------
 
 
-def _check_nbytes(nbytes: object, func: str) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        raise TypeError(f"{func}(): argument 'nbytes' must be int, not {type(nbytes).__name__}")
-    if nbytes < 0:
-        raise ValueError(f"{func}(): argument 'nbytes' must be >= 0, got {nbytes}")
-    return nbytes
+def _check_size(value: object, func: str, arg: str = "nbytes") -> int:
+    """A byte count for ``func``'s argument ``arg``: an int from 0 to
+    ``sys.maxsize``, the largest size an object can have (as for
+    ``bytearray(n)``). Sizes within that range that no allocation can serve
+    are the runtime's to refuse, as an :class:`AllocError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{func}(): argument '{arg}' must be int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{func}(): argument '{arg}' must be >= 0, got {value}")
+    if value > sys.maxsize:
+        raise OverflowError(
+            f"{func}(): argument '{arg}' must be at most sys.maxsize ({sys.maxsize}), got {value}"
+        )
+    return value
 
 
 def _check_overdraft(overdraft: object, func: str) -> int:
@@ -230,33 +240,17 @@ class Reservation:
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             self.release()
-            if isinstance(exc, MemoryError) and not isinstance(exc, AllocError):
-                rt = _native.runtime()
-                from ._scope import _to_alloc_error
-
-                err = _to_alloc_error(rt, self._seq, None) if rt is not None else None
-                if err is not None and err.limit == "reservation":
-                    raise err.with_traceback(tb) from None
+            rt = _native.runtime()
+            err = refusal.convert(exc, rt, self._seq) if rt is not None else None
+            if err is not None and err.limit == "reservation":
+                refusal.raise_converted(err, exc)
             return False
         finally:
-            exc = tb = None  # no cycle through this frame
+            err = exc = tb = None  # no cycle through this frame
 
     def __repr__(self) -> str:
         state = "released" if self._released else f"left={self.left}"
         return f"<Reservation {self.size} bytes in scope {self.scope!r}, {state}>"
-
-
-def _refusal_error(rt: _native.Runtime, v: _native.Violation, nbytes: int) -> AllocError:
-    reason = _native.REASONS[v.reason]
-    return AllocError(
-        scope=_config.scope_name(rt, v.scope),
-        size=nbytes,
-        budget=v.budget or None,
-        live=v.live,
-        reason=reason,
-        limit=_native.LIMITS[v.limit] if v.limit < len(_native.LIMITS) else None,
-        index=v.index if reason == "injected" else None,
-    )
 
 
 def try_reserve(nbytes: int, *, overdraft: str | None = None) -> Reservation | AllocError:
@@ -279,19 +273,19 @@ def try_reserve(nbytes: int, *, overdraft: str | None = None) -> Reservation | A
 
 
 def _try_reserve(nbytes: int, overdraft: str | None, func: str) -> Reservation | AllocError:
-    nbytes = _check_nbytes(nbytes, func)
+    nbytes = _check_size(nbytes, func)
     action = _check_overdraft(overdraft, func)
     rt = _native.runtime()
     if rt is None:
-        _config.warn_inactive()
+        warn_inactive()
         return Reservation(nbytes, "process", 0, 0)
-    seq = rt.last_violation().seq
-    refusal = rt.reserve(nbytes, action)
-    if refusal is not None:
-        return _refusal_error(rt, refusal, nbytes)
+    seq = refusal.seq(rt)
+    refused = rt.reserve(nbytes, action)
+    if refused is not None:
+        return refusal.from_violation(rt, refused, size=nbytes)
     instance, _ = rt.current()
-    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
-    return Reservation(nbytes, scope_name, rt.reservation().serial, seq)
+    name = scope_name(rt, rt.instance_stats(instance).scope)
+    return Reservation(nbytes, name, rt.reservation().serial, seq)
 
 
 def reserve(nbytes: int, *, overdraft: str | None = None) -> Reservation:
@@ -385,15 +379,13 @@ def _guarded(nbytes: int, op, *args):
         res = try_reserve(nbytes, overdraft="raise")
         if isinstance(res, AllocError):
             return res
-    seq = rt.last_violation().seq
+    seq = refusal.seq(rt)
     try:
         op(*args)
     except MemoryError as exc:
         if isinstance(exc, AllocError):
             return exc
-        from ._scope import _to_alloc_error
-
-        err = _to_alloc_error(rt, seq, None)
+        err = refusal.convert(exc, rt, seq)
         if err is None:
             raise
         return err
@@ -487,12 +479,10 @@ def try_insert(mapping: MutableMapping, key: Any, value: Any) -> Unstored | None
 def try_bytearray(n: int) -> bytearray | AllocError:
     """A zeroed ``bytearray`` of ``n`` bytes, or the :class:`AllocError` that
     refused it (returned, not raised)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"try_bytearray(): argument 'n' must be int, not {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"try_bytearray(): argument 'n' must be >= 0, got {n}")
+    n = _check_size(n, "try_bytearray", "n")
     out: list[bytearray] = []
-    err = _guarded(n + 64, lambda: out.append(bytearray(n)))
+    # The object's header on top; a reservation of sys.maxsize is refused anyway.
+    err = _guarded(min(n + 64, sys.maxsize), lambda: out.append(bytearray(n)))
     return err if err is not None else out[0]
 
 

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import _config, _native
+from . import _config, _configure, _loops, _native
 from ._errors import AllocPolicyWarning, RuntimeLoadError
 
 if TYPE_CHECKING:
@@ -85,12 +85,13 @@ def install(policy: Policy | Mapping | str | os.PathLike | None = None) -> Polic
     with _lock:
         if _state is None and _native.runtime() is not None:
             # Preloaded: every malloc is already counted.
-            return _config.configure(new) if new is not None else _config.active_policy()
+            return _configure.configure(new) if new is not None else _config.active_policy()
         if _state is not None:
-            active = _config.configure(new) if new is not None else _config.active_policy()
+            active = _configure.configure(new) if new is not None else _config.active_policy()
             _state.settle(_state.rt.hooks_lost())
             return active
         _state = _Installed.start(new)
+        _loops.follow()
         return _config.active_policy()
 
 
@@ -140,17 +141,8 @@ def _parse(policy: object) -> Policy | None:
     """The policy to apply, checked before anything changes."""
     if policy is None:
         return None
-    from ._policy import Policy, load_policy, policy_from_mapping
-
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, Mapping):
-        return policy_from_mapping(policy, require_version=False)
-    if isinstance(policy, (str, os.PathLike)):
-        return load_policy(policy)
-    raise TypeError(
-        "install(): argument 'policy' must be a Policy, a mapping, a path or None, "
-        f"not {type(policy).__name__}"
+    return _configure.policy_argument(
+        policy, "install(): argument 'policy' must be a Policy, a mapping, a path or None"
     )
 
 
@@ -313,7 +305,7 @@ class _Installed:
         state = cls(rt, _plan())
         _native.use_runtime(rt)
         try:
-            _config.configure(policy if policy is not None else _config.active_policy())
+            _configure.configure(policy if policy is not None else _config.active_policy())
             state._hook_domains()
             state._hook_arenas()
             state._watch_numpy()

@@ -46,9 +46,13 @@ from __future__ import annotations
 import _thread
 import functools
 import sys
+import warnings
 from types import FunctionType, ModuleType
 
 from . import _native
+from ._core import refusal, stepping
+from ._core.names import scope_id
+from ._errors import AllocError, AllocPolicyError, AllocPolicyWarning
 
 __all__ = ["apply", "activate_from_environment", "bound_scope"]
 
@@ -139,8 +143,6 @@ class _Thread(_thread._local):
 
 _tls = _Thread()
 _rt: _native.Runtime | None = None
-_to_alloc_error = None  # _scope._to_alloc_error, bound when a policy is applied
-_AllocError: type | None = None
 _inflight = 0  # entries on all threads' stacks (3.12+: when the tool may be released)
 
 
@@ -174,7 +176,7 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
     del t.depth[sid]
     rt = _rt
     refused = False
-    if exc is not None and binding.convert and isinstance(exc, MemoryError) and not isinstance(exc, _AllocError):
+    if exc is not None and binding.convert and isinstance(exc, MemoryError) and not isinstance(exc, AllocError):
         # Did the runtime cause it? A refusal is counted on the instance that
         # was innermost, whichever limit refused; ours was entered by this
         # activation, so a count there is a refusal during it. (Reading the
@@ -188,9 +190,10 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         _release_monitoring()
     if not refused:
         return  # no error, or a MemoryError the runtime did not cause: leave it alone
-    err = _to_alloc_error(rt, -1, binding.name)  # this thread's newest violation
+    err = refusal.convert(exc, rt, refusal.ANY, binding.name)  # this thread's newest violation
     try:
-        raise err.with_traceback(exc.__traceback__) from None
+        if err is not None:
+            refusal.raise_converted(err, exc)
     finally:
         # This frame ends up in the AllocError's traceback: its locals must not
         # keep the failed call's frames alive (see _scope.scope.__exit__).
@@ -347,12 +350,14 @@ def _wrap_function(fn: FunctionType, module: str) -> FunctionType | None:
     if flags & _CO_GENERATOR:
 
         def bound(*args, **kwargs):
-            return (yield from _steps(fn(*args, **kwargs), module))
+            enter, leave = _step_hooks(module)
+            return (yield from stepping.drive(fn(*args, **kwargs), enter, leave))
 
     elif flags & _CO_COROUTINE:
 
         async def bound(*args, **kwargs):
-            return await _Steps(fn(*args, **kwargs), module)
+            enter, leave = _step_hooks(module)
+            return await stepping.Stepped(fn(*args, **kwargs), enter, leave)
 
     else:
 
@@ -374,62 +379,22 @@ def _wrap_function(fn: FunctionType, module: str) -> FunctionType | None:
     return bound
 
 
-class _Steps:
-    """Awaitable that runs each step of a coroutine in the bound scope."""
+def _step_hooks(module: str):
+    """What runs around each step of a generator or coroutine of ``module``:
+    the bound scope during the step (looked up at each step, so that a new
+    policy takes effect at once), nothing while it is suspended."""
 
-    __slots__ = ("inner", "module")
-
-    def __init__(self, inner, module: str) -> None:
-        self.inner = inner
-        self.module = module
-
-    def __await__(self):
-        return _steps(self.inner, self.module)
-
-
-def _steps(inner, module: str):
-    """Drive a generator or coroutine, in the bound scope during each step and
-    outside it while suspended, like ``yield from inner`` otherwise."""
-    value = None
-    error = None
-    while True:
+    def enter() -> _Binding | None:
         binding = _match(module)
         if binding is not None:
             _push(None, binding)
-        try:
-            if error is None:
-                item = inner.send(value)
-            else:
-                item = inner.throw(error)
-        except StopIteration as stop:
-            if binding is not None:
-                _pop(_tls, None)
-            return stop.value
-        except BaseException as exc:
-            if binding is not None:
-                _pop(_tls, exc)
-            raise
-        finally:
-            error = value = None
+        return binding
+
+    def leave(binding: _Binding | None, exc: BaseException | None) -> None:
         if binding is not None:
-            _pop(_tls, None)
-        try:
-            value = yield item
-        except GeneratorExit:
-            binding = _match(module)
-            if binding is not None:
-                _push(None, binding)
-            try:
-                inner.close()
-            except BaseException as exc:
-                if binding is not None:
-                    _pop(_tls, exc)
-                raise
-            if binding is not None:
-                _pop(_tls, None)
-            raise
-        except BaseException as exc:
-            error = exc
+            _pop(_tls, exc)
+
+    return enter, leave
 
 
 def _wrapped(value: object, module: str) -> object | None:
@@ -547,10 +512,6 @@ _lock = _thread.allocate_lock()
 
 
 def _warn(message: str) -> None:
-    import warnings
-
-    from ._errors import AllocPolicyWarning
-
     warnings.warn(message, AllocPolicyWarning, stacklevel=4)
 
 
@@ -560,26 +521,22 @@ def apply(policy, rt: _native.Runtime | None = None) -> None:
     Called whenever a policy is applied (startup, :func:`allocpolicy.configure`).
     Without a preloaded runtime there is nothing to enter and nothing is bound.
     """
-    global _rt, _to_alloc_error, _AllocError, _patterns, _cache, _firsts, _release_pending
+    global _rt, _patterns, _cache, _firsts, _release_pending
     rt = rt or _native.runtime()
     if rt is None:
         return
     scoped = [sc for sc in policy.scopes.values() if sc.modules]
     if not scoped and not _patterns:
         return  # never bound anything: stay out of the way entirely
-    from . import _config
-    from ._errors import AllocError
-    from ._scope import _to_alloc_error as convert
-
     patterns = []
     for sc in scoped:
-        binding = _Binding(sc.name, _config.scope_id(rt, sc.name), sc.on_oom == "raise")
+        binding = _Binding(sc.name, scope_id(rt, sc.name), sc.on_oom == "raise")
         for pattern in sc.modules:
             segments = pattern.split(".")
             patterns.append((segments, segments[-1] == "*", binding))
     firsts = {segments[0] for segments, _, _ in patterns}
     with _lock:
-        _rt, _to_alloc_error, _AllocError = rt, convert, AllocError
+        _rt = rt
         _patterns = patterns
         _firsts = None if "*" in firsts else frozenset(firsts)
         _cache = {}
@@ -615,8 +572,9 @@ def activate_from_environment(source: str) -> None:
         return
     if b"modules" not in raw and b"\\" not in raw:
         return
+    # Only now: _config (threading, and the policy model it loads) is not
+    # imported at startup unless the policy binds modules.
     from . import _config
-    from ._errors import AllocPolicyError
 
     try:
         apply(_config.active_policy())

@@ -17,12 +17,15 @@ import os
 import _thread
 from typing import Any
 
+from . import _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
 ABI_VERSION = 1
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
+#: AP_MAX_DEPTH: scopes nested on one thread.
+MAX_DEPTH = 32
 
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
@@ -39,6 +42,36 @@ ACTIONS = ("raise", "abort", "warn", "count")
 DOMAINS = ("libc", "py_arena", "py_raw", "py_mem", "py_obj", "numpy")
 INJECT_PERSISTENT = 1
 INJECT_ANY_SCOPE = 0xFFFFFFFF
+
+
+#: What EFULL means from each call that can reach one of the runtime's fixed capacities.
+_CAPACITY = {
+    "ap_enter": (
+        "cannot enter another scope: nesting is limited to 32 per thread and "
+        "65536 instances may be alive at once"
+    ),
+    "ap_attach": "cannot attach to the bound scope instance: nesting is limited to 32 per thread",
+    "ap_reserve": "at most 16 reservations can be active on one thread",
+    "ap_region_enter": "at most 16 regions can be open on one thread",
+}
+
+
+def check(status: int, call: str, *args: object, failure: str | None = None) -> None:
+    """Raise what the status that ``call(*args)`` returned means, unless it is OK.
+
+    The one map from the runtime's status codes to exceptions: EFULL from a
+    call with a fixed capacity is :class:`ScopeCapacityError` (the program
+    asked for too much at once); anything else unexpected is
+    :class:`RuntimeLoadError` (the library and this package disagree), saying
+    ``failure`` when the caller can name what failed better than the call.
+    """
+    if status == OK:
+        return
+    if status == EFULL and call in _CAPACITY:
+        raise ScopeCapacityError(_CAPACITY[call])
+    if failure is not None:
+        raise RuntimeLoadError(f"{failure} ({call}: status {status})")
+    raise RuntimeLoadError(f"{call}({', '.join(map(str, args))}) failed with status {status}")
 
 
 class Violation(ctypes.Structure):
@@ -79,6 +112,7 @@ class ScopeStatsC(ctypes.Structure):
         ("overdraft_bytes", ctypes.c_int64),
         ("forbidden", ctypes.c_uint64),
         ("injected", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64 * len(REASONS)),  # violations by reason, indexed like REASONS
     ]
 
 
@@ -217,8 +251,9 @@ def _sized(struct_type):
 def library_path() -> str:
     """Absolute path of the runtime library shipped with this package.
 
-    ``ALLOCPOLICY_LIBRARY`` overrides it. Raises :class:`RuntimeLoadError` if the
-    file is missing (for example in a source checkout that was never built).
+    ``ALLOCPOLICY_LIBRARY`` overrides it. A package imported from a source
+    checkout uses the checkout's ``native/build/``, built first if missing or
+    stale. Raises :class:`RuntimeLoadError` if there is no library to use.
     """
     override = os.environ.get(ENV_LIBRARY)
     if override:
@@ -229,18 +264,16 @@ def library_path() -> str:
             "library shipped with the package"
         )
     here = os.path.dirname(os.path.realpath(__file__))
-    candidates = [
-        os.path.join(here, "_lib", LIBRARY_NAME),
-        # a source checkout, after `make -C native`
-        os.path.join(os.path.dirname(here), "native", "build", LIBRARY_NAME),
-    ]
-    for path in candidates:
-        if os.path.isfile(path):
-            return os.path.realpath(path)
-    tried = ", ".join(candidates)
+    native = _checkout.native_dir(here)
+    if native is not None:
+        return _checkout.library(here, native, [LIBRARY_NAME, INPROCESS_LIBRARY_NAME])
+    path = os.path.join(here, "_lib", LIBRARY_NAME)
+    if os.path.isfile(path):
+        return os.path.realpath(path)
     raise RuntimeLoadError(
-        f"the allocpolicy runtime library was not found (looked at {tried}); "
-        "reinstall the package with `pip install .` or build it with `make -C native`"
+        f"the allocpolicy runtime library {path} is missing from the installed package "
+        f"{here}; reinstall it (`pip install --force-reinstall allocpolicy`, or "
+        "`pip install .` in a checkout)"
     )
 
 
@@ -318,6 +351,14 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         self._exit = handle.ap_exit
+        # Every step of a task in a scope crosses ctypes twice (see
+        # _core/stepping.py): through the handle that keeps the GIL (releasing and
+        # taking it back would cost more than the call, and let other threads
+        # in between), and without argtypes, whose conversions cost as much
+        # again; instance ids and levels are small ints, the third argument
+        # of step_enter a byref() made once per task.
+        self.step_enter = gil_handle.ap_step_enter
+        self.step_leave = gil_handle.ap_step_leave
         self._local = _thread._local()
 
     # -- policy ---------------------------------------------------------------
@@ -343,13 +384,7 @@ class Runtime:
     def enter(self, scope_id: int) -> int:
         out = ctypes.c_uint32()
         status = self._lib.ap_enter(scope_id, ctypes.byref(out))
-        if status == EFULL:
-            raise ScopeCapacityError(
-                "cannot enter another scope: nesting is limited to 32 per thread and "
-                "65536 instances may be alive at once"
-            )
-        if status != OK:
-            raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
+        check(status, "ap_enter", scope_id)
         return out.value
 
     def exit(self) -> int:
@@ -373,13 +408,7 @@ class Runtime:
         self._lib.ap_release(instance)
 
     def attach(self, instance: int) -> None:
-        status = self._lib.ap_attach(instance)
-        if status == EFULL:
-            raise ScopeCapacityError(
-                "cannot attach to the bound scope instance: nesting is limited to 32 per thread"
-            )
-        if status != OK:
-            raise RuntimeLoadError(f"ap_attach({instance}) failed with status {status}")
+        check(self._lib.ap_attach(instance), "ap_attach", instance)
 
     def current(self) -> tuple[int, int]:
         inst, depth = ctypes.c_uint32(), ctypes.c_uint32()
@@ -435,9 +464,8 @@ class Runtime:
             return None
         if status == EREFUSED:
             return refusal
-        if status == EFULL:
-            raise ScopeCapacityError("at most 16 reservations can be active on one thread")
-        raise RuntimeLoadError(f"ap_reserve({nbytes}) failed with status {status}")
+        check(status, "ap_reserve", nbytes)
+        return None  # not reached: check() raised
 
     def unreserve(self) -> ReservationC | None:
         """Release the innermost reservation; ``None`` if there is none."""
@@ -468,11 +496,7 @@ class Runtime:
 
     def region_enter(self, action: int, frees: bool, domains: int) -> None:
         self._region_buffer()
-        status = self._lib.ap_region_enter(action, int(frees), domains)
-        if status == EFULL:
-            raise ScopeCapacityError("at most 16 regions can be open on one thread")
-        if status != OK:
-            raise RuntimeLoadError(f"ap_region_enter failed with status {status}")
+        check(self._lib.ap_region_enter(action, int(frees), domains), "ap_region_enter")
 
     def region_exit(self) -> RegionC | None:
         """Leave the innermost region; ``None`` if the innermost is not an API
@@ -503,8 +527,7 @@ class Runtime:
         if config is not None:
             config.size = ctypes.sizeof(InjectConfigC)
         status = self._lib.ap_inject_set(ctypes.byref(config) if config is not None else None)
-        if status != OK:
-            raise RuntimeLoadError(f"the runtime rejected the injection settings ({status})")
+        check(status, "ap_inject_set", failure="the runtime rejected the injection settings")
 
     def inject_stats(self) -> InjectStatsC:
         out = _sized(InjectStatsC)
@@ -544,8 +567,7 @@ class Runtime:
         set_ = ctypes.cast(api.PyObject_SetArenaAllocator, ctypes.c_void_p).value
         # Called through a PyDLL handle: the GIL stays held, as Python requires.
         status = self._install_arena(get, set_)
-        if status != OK:
-            raise RuntimeLoadError(f"installing the pymalloc arena hook failed ({status})")
+        check(status, "ap_py_install_arena_hook", failure="installing the pymalloc arena hook failed")
 
     # -- Python's allocator domains (hooks_pymem.c) --------------------------------
 
@@ -562,8 +584,10 @@ class Runtime:
         fn.restype = ctypes.c_int
         get, set_ = _pymem_accessors()
         status = fn(get, set_, PYMEM_MEM_OBJ if domains is None else domains)
-        if status != OK:
-            raise RuntimeLoadError(f"installing the Python allocator observers failed ({status})")
+        check(
+            status, "ap_py_install_domain_hooks",
+            failure="installing the Python allocator observers failed",
+        )
 
 
 # `_thread`, not `threading`: this module is imported when every interpreter
@@ -688,8 +712,9 @@ def inprocess_library_path() -> str:
     path = os.path.join(os.path.dirname(library_path()), INPROCESS_LIBRARY_NAME)
     if not os.path.isfile(path):
         raise RuntimeLoadError(
-            f"the allocpolicy in-process library was not found at {path}; reinstall the "
-            "package with `pip install .` or build it with `make -C native`"
+            f"the allocpolicy in-process library {path} is missing (it is built and "
+            f"installed next to {LIBRARY_NAME}); reinstall the package, or rebuild a "
+            "checkout's with `make -C native`"
         )
     return path
 
@@ -778,13 +803,7 @@ class InprocessRuntime(Runtime):
             # Enter whatever settle() managed: a domain it could not put back
             # has been reported and must not block every entry.
             status = self._lib.ap_enter(scope_id, ctypes.byref(out))
-        if status == EFULL:
-            raise ScopeCapacityError(
-                "cannot enter another scope: nesting is limited to 32 per thread and "
-                "65536 instances may be alive at once"
-            )
-        if status != OK:
-            raise RuntimeLoadError(f"ap_enter({scope_id}) failed with status {status}")
+        check(status, "ap_enter", scope_id)
         return out.value
 
     def attach(self, instance: int) -> None:
@@ -846,8 +865,7 @@ class InprocessRuntime(Runtime):
         prev = api.PyCapsule_GetPointer(previous, b"mem_handler")
         handler, name = ctypes.c_void_p(), ctypes.c_char_p()
         status = self._gil.ap_numpy_handler(prev, ctypes.byref(handler), ctypes.byref(name))
-        if status != OK:
-            raise RuntimeLoadError(f"making the NumPy data handler failed ({status})")
+        check(status, "ap_numpy_handler", failure="making the NumPy data handler failed")
         new = api.PyCapsule_New
         # The name is the library's static string: the capsule may outlive
         # every Python object of ours (arrays keep it until they die).

@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 import datetime
-import difflib
 import functools
 import importlib.resources
 import os
@@ -56,8 +55,9 @@ from typing import Any
 
 from . import _offenders
 from ._errors import PolicyError, PolicyProblem
-from ._inject import VALIDATORS as _INJECT_VALIDATORS
-from ._inject import InjectSettings, check_combination
+from ._errors import did_you_mean as _did_you_mean
+from ._inject_settings import VALIDATORS as _INJECT_VALIDATORS
+from ._inject_settings import InjectSettings, check_combination
 from ._sizes import MAX_SIZE, MiB, Percent, format_size, parse_size
 
 #: Environment variable carrying the compiled table to a preloaded library.
@@ -116,11 +116,6 @@ def _kind(value: object) -> str:
     if isinstance(value, (datetime.date, datetime.time)):
         return f"a date/time ({value})"
     return f"{type(value).__name__} ({value!r:.40})"
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _mode(value: object) -> str:

@@ -20,10 +20,12 @@ import threading
 import warnings
 from typing import Any, Callable, Iterable, TypeVar
 
-from . import _config, _native
+from . import _native
+from ._core.names import scope_name, warn_inactive
+from ._core.refusal_hooks import notify
 from ._errors import AllocError, AllocPolicyWarning
 
-__all__ = ["no_alloc", "count_allocs", "RegionStats", "region_outcome"]
+__all__ = ["no_alloc", "count_allocs", "RegionStats", "region_outcome", "raise_outcome"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -121,7 +123,7 @@ class RegionStats:
 
 
 def region_outcome(
-    rec: _native.RegionC, scope_name: str, since_seq: int, exc: BaseException | None, tb, stacklevel: int
+    rec: _native.RegionC, scope: str, since_seq: int, exc: BaseException | None, tb, stacklevel: int
 ) -> AllocError | None:
     """What leaving a region means: the AllocError to raise (``raise``
     regions with offences), a warning issued (``warn``), or nothing."""
@@ -139,7 +141,7 @@ def region_outcome(
             else "the first a free"
         )
         warnings.warn(
-            f"no-allocation region in scope {scope_name!r}: {what}; {first}",
+            f"no-allocation region in scope {scope!r}: {what}; {first}",
             AllocPolicyWarning,
             stacklevel=stacklevel,
         )
@@ -150,7 +152,7 @@ def region_outcome(
     v = rt.last_violation() if rt is not None else None
     from_refusal = v is not None and v.seq != since_seq and v.reason == _FORBIDDEN
     return AllocError(
-        scope=scope_name,
+        scope=scope,
         size=v.requested if from_refusal else rec.first_size,
         budget=None,
         live=v.live if from_refusal else 0,
@@ -159,9 +161,10 @@ def region_outcome(
     )
 
 
-def _raise_outcome(err: AllocError | None, exc, tb) -> None:
+def raise_outcome(err: AllocError | None, exc, tb) -> None:
     if err is None:
         return
+    notify(err)  # a region's refusal, as raise_converted reports a boundary's
     try:
         if exc is not None:
             raise err.with_traceback(tb) from None
@@ -279,7 +282,7 @@ class no_alloc:
         """Open the region on the calling thread."""
         rt = _native.runtime()
         if rt is None:
-            _config.warn_inactive()
+            warn_inactive()
             self._stack().append(None)
             return
         # Bookkeeping happens outside the region: list growth is an allocation.
@@ -298,7 +301,7 @@ class no_alloc:
         """Close the region; returns what it saw. In a ``raise`` region with
         offences, raises :class:`AllocError` (``reason="forbidden"``)."""
         stats, err = self._close(None, None, stacklevel=3)
-        _raise_outcome(err, None, None)
+        raise_outcome(err, None, None)
         return stats
 
     def _close(self, exc, tb, stacklevel: int) -> tuple[RegionStats, AllocError | None]:
@@ -321,8 +324,8 @@ class no_alloc:
         stack.pop()
         self.stats = RegionStats._from_region(rec)
         instance, _ = rt.current()
-        scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
-        return self.stats, region_outcome(rec, scope_name, seq, exc, tb, stacklevel + 1)
+        name = scope_name(rt, rt.instance_stats(instance).scope)
+        return self.stats, region_outcome(rec, name, seq, exc, tb, stacklevel + 1)
 
     def __enter__(self) -> no_alloc:
         self.enter()
@@ -331,7 +334,7 @@ class no_alloc:
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             _, err = self._close(exc, tb, stacklevel=3 + self._frames)
-            _raise_outcome(err, exc, tb)
+            raise_outcome(err, exc, tb)
             return False
         finally:
             exc = tb = None
@@ -369,7 +372,7 @@ class count_allocs:
     def __enter__(self) -> count_allocs:
         rt = _native.runtime()
         if rt is None:
-            _config.warn_inactive()
+            warn_inactive()
             return self
         if self.threads == "all":
             rt.census_open()

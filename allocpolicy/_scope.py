@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
-import weakref
+import types
 from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
-from . import _config, _native
-from ._errors import AllocError
+from . import _native
+from ._core import refusal, stepping
+from ._core.instances import InstanceHandle
+from ._core.names import scope_id, warn_inactive
+from ._regions import raise_outcome, region_outcome
 
-__all__ = ["scope", "task", "bind"]
+__all__ = ["scope", "task", "bind", "bind_handle"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_INJECTED = _native.REASONS.index("injected")
 
 # Per-thread record of what each `with` entered, so that exits pair with
 # entries even when one scope object is used by many threads at once.
@@ -38,24 +40,6 @@ def _check_name(name: object, func: str) -> str:
     return name
 
 
-def _to_alloc_error(rt: _native.Runtime, since_seq: int, task: str | None) -> AllocError | None:
-    """The AllocError for this thread's newest violation, if one happened
-    after ``since_seq``; ``None`` means the MemoryError was not ours."""
-    v = rt.last_violation()
-    if v.seq == since_seq:
-        return None
-    return AllocError(
-        scope=_config.scope_name(rt, v.scope),
-        size=v.requested,
-        budget=v.budget or None,
-        live=v.live,
-        reason=_native.REASONS[v.reason] if v.reason < len(_native.REASONS) else "budget",
-        limit=_native.LIMITS[v.limit] if v.limit < len(_native.LIMITS) else None,
-        task=task,
-        index=v.index if v.reason == _INJECTED else None,
-    )
-
-
 class scope(ContextDecorator):
     """Run a block (or a decorated function) in a new instance of scope ``name``.
 
@@ -73,36 +57,77 @@ class scope(ContextDecorator):
         self.name = _check_name(name, self._func)
 
     def __call__(self, func: F) -> F:
-        import inspect  # at decoration time only: it is a heavy import
+        if _is_coroutine_function(func):
+            # Each call's coroutine runs its body in a new instance, which
+            # follows the task that awaits it (_core/stepping.py).
+            @functools.wraps(func)
+            async def scoped(*args, **kwargs):
+                with self._recreate_cm():
+                    return await func(*args, **kwargs)
 
-        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            return scoped  # type: ignore[return-value]
+        if _is_async_generator_function(func):
             raise TypeError(
-                f"{self._func}(): cannot decorate the coroutine function {func.__qualname__}: "
-                "the scope stack is per thread, and other coroutines would run inside the "
-                "scope at every await"
+                f"{self._func}(): cannot decorate the async generator function {func.__qualname__}: "
+                "between its yields, the code that consumes it would run inside the scope"
             )
         return super().__call__(func)
+
+    async def __aenter__(self) -> "scope":
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self.__exit__(exc_type, exc, tb)
+        finally:
+            exc = tb = None  # see __exit__
+
+    def _resolve(self, rt: _native.Runtime) -> int:
+        """What _open() needs, looked up before anything is entered."""
+        return scope_id(rt, self.name)
+
+    def _open(self, rt: _native.Runtime, target: int) -> int:
+        """Enter the block's instance on this thread; returns its id."""
+        return rt.enter(target)
 
     def __enter__(self) -> "scope":
         rt = _native.runtime()
         if rt is None:
-            _config.warn_inactive()
+            warn_inactive()
             _stack().append((False, 0))
             return self
-        sid = _config.scope_id(rt, self.name)
+        target = self._resolve(rt)
+        stepper = stepping.running_stepper()
+        if stepper is not None:
+            # In a task: the instance follows the task (_core/stepping.py).
+            stepping.enter(rt, stepper, self, target)
+            return self
         # Recorded before entering: inside, the list's growth would be an
         # allocation of the scope (and refused in a forbid scope).
         stack = _stack()
-        stack.append((True, rt.last_violation().seq))
+        stack.append((True, refusal.seq(rt)))
         try:
-            rt.enter(sid)
+            self._open(rt, target)
         except BaseException:
             stack.pop()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        frame = stepping.leaving(self)
+        if frame is not None:
+            rt = frame.rt
+            left_region = rt.exit() == _native.EXIT_REGION
+            # Popped after leaving, as below.
+            seq = stepping.left(frame)
+            frame = None
+            return self._after_exit(rt, left_region, seq, exc, tb)
         stack = _stack()
+        if not stack:
+            # Entered in a task whose coroutine is being finalized elsewhere
+            # (garbage collection, another task closing an async generator):
+            # the instance was never attached here, and goes with the context.
+            return False
         entered, seq = stack[-1]
         if not entered:
             stack.pop()
@@ -112,12 +137,13 @@ class scope(ContextDecorator):
         # Popped after leaving: shrinking the list may allocate (a forbid
         # scope would refuse it).
         stack.pop()
+        return self._after_exit(rt, left_region, seq, exc, tb)
+
+    def _after_exit(self, rt, left_region, seq, exc, tb) -> bool:
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
-                from ._regions import _raise_outcome, region_outcome
-
-                _raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=3), exc, tb)
+                raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
             return self._boundary(rt, seq, exc, tb)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
@@ -146,13 +172,11 @@ class task(scope):
         super().__init__(name)
 
     def _boundary(self, rt, seq, exc, tb) -> bool:
-        if not isinstance(exc, MemoryError) or isinstance(exc, AllocError):
-            return False
-        err = _to_alloc_error(rt, seq, self.name)
-        if err is None:
-            return False
+        err = refusal.convert(exc, rt, seq, self.name)
         try:
-            raise err.with_traceback(tb) from None
+            if err is not None:
+                refusal.raise_converted(err, exc)
+            return False
         finally:
             err = exc = tb = None  # no cycle through this frame (see __exit__)
 
@@ -164,7 +188,9 @@ def bind(fn: F) -> F:
     allocations are charged to the same instance, under the same budgets, as if
     it ran inside the ``with`` block that called :func:`bind`; the instance stays
     alive for as long as the wrapper exists. A refused allocation in the bound
-    call leaves it as :class:`AllocError`, as at a task boundary.
+    call leaves it as :class:`AllocError`, as at a task boundary. A coroutine
+    function gives a coroutine function whose coroutines run in the instance,
+    in whichever task awaits them.
     Outside any scope, or without a preloaded runtime, ``fn`` is returned as is.
     """
     if not callable(fn):
@@ -172,30 +198,71 @@ def bind(fn: F) -> F:
     rt = _native.runtime()
     if rt is None:
         return fn
-    instance, _ = rt.current()
-    if instance == 0 or not rt.hold(instance):
-        return fn
-    scope_name = _config.scope_name(rt, rt.instance_stats(instance).scope)
+    return bind_handle(fn, InstanceHandle.current(rt))
 
-    @functools.wraps(fn)
-    def bound(*args, **kwargs):
-        # The wrapper holds the instance, so attaching only fails at capacity
+
+class _Bound(task):
+    """The block of a bound call: it attaches the held instance of ``handle``."""
+
+    def __init__(self, handle: InstanceHandle) -> None:
+        self.name = handle.scope
+        self._handle = handle
+
+    def _resolve(self, rt: _native.Runtime) -> int:
+        return self._handle.instance
+
+    def _open(self, rt: _native.Runtime, target: int) -> int:
+        # The wrapper holds the instance (through the handle, released when
+        # the wrapper is garbage), so attaching only fails at capacity
         # (ScopeCapacityError), never silently.
-        rt.attach(instance)
-        seq = rt.last_violation().seq
-        try:
-            return fn(*args, **kwargs)
-        except MemoryError as exc:
-            if not isinstance(exc, AllocError):
-                err = _to_alloc_error(rt, seq, scope_name)
-                if err is not None:
-                    try:
-                        raise err.with_traceback(exc.__traceback__) from None
-                    finally:
-                        err = exc = None  # no cycle through this frame
-            raise
-        finally:
-            rt.exit()
+        self._handle.attach()
+        return target
 
-    weakref.finalize(bound, rt.release, instance)
+
+def bind_handle(fn: F, handle: InstanceHandle | None) -> F:
+    """``fn`` wrapped to run in the instance ``handle`` holds (see
+    :func:`bind`), for as long as the wrapper lives; ``fn`` itself for ``None``."""
+    if handle is None:
+        return fn
+    block = _Bound(handle)
+
+    if _is_coroutine_function(fn):
+
+        @functools.wraps(fn)
+        async def bound(*args, **kwargs):
+            with block:
+                return await fn(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            with block:
+                return fn(*args, **kwargs)
+
     return bound  # type: ignore[return-value]
+
+
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+def _code_flags(func: object) -> int:
+    # What inspect looks at, without importing it (a heavy import, and bind()
+    # is called at every hand-off).
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = getattr(func, "__func__", func)
+    code = getattr(func, "__code__", None)
+    return code.co_flags if isinstance(code, types.CodeType) else 0
+
+
+def _is_coroutine_function(func: object) -> bool:
+    inspect = sys.modules.get("inspect")
+    if inspect is not None:  # it knows markcoroutinefunction() and the like
+        return inspect.iscoroutinefunction(func)
+    return bool(_code_flags(func) & _CO_COROUTINE)
+
+
+def _is_async_generator_function(func: object) -> bool:
+    return bool(_code_flags(func) & _CO_ASYNC_GENERATOR)

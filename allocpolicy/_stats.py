@@ -1,12 +1,30 @@
-"""Counters of the runtime, as plain Python values."""
+"""Counters of the runtime, as plain Python values, and as JSON.
+
+The JSON form (:meth:`Stats.as_dict`, :meth:`Stats.to_json`) is what
+``allocpolicy stats --json`` prints and what a process's stats socket serves;
+:meth:`Stats.from_dict` reads it back, so the command can format another
+process's counters exactly as that process would.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 
 from . import _native
 
-__all__ = ["stats", "Stats", "ScopeStats", "ProcessStats"]
+__all__ = ["stats", "Stats", "ScopeStats", "ProcessStats", "REFUSAL_REASONS", "STATS_FORMAT"]
+
+#: Keys of the ``refusals`` mappings: why allocations were refused.
+REFUSAL_REASONS = ("budget", "oom", "injected", "forbidden")
+
+#: Version of the JSON document; bumped when a key changes meaning or goes.
+#: New keys may appear without a bump, so readers must ignore unknown ones.
+STATS_FORMAT = 1
+
+
+def _no_refusals() -> dict[str, int]:
+    return dict.fromkeys(REFUSAL_REASONS, 0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,12 @@ class ScopeStats:
     overdraft_bytes: int = 0  #: bytes allocated beyond reservations
     forbidden: int = 0  #: offences seen in its forbid regions
     injected: int = 0  #: failures injected in its instances
+    #: ``violations`` by reason: ``budget``, ``oom``, ``injected``, ``forbidden``
+    refusals: dict[str, int] = field(default_factory=_no_refusals)
+
+    def as_dict(self) -> dict:
+        """The counters as a plain ``dict`` (JSON-ready)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,18 @@ class ProcessStats:
     arena_hook: bool  #: whether Python's small objects are being counted
     foreign_frees: int  #: frees of blocks the runtime did not hand out
     grace: int  #: the unwind grace allowance, bytes
+    #: ``violations`` by reason, over the whole process
+    refusals: dict[str, int] = field(default_factory=_no_refusals)
+
+    def as_dict(self) -> dict:
+        """The counters as a plain ``dict`` (JSON-ready)."""
+        return asdict(self)
+
+
+def _known(cls, data: dict) -> dict:
+    """The keys of ``data`` that ``cls`` has: a newer writer may add keys."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -57,6 +93,44 @@ class Stats:
     active: bool
     process: ProcessStats | None = None
     scopes: dict[str, ScopeStats] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Everything as plain ``dict``\\ s, lists and numbers, ready for :mod:`json`.
+
+        The shape: ``{"format": 1, "active": ..., "process": {...} or None,
+        "scopes": {name: {...}}}``, with the fields of :class:`ProcessStats`
+        and :class:`ScopeStats` as keys. Sizes are bytes; ``None`` is "no limit".
+        """
+        return {
+            "format": STATS_FORMAT,
+            "active": self.active,
+            "process": None if self.process is None else self.process.as_dict(),
+            "scopes": {name: s.as_dict() for name, s in self.scopes.items()},
+        }
+
+    def to_json(self, **dumps_options) -> str:
+        """:meth:`as_dict` as a JSON string; keyword arguments go to :func:`json.dumps`."""
+        return json.dumps(self.as_dict(), **dumps_options)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Stats":
+        """The inverse of :meth:`as_dict` (keys this version does not know are ignored).
+
+        Raises:
+            ValueError: ``data`` is not a stats document of a format this
+                version reads.
+        """
+        try:
+            if data.get("format") != STATS_FORMAT:
+                raise ValueError(f"unsupported stats format {data.get('format')!r} (expected {STATS_FORMAT})")
+            process = data["process"]
+            return cls(
+                active=bool(data["active"]),
+                process=None if process is None else ProcessStats(**_known(ProcessStats, process)),
+                scopes={name: ScopeStats(**_known(ScopeStats, s)) for name, s in data["scopes"].items()},
+            )
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a stats document: {exc!r}") from None
 
     def format(self) -> str:
         """A small fixed-width table, for logs and command-line output."""
@@ -83,6 +157,15 @@ class Stats:
         return "\n".join(lines)
 
 
+def _refusals(s: _native.ScopeStatsC) -> dict[str, int]:
+    return {reason: s.refused[_native.REASONS.index(reason)] for reason in REFUSAL_REASONS}
+
+
+def _from_native(cls, struct, **special):
+    """``cls`` with each field read from ``struct`` by name, but for ``special`` ones."""
+    return cls(**{f.name: special[f.name] if f.name in special else getattr(struct, f.name) for f in fields(cls)})
+
+
 def stats() -> Stats:
     """Per-scope and process counters.
 
@@ -96,43 +179,34 @@ def stats() -> Stats:
         return Stats(active=False)
     rt.flush()
     p = rt.process_stats()
-    process = ProcessStats(
-        preloaded=bool(p.preloaded),
-        budget=p.budget or None,
-        live=p.live,
-        peak=p.peak,
-        allocations=p.allocations,
-        violations=p.violations,
-        arenas_live=p.arenas_live,
-        arena_hook=bool(p.arena_hook),
-        foreign_frees=p.foreign_frees,
-        grace=p.grace,
-    )
     scopes = {}
-    for sid in range(1, p.scopes):
+    # Refusals are counted for the innermost scope; the process's are their sum.
+    refusals = _no_refusals()
+    for sid in range(p.scopes):
         s = rt.scope_stats(sid)
         if s is None:
             continue
+        by_reason = _refusals(s)
+        for reason, n in by_reason.items():
+            refusals[reason] += n
+        if sid == 0:
+            continue
         name = s.name.decode("utf-8", "replace")
-        scopes[name] = ScopeStats(
+        scopes[name] = _from_native(
+            ScopeStats,
+            s,
             name=name,
             mode=_native.MODES[s.mode] if s.mode < len(_native.MODES) else str(s.mode),
-            budget=s.budget or None,
+            budget=s.budget or None,  # 0 is "no budget" in the ABI
             total_budget=s.total_budget or None,
-            live=s.live,
-            peak=s.peak,
-            allocations=s.allocations,
-            violations=s.violations,
-            instances=s.instances,
-            active=s.active,
-            escaped=s.escaped,
-            grace_bytes=s.grace_bytes,
-            max_instance_peak=s.max_instance_peak,
-            reservations=s.reservations,
-            refused_reservations=s.refused_reservations,
-            overdrafts=s.overdrafts,
-            overdraft_bytes=s.overdraft_bytes,
-            forbidden=s.forbidden,
-            injected=s.injected,
+            refusals=by_reason,
         )
+    process = _from_native(
+        ProcessStats,
+        p,
+        preloaded=bool(p.preloaded),
+        budget=p.budget or None,
+        arena_hook=bool(p.arena_hook),
+        refusals=refusals,
+    )
     return Stats(active=True, process=process, scopes=scopes)

@@ -600,7 +600,7 @@ class _Sweeper:
             # per-thread buffers: made in each child, they would count as
             # memory its run kept.
             from . import _inject, _regions, _scope  # noqa: F401
-            from ._config import scope_id, scope_name
+            from ._core.names import scope_id, scope_name
 
             _declare_scope(self.rt, self.plan.budget)
             scope_name(self.rt, scope_id(self.rt, SCOPE))

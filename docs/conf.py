@@ -42,7 +42,7 @@ root_doc = "index"
 exclude_patterns = ["_build", "examples", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 highlight_language = "python3"
-pygments_style = "sphinx"
+pygments_style = "friendly"
 
 # -- autodoc / napoleon ---------------------------------------------------------
 
@@ -62,16 +62,12 @@ napoleon_use_ivar = True
 
 # -- HTML -------------------------------------------------------------------------
 
-html_theme = "alabaster"
+html_theme = "furo"
 html_title = f"allocpolicy {release}"
-html_theme_options = {
-    "description": "Per-scope out-of-memory policy for Python processes",
-    "fixed_sidebar": True,
-    "page_width": "1100px",
-    "sidebar_width": "240px",
-}
-html_sidebars = {
-    "**": ["about.html", "navigation.html", "relations.html", "searchbox.html"],
-}
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+# Long lines of code and of recorded output wrap instead of running off the
+# right edge (the recorded outputs are compared with real runs, byte for byte,
+# so they cannot be re-broken by hand).
+html_css_files = ["wrap-code.css"]
 html_show_sourcelink = False
+pygments_dark_style = "monokai"

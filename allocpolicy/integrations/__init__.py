@@ -1,9 +1,12 @@
-"""One-line protection for the servers and task runners people use.
+"""Protection for the servers, task runners and frameworks people use.
 
-Each module works with one framework and is imported only when named:
-``import allocpolicy`` never imports this package, and this package imports
-no framework. Install a framework's extra to get a tested version of it
-(``pip install 'allocpolicy[flask]'``).
+One module per framework. Each is imported only by the program that uses it
+(importing :mod:`allocpolicy` never imports an integration, nor the framework
+it is for), and builds on two things only: the public API of
+:mod:`allocpolicy` and the shared mechanisms of ``allocpolicy._core`` (the
+refusal conversion, instance handles, coroutine stepping).
+``tests/unit/test_layering.py`` holds every module here to that. Install a
+framework's extra to get a tested version of it (``pip install 'allocpolicy[flask]'``).
 
 ====================================  =====================================================  ===========
 module                                what it protects                                        extra
@@ -18,6 +21,4 @@ module                                what it protects                          
 ``allocpolicy.integrations.prefork``  pre-fork servers: the process budget divided among      (stdlib)
                                       workers (a gunicorn hook)
 ====================================  =====================================================  ===========
-
-They use only the public API of :mod:`allocpolicy`.
 """

@@ -56,6 +56,7 @@ typedef enum {
     AP_REASON_OOM = 2,       /* the backend allocator returned NULL */
     AP_REASON_INJECTED = 3,  /* fault injection chose this allocation */
     AP_REASON_FORBIDDEN = 4, /* the scope forbids allocation */
+    AP_REASON_COUNT_ = 5
 } ap_reason;
 
 /* Which budget refused, for AP_REASON_BUDGET. */
@@ -94,6 +95,10 @@ typedef enum {
 #define AP_DOMAINS_ALL ((1u << AP_DOMAIN_COUNT_) - 1)
 
 #define AP_MAX_SCOPES 256
+/* Instances active at once (ended ones keep no slot). An instance id is
+ * opaque: it names a slot and a generation, so an id kept after its instance
+ * ended is never taken for a later instance (ap_get_instance_stats answers
+ * AP_ENOENT for it once the slot serves another one). */
 #define AP_MAX_INSTANCES 65536
 #define AP_SCOPE_NAME_MAX 64 /* including the terminating NUL */
 #define AP_MAX_DEPTH 32      /* scopes nested on one thread */
@@ -138,6 +143,8 @@ typedef struct {
     int64_t overdraft_bytes; /* bytes beyond reservations */
     uint64_t forbidden;     /* allocations (and frees) seen in forbid regions */
     uint64_t injected;      /* failures injected in its instances */
+    uint64_t refused[AP_REASON_COUNT_]; /* `violations` by ap_reason ([0] unused), counted
+                                         * for the innermost scope, as `violations` is */
 } ap_scope_stats;
 
 /* Counters of one instance. */
@@ -216,6 +223,29 @@ AP_API ap_status ap_exit(void);
 
 /* The calling thread's innermost instance and its nesting depth. */
 AP_API ap_status ap_current(uint32_t *instance_id, uint32_t *depth);
+
+/*
+ * Coroutine steps (asyncio). A coroutine's scope instances live in its
+ * context, not on a thread: each step of its task attaches them to the
+ * thread that runs the step and detaches them when the step ends, so the
+ * interleaved steps of other tasks, and the event loop between steps, are
+ * never charged to them.
+ *
+ * ap_step_enter attaches `levels` instances, outermost first, as that many
+ * ap_attach calls would (the coroutine's own nesting: an instance bound with
+ * bind() may have another parent than the one entered before it); *seq gets
+ * the thread's violation counter before the step, so a violation recorded
+ * later in it is known to be the step's. Each instance must be held
+ * (ap_hold) by whoever keeps the coroutine's context. Nothing is attached
+ * when one of them cannot be (AP_ESTATE, AP_EFULL).
+ *
+ * ap_step_leave leaves `levels` instances, innermost first, after checking
+ * that the innermost is `instance` and that many are attached: otherwise
+ * AP_ESTATE and nothing changes (the step left the stack as it did not find
+ * it). Allocation-free, as ap_exit.
+ */
+AP_API ap_status ap_step_enter(const uint32_t *instances, uint32_t levels, uint64_t *seq);
+AP_API ap_status ap_step_leave(uint32_t instance, uint32_t levels);
 
 /* Publish the calling thread's batched counters, so stats are exact for it. */
 AP_API void ap_flush(void);

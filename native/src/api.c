@@ -39,7 +39,7 @@ ap_status ap_get_scope_stats(uint32_t id, ap_scope_stats *out) {
         return AP_ENOENT;
     const ap__scope *sc = &ap__scopes[id];
     /* The process scope's counters are those of the root instance. */
-    const ap__counters *c = id == AP_SCOPE_PROCESS ? &ap__instances[0].c : &sc->total;
+    const ap__counters *c = id == AP_SCOPE_PROCESS ? &ap__inst(0)->c : &sc->total;
     ap_scope_stats s = {
         .size = sizeof s,
         .mode = atomic_load(&sc->mode),
@@ -62,6 +62,8 @@ ap_status ap_get_scope_stats(uint32_t id, ap_scope_stats *out) {
         .forbidden = atomic_load(&sc->forbidden),
         .injected = atomic_load(&sc->injected),
     };
+    for (int reason = 0; reason < AP_REASON_COUNT_; reason++)
+        s.refused[reason] = atomic_load(&sc->refused[reason]);
     memcpy(s.name, sc->name, sizeof s.name);
     return copy_out(out, &s, sizeof s);
 }
@@ -69,17 +71,19 @@ ap_status ap_get_scope_stats(uint32_t id, ap_scope_stats *out) {
 ap_status ap_get_instance_stats(uint32_t id, ap_instance_stats *out) {
     if (!out)
         return AP_EINVAL;
-    if (id >= AP_MAX_INSTANCES)
+    if (id >= AP__POOL_OWNER)
         return AP_ENOENT;
-    const ap__instance *in = &ap__instances[id];
+    const ap__instance *in = ap__inst(id);
     uint32_t state = atomic_load(&in->state);
-    if (state == 0 && id != AP_INSTANCE_PROCESS)
+    /* A stale id (its slot now serves a later instance) is not found. */
+    if (id != AP_INSTANCE_PROCESS &&
+        (state == AP__INST_FREE || state == AP__INST_OPENING || !ap__id_current(in, id)))
         return AP_ENOENT;
     ap_instance_stats s = {
         .size = sizeof s,
         .scope = in->scope,
         .parent = in->parent,
-        .ended = state == 2,
+        .ended = id != AP_INSTANCE_PROCESS && state != AP__INST_ACTIVE,
         .budget = id == AP_INSTANCE_PROCESS ? atomic_load(&ap__scopes[0].budget) : in->budget,
         .live = atomic_load(&in->c.live),
         .peak = atomic_load(&in->c.peak),
@@ -93,7 +97,7 @@ ap_status ap_get_instance_stats(uint32_t id, ap_instance_stats *out) {
 ap_status ap_get_process_stats(ap_process_stats *out) {
     if (!out)
         return AP_EINVAL;
-    const ap__counters *c = &ap__instances[0].c;
+    const ap__counters *c = &ap__inst(0)->c;
     ap_process_stats s = {
         .size = sizeof s,
         .preloaded = (uint32_t)ap_is_preloaded(),

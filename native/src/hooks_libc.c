@@ -6,7 +6,9 @@
  * write the header, or undo the charge when the backend fails. Frees read the
  * header, credit the instance named in it, then keep the block in the cache or
  * give it to the backend. The entry points all funnel into alloc_block() and
- * release_block(), so alignment and failure handling live in one place.
+ * release_block(), so alignment and failure handling live in one place; the
+ * C++ family (hooks_cxx.c) reaches them through ap__alloc_for() and
+ * ap__release().
  *
  * Semantics follow glibc where the standards leave room: realloc(p, 0) frees
  * and returns NULL; memalign/aligned_alloc round an alignment that is not a
@@ -20,7 +22,6 @@
 
 #include "internal.h"
 
-#define AP__EXPORT __attribute__((visibility("default")))
 /* The hot path is spread over small helpers for reading; they must still
  * compile into one function per hook (the compiler's size heuristics would
  * otherwise call out to backend_block from malloc). */
@@ -29,13 +30,6 @@
 static _Atomic uint64_t foreign_frees;
 
 uint64_t ap__foreign_frees(void) { return atomic_load_explicit(&foreign_frees, memory_order_relaxed); }
-
-static AP__INLINE void write_header(void *user, uint64_t size, uint32_t offset) {
-    ap__header *h = ap__header_of(user);
-    h->size_tag = size | (uint64_t)AP__TAG << 48;
-    h->instance = ap__tls.cur | ap__tls.owner_bits;
-    h->offset = offset;
-}
 
 /* 1 if `p` carries our header; blocks from the bootstrap pool do too. */
 static AP__INLINE int is_ours(void *p) {
@@ -50,22 +44,48 @@ static AP__NOINLINE void *refuse(void) {
 }
 
 /*
- * The backend's posix_memalign gave a block that is not aligned: mimalloc
- * 2.0.9, the version Debian 12 ships, does so for some small power-of-two
- * sizes (256, 512, 1024 bytes with an equal or half alignment; fixed upstream,
- * microsoft/mimalloc#700), and our `size + align` requests hit those sizes.
- * Take a plain block with room for the alignment and the header instead and
- * align inside it; the offset in the header lets free find the block start.
+ * Blocks whose user pointer is 2^32 bytes or more into their backend block
+ * (alignments of 2^32 and more) do not fit the header's 32-bit offset. Their
+ * header carries AP__FAR_TAG instead of AP__TAG, and the full offset sits in
+ * the 8 bytes just below the header (the padding in front of such a block is
+ * at least 2^32 - 16 bytes, so they are always there and unused). The other
+ * tag keeps them off the fast paths, which test for AP__TAG anyway: they
+ * reach the same functions as foreign pointers do, and those look for it.
  */
-static AP__NOINLINE void *realign(void *misaligned, uint64_t size, size_t align,
-                                  uint32_t *offset) {
-    ap__next.free(misaligned);
-    void *base = ap__next.malloc(size + 2 * (uint64_t)align);
-    if (!base)
-        return NULL;
-    uintptr_t user = ((uintptr_t)base + AP__HEADER_SIZE + align - 1) & ~(uintptr_t)(align - 1);
-    *offset = (uint32_t)(user - (uintptr_t)base);
-    return base;
+#define AP__FAR_TAG 0xFA12u
+
+static inline uint64_t *far_offset_of(void *user) {
+    return (uint64_t *)((char *)user - AP__HEADER_SIZE) - 1;
+}
+
+static inline int is_far(void *p) { return (ap__header_of(p)->size_tag >> 48) == AP__FAR_TAG; }
+
+static inline uint64_t block_offset(void *user) {
+    return is_far(user) ? *far_offset_of(user) : ap__header_of(user)->offset;
+}
+
+static AP__INLINE void write_header(void *user, uint64_t size, uint64_t offset) {
+    ap__header *h = ap__header_of(user);
+    h->instance = ap__tls.cur | ap__tls.owner_bits;
+    if (AP__LIKELY(offset <= UINT32_MAX)) {
+        h->size_tag = size | (uint64_t)AP__TAG << 48;
+        h->offset = (uint32_t)offset;
+    } else {
+        h->size_tag = size | (uint64_t)AP__FAR_TAG << 48;
+        *far_offset_of(user) = offset;
+        h->offset = 0;
+    }
+}
+
+/* What the caller may use of one of our blocks: the backend's usable size
+ * from the user pointer on. realloc copies exactly this much when it moves an
+ * aligned block, so nothing the caller was entitled to write is lost. */
+static size_t usable_size(void *p) {
+    if (ap__pool_owns(p))
+        return block_size(p);
+    uint64_t offset = block_offset(p);
+    size_t usable = ap__next.malloc_usable_size((char *)p - offset);
+    return usable > offset ? usable - offset : 0;
 }
 
 /* ---- The small-block cache (see internal.h) ------------------------------ */
@@ -115,9 +135,44 @@ static int cached_here(const ap__tls_t *t, const void *base) {
     return 0;
 }
 
+/*
+ * An aligned block (alignment > 16, the memalign family and aligned C++ new):
+ * a plain backend block with room for the alignment, aligned inside. The
+ * header sits just below the user pointer, so the first aligned address at
+ * least 16 bytes into a 16-byte aligned block is at most `align` bytes in,
+ * and `size + align` bytes always hold it.
+ *
+ * Asking the backend's posix_memalign instead (for `size + align` bytes,
+ * since the header needs the room in front) costs twice the alignment in
+ * address space: glibc, whose memalign takes `size + align` from its malloc
+ * itself, then refuses alignments it serves its own callers (with 24 GiB and
+ * the default overcommit heuristic: posix_memalign(2^34, 64) works, a block
+ * of 2^34 + 64 bytes so aligned does not). Some backends also get small
+ * aligned requests wrong (mimalloc 2.0.9, Debian 12's, for 256..1024 bytes
+ * with an equal or half alignment; microsoft/mimalloc#700).
+ *
+ * The block gets at least its size class's capacity too: when the aligned
+ * address happens to be 16 bytes in, its offset looks like a plain block's,
+ * and the cache and realloc may treat it as one.
+ */
+static AP__NOINLINE void *aligned_block(uint64_t size, size_t align, int zero,
+                                        uint64_t *offset) {
+    uint64_t total;
+    if (__builtin_add_overflow(ap__capacity(size), (uint64_t)align, &total))
+        return NULL;
+    char *base = ap__next.malloc(total);
+    if (!base)
+        return NULL;
+    uintptr_t user = ((uintptr_t)base + AP__HEADER_SIZE + align - 1) & ~(uintptr_t)(align - 1);
+    *offset = user - (uintptr_t)base;
+    if (zero)
+        memset((void *)user, 0, size);
+    return base;
+}
+
 /* Backend call for a block of `size` user bytes aligned to `align` (> 16 only
  * for the memalign family). Returns the user pointer. */
-static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uint32_t *offset) {
+static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uint64_t *offset) {
     void *base;
     if (AP__LIKELY(align <= AP__HEADER_SIZE)) {
         *offset = AP__HEADER_SIZE;
@@ -130,25 +185,15 @@ static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uin
                         : ap__next.malloc(capacity + AP__HEADER_SIZE);
         }
     } else {
-        /* The header sits just below the aligned user pointer, so the
-         * smallest offset that keeps the alignment is the alignment itself. */
-        *offset = (uint32_t)align;
-        if (ap__next.posix_memalign(&base, align, size + align) != 0)
-            base = NULL;
-        else if (AP__UNLIKELY((uintptr_t)base & (align - 1)))
-            base = realign(base, size, align, offset);
-        if (base && zero)
-            memset((char *)base + *offset, 0, size);
+        base = aligned_block(size, align, zero, offset);
     }
     return base ? (char *)base + *offset : NULL;
 }
 
 static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
-    if (AP__UNLIKELY(align > (UINT64_C(1) << 31)))
-        return refuse();
     if (AP__UNLIKELY(!ap__charge(size, AP_DOMAIN_LIBC)))
         return refuse();
-    uint32_t offset;
+    uint64_t offset;
     void *user = backend_block(size, align, zero, &offset);
     if (AP__UNLIKELY(!user)) {
         ap__credit(ap__tls.cur, size, AP__UNDO);
@@ -159,8 +204,24 @@ static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
     return user;
 }
 
+/* A block with a far offset (see AP__FAR_TAG): credited as release_block
+ * credits, never cached. */
+static void release_far(void *p) {
+    ap__header *h = ap__header_of(p);
+    uint64_t size = h->size_tag & AP__SIZE_MASK;
+    uint32_t instance = h->instance;
+    void *base = (char *)p - *far_offset_of(p);
+    h->size_tag = 0;
+    ap__credit(instance, size, AP_DOMAIN_LIBC);
+    ap__next.free(base);
+}
+
 static AP__NOINLINE void release_foreign(void *p) {
     ap__header *h = ap__header_of(p);
+    if (is_far(p)) {
+        release_far(p);
+        return;
+    }
     if ((h->size_tag >> 48) == AP__CACHED_TAG && cached_here(&ap__tls, h)) {
         /* The block is in this thread's cache: it was freed already. */
         ap__abort_double_free(p);
@@ -172,7 +233,8 @@ static AP__NOINLINE void release_foreign(void *p) {
 static AP__INLINE void release_block(void *p) {
     if (AP__UNLIKELY(!is_ours(p))) {
         /* Not handed out by us (e.g. allocated before an interposer chain
-         * changed). Give it to the backend untouched. */
+         * changed): give it to the backend untouched. Or one of ours with a
+         * far offset. */
         release_foreign(p);
         return;
     }
@@ -186,9 +248,7 @@ static AP__INLINE void release_block(void *p) {
      * free look foreign, so the backend rejects it (as an invalid pointer)
      * instead of us crediting the block twice. */
     h->size_tag = 0;
-    if (AP__LIKELY(instance == t->cur && t->allow < t->limit &&
-                   !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
-        t->allow += (int64_t)size;
+    if (AP__LIKELY(ap__credit_fast(t, instance, size))) {
     } else if (AP__UNLIKELY(instance & AP__POOL_OWNER)) {
         return; /* bootstrap pool: static storage, never reused */
     } else {
@@ -213,7 +273,6 @@ typedef struct {
 } lib_args;
 
 #define AP__LIBS_ON() AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed))
-#define AP__CALLER() __builtin_extract_return_addr(__builtin_return_address(0))
 
 static void *lib_malloc(void *x) { return alloc_block(((lib_args *)x)->a, 0, 0); }
 
@@ -269,6 +328,21 @@ static void *memalign_block(size_t align, size_t size) {
 static void *lib_memalign(void *x) {
     lib_args *a = x;
     return memalign_block(a->b, a->a);
+}
+
+/* For the C++ family (hooks_cxx.c), whose entry points take their caller's
+ * address themselves. `align` 0 asks for malloc's alignment. */
+void *ap__alloc_for(void *caller, size_t size, size_t align) {
+    if (AP__LIBS_ON()) {
+        lib_args a = {.a = size, .b = align};
+        return ap__lib_call(caller, size, align ? lib_memalign : lib_malloc, &a);
+    }
+    return AP__LIKELY(!align) ? alloc_block(size, 0, 0) : memalign_block(align, size);
+}
+
+void ap__release(void *p) {
+    if (AP__LIKELY(p != NULL))
+        release_block(p);
 }
 
 AP__EXPORT void *memalign(size_t align, size_t size) {
@@ -343,6 +417,20 @@ AP__EXPORT void *pvalloc(size_t size) {
     return alloc_block(rounded, ps, 0);
 }
 
+/* realloc of an aligned block (realloc promises malloc's alignment only) or
+ * of a bootstrap-pool block (static storage; free() ignores it): a fresh
+ * block, then everything the caller may have written into the old one, up to
+ * its usable size (glibc's realloc copies that much too). */
+static AP__NOINLINE void *move_block(void *p, size_t size) {
+    size_t keep = usable_size(p);
+    void *q = malloc(size);
+    if (q) {
+        memcpy(q, p, keep < size ? keep : size);
+        free(p);
+    }
+    return q;
+}
+
 /*
  * realloc: decide first, then let the backend move the block. When the block
  * belongs to the calling thread's instance only the growth is charged;
@@ -358,20 +446,11 @@ static void *realloc_block(void *p, size_t size) {
         return NULL;
     }
     if (AP__UNLIKELY(!is_ours(p)))
-        return ap__next.realloc(p, size);
+        return is_far(p) ? move_block(p, size) : ap__next.realloc(p, size);
     ap__header *h = ap__header_of(p);
     uint64_t old = h->size_tag & AP__SIZE_MASK;
-    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE || ap__pool_owns(p))) {
-        /* Aligned blocks (realloc promises malloc's alignment only) and
-         * bootstrap-pool blocks (static storage; free() ignores them) move to
-         * a fresh block. */
-        void *q = malloc(size);
-        if (q) {
-            memcpy(q, p, old < size ? old : size);
-            free(p);
-        }
-        return q;
-    }
+    if (AP__UNLIKELY(h->offset != AP__HEADER_SIZE || ap__pool_owns(p)))
+        return move_block(p, size);
     uint32_t owner = h->instance;
     int same = owner == ap__tls.cur;
     uint64_t charged = same ? (size > old ? size - old : 0) : size;
@@ -422,11 +501,7 @@ AP__EXPORT void *reallocarray(void *p, size_t n, size_t m) {
 AP__EXPORT size_t malloc_usable_size(void *p) {
     if (!p)
         return 0;
-    if (ap__pool_owns(p))
-        return block_size(p);
-    if (!is_ours(p))
+    if (!is_ours(p) && !is_far(p))
         return ap__next.malloc_usable_size(p);
-    ap__header *h = ap__header_of(p);
-    size_t usable = ap__next.malloc_usable_size((char *)p - h->offset);
-    return usable > h->offset ? usable - h->offset : 0;
+    return usable_size(p);
 }

@@ -174,7 +174,7 @@ static inline int record_of(const layer *l, void *p, size_t room, uint64_t *size
     memcpy(w, (char *)p + room - TRAILER_SIZE, sizeof w);
     uint64_t n = w[0] & AP__SIZE_MASK;
     uint32_t inst = (uint32_t)w[1];
-    if (n > room - TRAILER_SIZE || inst >= AP_MAX_INSTANCES)
+    if (n > room - TRAILER_SIZE || inst >= AP__POOL_OWNER)
         return 0;
     uint64_t h = keyed(p, n, inst);
     if ((w[0] >> 48) != (h >> 48) || (w[1] >> 32) != ((h >> 16) & 0xFFFFFFFFu))

@@ -124,26 +124,71 @@ typedef struct {
     _Atomic int64_t overdraft_bytes;
     _Atomic uint64_t forbidden;
     _Atomic uint64_t injected;
+    _Atomic uint64_t refused[AP_REASON_COUNT_]; /* violations by ap_reason */
+    /* Ended slots of this scope kept for its next instances (scope.c);
+     * `ended_lock` holds the pid of the process whose thread holds it. */
+    _Atomic int32_t ended_lock;
+    _Atomic uint32_t ended_head;
 } ap__scope;
 
-enum { AP__INST_FREE = 0, AP__INST_ACTIVE = 1, AP__INST_ENDED = 2 };
+/*
+ * Instance slots and ids (scope.c).
+ *
+ * An id names a slot of the table (low 16 bits) and the generation of the
+ * slot's occupant (the next 15 bits; bit 31 is AP__POOL_OWNER in headers).
+ * Ended instances give their slot up at once, while block headers, pymalloc
+ * arenas and child links may still name them: the generation tells such a
+ * stale id from the slot's current occupant. The bytes an instance still had
+ * when it ended (escaped) stay counted in its enclosing instances and the
+ * process, and in the slot's `dead` ledger, which a free of a block from an
+ * earlier generation draws on before crediting the first live level above.
+ * So that the links of those generations stay valid, a slot with dead bytes
+ * (or with slots bound below it) is reused only by a new instance of the same
+ * scope under the same parent; otherwise it goes back to the common pool.
+ */
+enum {
+    AP__INST_FREE = 0,    /* in the common pool, or never used */
+    AP__INST_ACTIVE = 1,  /* entered, not ended */
+    AP__INST_ENDED = 2,   /* ended; bound to its scope and parent, reusable there */
+    AP__INST_ENDING = 3,  /* ending: its live bytes move to `dead` */
+    AP__INST_OPENING = 4, /* being reused by a new instance */
+    AP__INST_RETIRED = 5, /* ended; no new generation can be told from its dead ones */
+};
+
+#define AP__SLOT_MASK ((uint32_t)AP_MAX_INSTANCES - 1)
+#define AP__GEN_SHIFT 16
+#define AP__GEN_MASK 0x7FFFu
 
 typedef struct {
-    _Alignas(AP__CACHELINE) ap__counters c;
+    _Alignas(AP__CACHELINE) ap__counters c; /* the current occupant's (inclusive) */
     _Atomic uint32_t state;   /* AP__INST_* */
-    _Atomic uint32_t inside;  /* threads that have it on their stack, and holds */
-    _Atomic uint32_t children; /* child instances not yet reclaimed */
-    uint32_t scope;
-    uint32_t parent;          /* enclosing instance, AP_INSTANCE_PROCESS at the root */
-    int64_t budget;           /* copied from the scope when entered */
+    _Atomic uint32_t inside;  /* threads that have it on their stack, holds, and
+                                 active nested instances */
+    _Atomic uint32_t children; /* slots bound below this one (see above) */
+    _Atomic uint32_t scope;   /* atomic: a stale reader may look while it changes */
+    _Atomic uint32_t parent;  /* enclosing instance's id, AP_INSTANCE_PROCESS at the root */
     uint32_t counts_scope;    /* 0 when an ancestor is of the same scope */
-    _Atomic int64_t escaped;
-    _Atomic uint32_t next_free; /* free-list link */
+    int64_t budget;           /* copied from the scope when entered */
+    _Atomic int64_t escaped;  /* the occupant's live bytes when it ended */
+    _Atomic uint32_t serial;  /* occupants so far; the id's generation is its low bits */
+    _Atomic uint32_t pins;    /* credits in progress against this slot */
+    _Atomic int64_t dead;     /* bytes of ended generations (and their nested ones) */
+    uint32_t dead_since;      /* serial of the oldest generation `dead` may hold */
+    _Atomic uint32_t next_free; /* common pool link */
+    uint32_t list_prev, list_next; /* the scope's list of ENDED slots (under its lock) */
 } ap__instance;
 
 extern ap__scope ap__scopes[AP_MAX_SCOPES];
 extern _Atomic uint32_t ap__nscopes;
 extern ap__instance ap__instances[AP_MAX_INSTANCES];
+
+static inline ap__instance *ap__inst(uint32_t id) { return &ap__instances[id & AP__SLOT_MASK]; }
+
+/* 1 if `id` names the slot's current occupant (or the process root). */
+static inline int ap__id_current(const ap__instance *in, uint32_t id) {
+    return (id & AP__SLOT_MASK) == AP_INSTANCE_PROCESS ||
+           (atomic_load(&in->serial) & AP__GEN_MASK) == (id >> AP__GEN_SHIFT & AP__GEN_MASK);
+}
 
 /* Process-level settings, from the policy. */
 typedef struct {
@@ -252,16 +297,27 @@ static inline int ap__charge(uint64_t size, ap_domain domain) {
 
 AP__HIDDEN void ap__credit_slow(uint32_t instance, uint64_t size, ap_domain domain);
 
-/* Credit a freed block to the instance that made it (semantics 2). A
- * watching thread has `limit` 0, so only the process-wide switch needs its
- * own test here. */
-static inline void ap__credit(uint32_t instance, uint64_t size, ap_domain domain) {
-    ap__tls_t *t = &ap__tls;
-    if (AP__LIKELY(instance == t->cur && t->allow < t->limit &&
+/* The free fast path: 1 if the bytes of a block of the thread's own
+ * instance went back into `allow`. They may only while `allow` stays within
+ * `limit` *after* the add: the test is on the sum, so a single large free
+ * cannot slip past the bound and stay unpublished (other threads would be
+ * refused against memory nobody holds). `size` < 2^48, so the sum cannot
+ * overflow. A watching thread has `limit` 0, so only the process-wide switch
+ * needs its own test here. */
+static inline int ap__credit_fast(ap__tls_t *t, uint32_t instance, uint64_t size) {
+    int64_t allow = t->allow + (int64_t)size;
+    if (AP__LIKELY(instance == t->cur && allow <= t->limit &&
                    !atomic_load_explicit(&ap__watch, memory_order_relaxed))) {
-        t->allow += (int64_t)size;
-        return;
+        t->allow = allow;
+        return 1;
     }
+    return 0;
+}
+
+/* Credit a freed block to the instance that made it (semantics 2). */
+static inline void ap__credit(uint32_t instance, uint64_t size, ap_domain domain) {
+    if (AP__LIKELY(ap__credit_fast(&ap__tls, instance, size)))
+        return;
     ap__credit_slow(instance, size, domain);
 }
 
@@ -317,6 +373,18 @@ AP__HIDDEN int ap__lib_refusal_aborts(uint32_t scope, const char **note);
  * when the instance table is full. */
 AP__HIDDEN uint32_t ap__open_instance(uint32_t scope, uint32_t parent);
 AP__HIDDEN void ap__close_instance(uint32_t id);
+
+/* ---- Entry points (hooks_libc.c, hooks_cxx.c) ---------------------------------- */
+
+#define AP__EXPORT __attribute__((visibility("default")))
+/* The code that called the entry point; taken in the exported function. */
+#define AP__CALLER() __builtin_extract_return_addr(__builtin_return_address(0))
+
+/* Allocate as malloc (align 0) or memalign would, on behalf of the code at
+ * `caller` (for library scopes); NULL with errno ENOMEM when refused. */
+AP__HIDDEN void *ap__alloc_for(void *caller, size_t size, size_t align);
+/* free() of a block from any entry point. */
+AP__HIDDEN void ap__release(void *p);
 
 /* ---- Reports (report.c) ------------------------------------------------------ */
 

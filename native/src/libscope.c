@@ -52,6 +52,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <link.h>
 #include <sched.h>
 #include <stddef.h>
@@ -421,7 +422,7 @@ void *ap__lib_call(void *caller, uint64_t size, void *(*fn)(void *), void *arg) 
     uint32_t scope = obj ? atomic_load_explicit(&libs[obj - 1].scope, memory_order_relaxed) : 0;
     void *p;
     if (scope && scope < atomic_load_explicit(&ap__nscopes, memory_order_relaxed) &&
-        ap__instances[t->cur].scope != scope) {
+        ap__inst(t->cur)->scope != scope) {
         uint32_t child = child_for(c, t->cur, scope);
         p = child != AP_INSTANCE_PROCESS ? run_in(t, child, fn, arg) : fn(arg);
     } else {
@@ -617,6 +618,34 @@ static void report_row(int fd, const char *name, uint64_t bytes, uint64_t allocs
     row_emit(fd, &r);
 }
 
+/* "PID (COMMAND)" of this process: every process of a command's tree writes
+ * its report to the same descriptor, and each must say whose it is. Read with
+ * open/read only (the report runs at exit, without heap or stdio); the
+ * command is truncated to what the row holds. */
+static void put_process(row *r) {
+    row_num(r, (uint64_t)getpid(), 0);
+    char cmd[128];
+    ssize_t n = -1;
+    int fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        do
+            n = read(fd, cmd, sizeof cmd - 1);
+        while (n < 0 && errno == EINTR);
+        close(fd);
+    }
+    if (n <= 0)
+        return;
+    while (n > 0 && cmd[n - 1] == '\0')
+        n--; /* the NUL that ends the last argument */
+    for (ssize_t i = 0; i < n; i++)
+        if (cmd[i] == '\0' || cmd[i] == '\n')
+            cmd[i] = ' '; /* arguments are NUL-separated; one row is one line */
+    cmd[n] = '\0';
+    row_put(r, " (");
+    row_put(r, cmd);
+    row_put(r, n == (ssize_t)sizeof cmd - 1 ? "...)" : ")");
+}
+
 /* At exit: the objects that allocated, most bytes first. Uses no heap (the
  * allocator may be half torn down by now) and no stdio. */
 __attribute__((destructor)) static void write_report(void) {
@@ -625,7 +654,9 @@ __attribute__((destructor)) static void write_report(void) {
         return;
     int saved = errno;
     row title = {.len = 0};
-    row_put(&title, "allocpolicy: allocations by shared object (the caller of malloc)\n");
+    row_put(&title, "allocpolicy: allocations by shared object (the caller of malloc) in process ");
+    put_process(&title);
+    row_put(&title, "\n");
     row_emit(fd, &title);
     row head = {.len = 0};
     row_put(&head, "  library");

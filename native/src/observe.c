@@ -68,7 +68,7 @@ static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int i
         if (!is_free && r->action == AP_ACTION_RAISE && r->refused == 0)
             *first_offence = 1;
         if (r->instance) /* a forbid scope's region: its stats count every offence */
-            atomic_fetch_add_explicit(&ap__scopes[ap__instances[r->instance].scope].forbidden, 1,
+            atomic_fetch_add_explicit(&ap__scopes[ap__inst(r->instance)->scope].forbidden, 1,
                                       memory_order_relaxed);
         if (stricter(r->action, action))
             action = r->action;
@@ -161,7 +161,7 @@ ap_status ap_region_last(ap_region *out) {
 
 /* Entering an instance of a forbid scope opens its region (scope.c). */
 void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance) {
-    const ap__scope *sc = &ap__scopes[ap__instances[instance].scope];
+    const ap__scope *sc = &ap__scopes[ap__inst(instance)->scope];
     uint32_t forbid = atomic_load_explicit(&sc->forbid, memory_order_relaxed);
     if (forbid)
         push_region(t, forbid - 1, atomic_load_explicit(&sc->forbid_frees, memory_order_relaxed),
@@ -243,11 +243,11 @@ static inline uint64_t mix(uint64_t x) {
 
 static int on_chain(uint32_t instance, uint32_t scope) {
     for (uint32_t id = instance, n = 0; n <= AP_MAX_DEPTH + 1; n++) {
-        if (ap__instances[id].scope == scope && (id != AP_INSTANCE_PROCESS || scope == 0))
+        if (ap__inst(id)->scope == scope && (id != AP_INSTANCE_PROCESS || scope == 0))
             return 1;
         if (id == AP_INSTANCE_PROCESS)
             return 0;
-        id = ap__instances[id].parent;
+        id = ap__inst(id)->parent;
     }
     return 0;
 }
@@ -336,7 +336,7 @@ int ap__observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
         /* Fallible scopes fail only where code asked for it (reservations),
          * so ordinary allocations there are not numbered. */
         uint32_t mode = atomic_load_explicit(
-            &ap__scopes[ap__instances[t->cur].scope].mode, memory_order_relaxed);
+            &ap__scopes[ap__inst(t->cur)->scope].mode, memory_order_relaxed);
         if (mode != AP_MODE_FALLIBLE) {
             uint64_t index = inject_pick(t, size, domain);
             if (index)

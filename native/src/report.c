@@ -89,7 +89,7 @@ static void emit(const line *l) {
 
 static void report_denial(const ap_violation *v, const char *action) {
     line l = {.len = 0};
-    const ap__instance *cur = &ap__instances[ap__tls.cur];
+    const ap__instance *cur = ap__inst(ap__tls.cur);
     put(&l, "allocpolicy: allocation refused in scope '");
     put(&l, ap__scopes[cur->scope].name);
     put(&l, "' (instance ");

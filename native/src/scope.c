@@ -23,7 +23,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -54,7 +56,7 @@ static pthread_key_t thread_exit_key;
 static inline int64_t instance_limit(uint32_t id) {
     if (id == AP_INSTANCE_PROCESS)
         return atomic_load_explicit(&ap__scopes[0].budget, memory_order_relaxed);
-    return ap__instances[id].budget;
+    return ap__inst(id)->budget;
 }
 
 static inline void raise_peak(_Atomic int64_t *peak, int64_t value) {
@@ -75,36 +77,22 @@ static inline int64_t counters_add(ap__counters *c, int64_t delta, uint64_t coun
     return now;
 }
 
-static void try_reclaim(uint32_t id);
-
 /*
  * Apply `delta` bytes to every level of the chain starting at `id`, unchecked.
- * Used for publishing batches (already granted) and for frees.
+ * Used for publishing batches (already granted) and for frees. Every level is
+ * an active instance: an instance ends only after every instance nested in it
+ * did (each holds its parent's `inside`), and the caller keeps the first
+ * level from ending meanwhile (it is the thread's own, or pinned).
  */
 static void chain_apply(uint32_t id, int64_t delta, uint64_t count) {
     for (;;) {
-        ap__instance *in = &ap__instances[id];
-        /* Read the links before crediting this level: once our bytes are out
-         * of an ended instance, another thread's free can bring it to zero,
-         * reclaim it, and ap_enter can reuse the id with another scope and
-         * parent, so reading them afterwards credited the wrong scope total
-         * and walked the wrong chain (seen as scope totals drifting apart
-         * once instance ids were recycled). The release fence orders these
-         * reads before the decrement that try_reclaim's acquire load sees. */
-        uint32_t parent = in->parent;
-        uint32_t scope = in->scope;
-        uint32_t counts_scope = in->counts_scope;
-        if (delta < 0)
-            atomic_thread_fence(memory_order_release);
-        int64_t now = counters_add(&in->c, delta, count);
-        if (counts_scope)
-            counters_add(&ap__scopes[scope].total, delta, count);
+        ap__instance *in = ap__inst(id);
+        counters_add(&in->c, delta, count);
+        if (in->counts_scope)
+            counters_add(&ap__scopes[in->scope].total, delta, count);
         if (id == AP_INSTANCE_PROCESS)
             return;
-        if (delta < 0 && now == 0 &&
-            atomic_load_explicit(&in->state, memory_order_acquire) == AP__INST_ENDED)
-            try_reclaim(id);
-        id = parent;
+        id = in->parent;
     }
 }
 
@@ -141,7 +129,7 @@ static int chain_try_charge(uint32_t start, int64_t size, uint64_t count, chain_
     r->headroom = INT64_MAX;
     r->slack = AP__SLACK_MAX;
     for (uint32_t id = start;;) {
-        ap__instance *in = &ap__instances[id];
+        ap__instance *in = ap__inst(id);
         int64_t lim = instance_limit(id);
         int64_t now = atomic_fetch_add_explicit(&in->c.live, size, memory_order_relaxed) + size;
         undo[n++] = &in->c.live;
@@ -173,7 +161,7 @@ static int chain_try_charge(uint32_t start, int64_t size, uint64_t count, chain_
     }
     /* Granted: the bytes are in; now peaks and counts. */
     for (uint32_t id = start;;) {
-        ap__instance *in = &ap__instances[id];
+        ap__instance *in = ap__inst(id);
         atomic_fetch_add_explicit(&in->c.allocations, count, memory_order_relaxed);
         raise_peak(&in->c.peak, atomic_load_explicit(&in->c.live, memory_order_relaxed));
         if (in->counts_scope) {
@@ -317,7 +305,7 @@ void ap__publish(ap__tls_t *t) {
 static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size,
                    const chain_result *r) {
     ap_violation *v = &t->last;
-    ap__instance *cur = &ap__instances[t->cur];
+    ap__instance *cur = ap__inst(t->cur);
     v->size = sizeof *v;
     v->reason = reason;
     v->seq++;
@@ -326,7 +314,7 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
     if (r && r->limit != AP_LIMIT_NONE) {
         v->limit = r->limit;
         v->instance = r->instance;
-        v->scope = ap__instances[r->instance].scope;
+        v->scope = ap__inst(r->instance)->scope;
         v->budget = r->budget;
         v->live = r->live;
     } else {
@@ -337,11 +325,14 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
     v->index = 0;
+    /* By reason, for the innermost scope (the process scope at the root), so
+     * that the per-scope sums are the `violations` of the same scopes. */
+    atomic_fetch_add_explicit(&ap__scopes[cur->scope].refused[reason], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&cur->c.violations, 1, memory_order_relaxed);
     if (t->cur != AP_INSTANCE_PROCESS) {
         atomic_fetch_add_explicit(&ap__scopes[cur->scope].total.violations, 1,
                                   memory_order_relaxed);
-        atomic_fetch_add_explicit(&ap__instances[0].c.violations, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&ap__inst(0)->c.violations, 1, memory_order_relaxed);
     }
 }
 
@@ -350,7 +341,7 @@ void ap__record_forbidden(ap__tls_t *t, uint64_t size, ap_domain domain) {
 }
 
 static inline uint32_t current_mode(const ap__tls_t *t) {
-    return atomic_load_explicit(&ap__scopes[ap__instances[t->cur].scope].mode,
+    return atomic_load_explicit(&ap__scopes[ap__inst(t->cur)->scope].mode,
                                 memory_order_relaxed);
 }
 
@@ -377,7 +368,7 @@ static int take_grace(ap__tls_t *t, uint64_t size) {
     if (t->grace_inst != t->cur || t->grace_left < (int64_t)size)
         return 0;
     t->grace_left -= (int64_t)size;
-    atomic_fetch_add_explicit(&ap__scopes[ap__instances[t->cur].scope].grace_bytes,
+    atomic_fetch_add_explicit(&ap__scopes[ap__inst(t->cur)->scope].grace_bytes,
                               (int64_t)size, memory_order_relaxed);
     return 1;
 }
@@ -401,7 +392,7 @@ static void abort_if_required(ap__tls_t *t, uint32_t mode, ap_domain domain) {
     const char *note;
     if (mode == AP_MODE_RAISE && domain == AP_DOMAIN_LIBC &&
         AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed)) &&
-        ap__lib_refusal_aborts(ap__instances[t->cur].scope, &note))
+        ap__lib_refusal_aborts(ap__inst(t->cur)->scope, &note))
         ap__abort_noted(&t->last, note);
 }
 
@@ -434,7 +425,7 @@ static int decide(ap__tls_t *t, uint64_t size, ap_domain domain, chain_result *r
 /* An allocation that does not fit what is left of the reservation. */
 static int overdraw(ap__tls_t *t, ap_reservation *res, uint64_t size, ap_domain domain) {
     int64_t excess = (int64_t)size - res->left;
-    ap__scope *sc = &ap__scopes[ap__instances[t->cur].scope];
+    ap__scope *sc = &ap__scopes[ap__inst(t->cur)->scope];
     res->overdrafts++;
     res->overdraft_bytes += excess;
     if (!res->first_overdraft)
@@ -513,7 +504,7 @@ AP__NOINLINE int ap__charge_slow(uint64_t size, ap_domain domain) {
 int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t index) {
     record(t, AP_REASON_INJECTED, domain, size, NULL);
     t->last.index = index;
-    atomic_fetch_add_explicit(&ap__scopes[ap__instances[t->cur].scope].injected, 1,
+    atomic_fetch_add_explicit(&ap__scopes[ap__inst(t->cur)->scope].injected, 1,
                               memory_order_relaxed);
     if (domain == AP_DOMAIN_PY_ARENA)
         return 0; /* pymalloc falls back to malloc; nobody sees it */
@@ -525,12 +516,46 @@ int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, uint64_t in
 int ap__backend_failed(uint64_t size, ap_domain domain) {
     ap__tls_t *t = &ap__tls;
     record(t, AP_REASON_OOM, domain, size, NULL);
-    uint32_t mode = current_mode(t);
-    /* A real out-of-memory is not something a fallible scope asked to see. */
-    if (mode == AP_MODE_FALLIBLE)
-        ap__abort_with(&t->last);
-    abort_if_required(t, mode, domain);
+    /* The backend returned NULL, or no backend could serve the request: a
+     * failure the caller sees in every mode but abort. Fallible scopes too:
+     * their promise is about budgets, and this is what Python itself turns
+     * into a MemoryError (bytearray(2**50)) without the runtime. */
+    abort_if_required(t, current_mode(t), domain);
     return 0;
+}
+
+static void release_slot(uint32_t slot);
+
+/*
+ * Credit `size` bytes of a block named `id` (semantics 2). While `id` is the
+ * slot's active occupant, its chain takes them. Once it ended, its bytes are
+ * in the slot's `dead` ledger and still in the enclosing instances: take them
+ * from the ledger, then go on with its parent, until an active level. The
+ * pin keeps the slot's occupant from ending, and the slot from being reused,
+ * while the credit is under way; that is why a dead slot's parent link can be
+ * trusted (it changes only when the slot goes back to the common pool, which
+ * needs its ledger empty and no pins).
+ */
+static void credit_block(uint32_t id, int64_t size) {
+    for (;;) {
+        if ((id & AP__SLOT_MASK) == AP_INSTANCE_PROCESS) {
+            chain_apply(AP_INSTANCE_PROCESS, -size, 0);
+            return;
+        }
+        ap__instance *in = ap__inst(id);
+        atomic_fetch_add(&in->pins, 1);
+        if (atomic_load(&in->state) == AP__INST_ACTIVE && ap__id_current(in, id)) {
+            chain_apply(id, -size, 0);
+            atomic_fetch_sub_explicit(&in->pins, 1, memory_order_release);
+            return;
+        }
+        uint32_t parent = in->parent;
+        int64_t left = atomic_fetch_sub(&in->dead, size) - size;
+        atomic_fetch_sub_explicit(&in->pins, 1, memory_order_release);
+        if (left == 0)
+            release_slot(id & AP__SLOT_MASK);
+        id = parent;
+    }
 }
 
 AP__NOINLINE void ap__credit_slow(uint32_t instance, uint64_t size, ap_domain domain) {
@@ -548,17 +573,21 @@ AP__NOINLINE void ap__credit_slow(uint32_t instance, uint64_t size, ap_domain do
         ap__refill(t);
         return;
     }
-    chain_apply(instance, -(int64_t)size, 0);
+    /* A block of no bytes credits nothing; its id may be long stale (an id
+     * keeps its slot only through bytes), so it must not be followed. */
+    if (size)
+        credit_block(instance, (int64_t)size);
 }
 
 /* ---- Instances ------------------------------------------------------------------- */
 
-static void push_free(uint32_t id) {
+static void push_free(uint32_t slot) {
     uint64_t head = atomic_load_explicit(&free_head, memory_order_relaxed);
     uint64_t next;
     do {
-        atomic_store_explicit(&ap__instances[id].next_free, (uint32_t)head, memory_order_relaxed);
-        next = ((head >> 32) + 1) << 32 | (uint64_t)(id + 1);
+        atomic_store_explicit(&ap__instances[slot].next_free, (uint32_t)head,
+                              memory_order_relaxed);
+        next = ((head >> 32) + 1) << 32 | (uint64_t)(slot + 1);
     } while (!atomic_compare_exchange_weak_explicit(&free_head, &head, next, memory_order_release,
                                                     memory_order_relaxed));
 }
@@ -578,53 +607,154 @@ static uint32_t pop_free(void) {
     }
 }
 
-static uint32_t new_instance_id(void) {
-    uint32_t id = atomic_load_explicit(&fresh, memory_order_relaxed);
-    while (id < AP_MAX_INSTANCES) {
-        if (atomic_compare_exchange_weak_explicit(&fresh, &id, id + 1, memory_order_relaxed,
+/* A slot from the common pool (never used ones first). */
+static uint32_t new_slot(void) {
+    uint32_t slot = atomic_load_explicit(&fresh, memory_order_relaxed);
+    while (slot < AP_MAX_INSTANCES) {
+        if (atomic_compare_exchange_weak_explicit(&fresh, &slot, slot + 1, memory_order_relaxed,
                                                   memory_order_relaxed))
-            return id;
+            return slot;
     }
     return pop_free();
 }
 
-/*
- * An instance can be reused once every thread has left it, its children are
- * gone and its last byte came back: then no block header and no chain can
- * name it any more. Whoever sees all three first wins the state change.
- */
-static void try_reclaim(uint32_t id) {
-    while (id != AP_INSTANCE_PROCESS) {
-        ap__instance *in = &ap__instances[id];
-        if (atomic_load_explicit(&in->children, memory_order_acquire) != 0 ||
-            atomic_load_explicit(&in->c.live, memory_order_acquire) != 0)
-            return;
-        uint32_t expect = AP__INST_ENDED;
-        if (!atomic_compare_exchange_strong(&in->state, &expect, AP__INST_FREE))
-            return;
-        uint32_t parent = in->parent;
-        push_free(id);
-        if (parent == AP_INSTANCE_PROCESS)
-            return;
-        /* The parent was pinned by this child (see ap_enter). */
-        if (atomic_fetch_sub(&ap__instances[parent].children, 1) != 1 ||
-            atomic_load(&ap__instances[parent].state) != AP__INST_ENDED)
-            return;
-        id = parent;
+/* ---- A scope's ended slots ----------------------------------------------------------
+ *
+ * Slots that ended with bytes still live (or with slots bound below them) are
+ * kept on their scope's list, for the scope's next instance under the same
+ * parent. The list changes on scope entry and exit and when such a slot's
+ * last byte comes back, never on the allocation path. Its lock word holds
+ * the pid of the holder: a child forked while another thread held it finds
+ * the parent's pid there and takes the lock over (that thread does not exist
+ * in the child) instead of waiting forever. */
+
+static void scope_lock(ap__scope *sc) {
+    int32_t me = 0;
+    int32_t expect = 0;
+    while (!atomic_compare_exchange_weak_explicit(&sc->ended_lock, &expect, me ? me : -1,
+                                                  memory_order_acquire, memory_order_relaxed)) {
+        if (!me)
+            me = (int32_t)getpid();
+        if (expect > 0 && expect != me) {
+            /* Held by a thread of the process we were forked from. */
+            if (atomic_compare_exchange_strong(&sc->ended_lock, &expect, me))
+                return;
+        } else {
+            sched_yield();
+        }
+        expect = 0;
+    }
+    if (!me) {
+        /* Record who holds it (the fast acquisition above wrote -1). */
+        atomic_store_explicit(&sc->ended_lock, (int32_t)getpid(), memory_order_relaxed);
     }
 }
 
+static void scope_unlock(ap__scope *sc) {
+    atomic_store_explicit(&sc->ended_lock, 0, memory_order_release);
+}
+
+/* Under the scope's lock. Links are slot numbers + 1, 0 ends the list. */
+static void list_push(ap__scope *sc, uint32_t slot) {
+    ap__instance *in = &ap__instances[slot];
+    in->list_prev = 0;
+    in->list_next = sc->ended_head;
+    if (sc->ended_head)
+        ap__instances[sc->ended_head - 1].list_prev = slot + 1;
+    sc->ended_head = slot + 1;
+}
+
+static void list_unlink(ap__scope *sc, uint32_t slot) {
+    ap__instance *in = &ap__instances[slot];
+    if (in->list_prev)
+        ap__instances[in->list_prev - 1].list_next = in->list_next;
+    else
+        sc->ended_head = in->list_next;
+    if (in->list_next)
+        ap__instances[in->list_next - 1].list_prev = in->list_prev;
+    in->list_prev = in->list_next = 0;
+}
+
+/*
+ * Give an ended slot back to the common pool once nothing can name it any
+ * more: no dead bytes and no slot bound below it. Whoever brings the last
+ * condition about calls this; the scope's lock decides between it and a new
+ * instance taking the slot over. The slot's parent then has one bound child
+ * less, which may free it in turn.
+ */
+static void release_slot(uint32_t slot) {
+    while (slot != AP_INSTANCE_PROCESS) {
+        ap__instance *in = &ap__instances[slot];
+        uint32_t scope = atomic_load(&in->scope);
+        ap__scope *sc = &ap__scopes[scope];
+        scope_lock(sc);
+        /* Meanwhile the slot may have gone to the pool and on to another
+         * scope (its scope changes only there); then that scope's lock. */
+        if (atomic_load(&in->scope) != scope) {
+            scope_unlock(sc);
+            continue;
+        }
+        uint32_t state = atomic_load(&in->state);
+        if ((state != AP__INST_ENDED && state != AP__INST_RETIRED) ||
+            atomic_load(&in->dead) != 0 || atomic_load(&in->children) != 0) {
+            scope_unlock(sc);
+            return;
+        }
+        if (state == AP__INST_ENDED)
+            list_unlink(sc, slot);
+        /* Read before the slot is free: a new instance may take it at once. */
+        uint32_t parent = in->parent & AP__SLOT_MASK;
+        atomic_store(&in->state, AP__INST_FREE);
+        scope_unlock(sc);
+        push_free(slot);
+        if (parent == AP_INSTANCE_PROCESS ||
+            atomic_fetch_sub(&ap__instances[parent].children, 1) != 1)
+            return;
+        slot = parent;
+    }
+}
+
+/* Wait out the credits under way against a slot (they are a few atomic
+ * additions long). */
+static void wait_unpinned(ap__instance *in) {
+    while (atomic_load(&in->pins))
+        sched_yield();
+}
+
+static void leave(uint32_t id);
+
+/*
+ * The instance's last thread left it, no bind wrapper holds it and every
+ * instance nested in it has ended. What is still live escaped: it stays
+ * counted in the enclosing instances and the process, moves from the
+ * instance into the slot's dead ledger, and leaves the scope's total, which
+ * counts live instances only. Then the slot is free for the scope's next
+ * instance (or the common pool), and the parent loses this child's hold.
+ */
 static void end_instance(uint32_t id) {
-    ap__instance *in = &ap__instances[id];
+    ap__instance *in = ap__inst(id);
     ap__scope *sc = &ap__scopes[in->scope];
+    /* Credits arriving from now on see it ended and draw on `dead`; the
+     * ones under way finish against the live counters first. */
+    atomic_store(&in->state, AP__INST_ENDING);
+    wait_unpinned(in);
     int64_t live = atomic_load(&in->c.live);
     atomic_store(&in->escaped, live);
-    if (live > 0)
+    if (live) {
         atomic_fetch_add(&sc->escaped, live);
+        if (in->counts_scope)
+            atomic_fetch_sub(&sc->total.live, live);
+        atomic_fetch_add(&in->dead, live);
+    }
     raise_peak(&sc->max_instance_peak, atomic_load(&in->c.peak));
     atomic_fetch_sub(&sc->active, 1);
+    uint32_t parent = in->parent;
+    scope_lock(sc);
     atomic_store(&in->state, AP__INST_ENDED);
-    try_reclaim(id);
+    list_push(sc, id & AP__SLOT_MASK);
+    scope_unlock(sc);
+    release_slot(id & AP__SLOT_MASK);
+    leave(parent);
 }
 
 /* Leaving an instance: publish the batch (it belongs to the instance being
@@ -636,34 +766,86 @@ static inline void switch_to(ap__tls_t *t, uint32_t id) {
     ap__refill(t);
 }
 
+/*
+ * An ended slot of the scope bound to `parent`, taken over for a new
+ * instance; AP__NO_INSTANCE if there is none. A slot whose dead bytes may be
+ * as old as AP__GEN_MASK generations is retired instead: one more generation
+ * could no longer be told from theirs. It goes to the common pool when its
+ * last byte comes back.
+ */
+static uint32_t reuse_slot(ap__scope *sc, uint32_t parent) {
+    if (!atomic_load_explicit(&sc->ended_head, memory_order_relaxed)) /* nothing to look at */
+        return AP__NO_INSTANCE;
+    uint32_t found = AP__NO_INSTANCE;
+    scope_lock(sc);
+    for (uint32_t link = sc->ended_head; link;) {
+        uint32_t slot = link - 1;
+        ap__instance *in = &ap__instances[slot];
+        link = in->list_next;
+        if (in->parent != parent)
+            continue;
+        list_unlink(sc, slot);
+        if (atomic_load(&in->dead) != 0 &&
+            atomic_load(&in->serial) + 1 - in->dead_since >= AP__GEN_MASK) {
+            atomic_store(&in->state, AP__INST_RETIRED);
+            continue;
+        }
+        atomic_store(&in->state, AP__INST_OPENING);
+        found = slot;
+        break;
+    }
+    scope_unlock(sc);
+    if (found != AP__NO_INSTANCE) {
+        ap__instance *in = &ap__instances[found];
+        wait_unpinned(in);
+        if (atomic_load(&in->dead) == 0)
+            in->dead_since = atomic_load(&in->serial) + 1;
+    }
+    return found;
+}
+
 /* A new active instance of `scope_id` nested in `parent`, with one `inside`
  * reference; AP__NO_INSTANCE when the table is full. */
 static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
-    uint32_t id = new_instance_id();
-    if (id == AP__NO_INSTANCE)
-        return id;
-    ap__instance *in = &ap__instances[id];
     ap__scope *sc = &ap__scopes[scope_id];
+    uint32_t slot = reuse_slot(sc, parent);
+    int reused = slot != AP__NO_INSTANCE;
+    if (!reused) {
+        slot = new_slot();
+        if (slot == AP__NO_INSTANCE)
+            return slot;
+    }
+    ap__instance *in = &ap__instances[slot];
+    uint32_t serial = atomic_load(&in->serial) + 1;
     /* Zero the counters before the instance becomes visible as active. */
     memset(&in->c, 0, sizeof in->c);
     atomic_store(&in->escaped, 0);
-    in->scope = scope_id;
-    in->parent = parent;
     in->budget = atomic_load(&sc->budget);
-    in->counts_scope = 1;
-    for (uint32_t a = parent; a != AP_INSTANCE_PROCESS; a = ap__instances[a].parent)
-        if (ap__instances[a].scope == scope_id)
-            in->counts_scope = 0;
+    if (!reused) {
+        in->scope = scope_id;
+        in->parent = parent;
+        in->dead_since = serial;
+        in->counts_scope = 1;
+        for (uint32_t a = parent; a != AP_INSTANCE_PROCESS; a = ap__inst(a)->parent)
+            if (ap__inst(a)->scope == scope_id)
+                in->counts_scope = 0;
+        atomic_store(&in->children, 0);
+        /* Bound below its parent: frees of this slot's dead bytes go on
+         * through the parent's slot, which must keep its links until this
+         * one is back in the common pool (release_slot). */
+        if (parent != AP_INSTANCE_PROCESS)
+            atomic_fetch_add(&ap__inst(parent)->children, 1);
+    }
     atomic_store(&in->inside, 1);
-    atomic_store(&in->children, 0);
-    /* A child keeps its parent from being reclaimed: frees of the child's
-     * blocks walk through the parent. Released in try_reclaim. */
+    /* An active nested instance keeps its parent from ending: so every level
+     * of an active instance's chain is active too. */
     if (parent != AP_INSTANCE_PROCESS)
-        atomic_fetch_add(&ap__instances[parent].children, 1);
+        atomic_fetch_add(&ap__inst(parent)->inside, 1);
+    atomic_store(&in->serial, serial);
     atomic_store(&in->state, AP__INST_ACTIVE);
     atomic_fetch_add(&sc->instances, 1);
     atomic_fetch_add(&sc->active, 1);
-    return id;
+    return slot | (serial & AP__GEN_MASK) << AP__GEN_SHIFT;
 }
 
 ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
@@ -686,15 +868,20 @@ ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
     return AP_OK;
 }
 
+/* 1 if `id` names a live instance (not one that ended or a stale id). */
+static int id_valid(uint32_t id) {
+    return id < (1u << 31) && ap__id_current(ap__inst(id), id);
+}
+
 ap_status ap_hold(uint32_t id) {
     if (id == AP_INSTANCE_PROCESS)
         return AP_OK;
-    if (id >= AP_MAX_INSTANCES)
+    if (id >= (1u << 31))
         return AP_ENOENT;
-    ap__instance *in = &ap__instances[id];
+    ap__instance *in = ap__inst(id);
     uint32_t n = atomic_load(&in->inside);
     do {
-        if (n == 0 || atomic_load(&in->state) != AP__INST_ACTIVE)
+        if (n == 0 || atomic_load(&in->state) != AP__INST_ACTIVE || !ap__id_current(in, id))
             return AP_ESTATE;
     } while (!atomic_compare_exchange_weak(&in->inside, &n, n + 1));
     return AP_OK;
@@ -703,7 +890,7 @@ ap_status ap_hold(uint32_t id) {
 static void leave(uint32_t id) {
     if (id == AP_INSTANCE_PROCESS)
         return;
-    ap__instance *in = &ap__instances[id];
+    ap__instance *in = ap__inst(id);
     if (atomic_load(&in->state) == AP__INST_ACTIVE && atomic_fetch_sub(&in->inside, 1) == 1)
         end_instance(id);
 }
@@ -717,7 +904,7 @@ uint32_t ap__open_instance(uint32_t scope, uint32_t parent) {
 void ap__close_instance(uint32_t id) { leave(id); }
 
 ap_status ap_release(uint32_t id) {
-    if (id >= AP_MAX_INSTANCES)
+    if (!id_valid(id))
         return AP_ENOENT;
     leave(id);
     return AP_OK;
@@ -733,7 +920,7 @@ ap_status ap_attach(uint32_t id) {
     register_thread(t);
     t->stack[t->depth++] = t->cur;
     switch_to(t, id);
-    if (AP__UNLIKELY(atomic_load_explicit(&ap__scopes[ap__instances[id].scope].forbid,
+    if (AP__UNLIKELY(atomic_load_explicit(&ap__scopes[ap__inst(id)->scope].forbid,
                                           memory_order_relaxed)))
         ap__regions_enter_instance(t, id);
     return AP_OK;
@@ -791,15 +978,15 @@ ap_status ap_last_violation(ap_violation *out) {
 ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) {
     ap__tls_t *t = &ap__tls;
     if (overdraft == AP_ACTION_FROM_SCOPE)
-        overdraft = atomic_load_explicit(&ap__scopes[ap__instances[t->cur].scope].overdraft,
+        overdraft = atomic_load_explicit(&ap__scopes[ap__inst(t->cur)->scope].overdraft,
                                          memory_order_relaxed);
-    if (nbytes < 0 || (uint64_t)nbytes > AP__MAX_REQUEST || overdraft > AP_ACTION_COUNT)
+    if (nbytes < 0 || overdraft > AP_ACTION_COUNT)
         return AP_EINVAL;
     if (t->nres >= AP_MAX_RESERVATIONS)
         return AP_EFULL;
     register_thread(t);
     ap__publish(t);
-    ap__scope *sc = &ap__scopes[ap__instances[t->cur].scope];
+    ap__scope *sc = &ap__scopes[ap__inst(t->cur)->scope];
     ap_violation v = {.size = sizeof v};
     int refused = 0;
     uint64_t index = ap__inject_reservation(t, (uint64_t)nbytes);
@@ -814,15 +1001,17 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
         refused = 1;
         v.reason = AP_REASON_INJECTED;
         v.index = index;
-        v.scope = ap__instances[t->cur].scope;
+        v.scope = ap__inst(t->cur)->scope;
         v.instance = t->cur;
         atomic_fetch_add_explicit(&sc->injected, 1, memory_order_relaxed);
-    } else if (claim > room) {
-        /* Whatever the budgets say, the machine cannot spare it. */
+    } else if (claim > room || (uint64_t)nbytes > AP__MAX_REQUEST) {
+        /* Whatever the budgets say, the machine cannot spare it; nor can
+         * any machine spare what no allocation could ask for (the header
+         * keeps 48 bits of size), whatever the files say. */
         refused = 1;
         v.reason = AP_REASON_OOM;
         v.limit = AP_LIMIT_MACHINE;
-        v.scope = ap__instances[t->cur].scope;
+        v.scope = ap__inst(t->cur)->scope;
         v.instance = t->cur;
         v.budget = room > 0 ? room : 0;
     } else if (claim) {
@@ -833,7 +1022,7 @@ ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal) 
             v.reason = AP_REASON_BUDGET;
             v.limit = r.limit;
             v.instance = r.instance;
-            v.scope = ap__instances[r.instance].scope;
+            v.scope = ap__inst(r.instance)->scope;
             v.budget = r.budget;
             v.live = r.live;
         }

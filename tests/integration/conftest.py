@@ -3,7 +3,8 @@ programs built on demand, and running a child process under the preload.
 
 Fixtures
     allocpolicy_lib   path of the runtime library (str)
-    build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled;
+    build_c           build_c("stress") -> path of tests/integration/native/stress.c, compiled
+                      (a .cpp of that name with the C++ compiler);
                       build_c("oomlib", shared=True) -> a shared library, for ctypes
     run_preloaded     run_preloaded(argv, table=..., preload=[...]) -> CompletedProcess
     backend_library   backend_library("jemalloc") -> path, or skip when not installed
@@ -28,7 +29,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_TESTS = Path(__file__).resolve().parent / "native"
 INCLUDE = ROOT / "native" / "include"
-LIBRARY_NAME = "liballocpolicy.so"
 
 # Generous: a hang must fail the test, never stall the CI run.
 DEFAULT_TIMEOUT = 120
@@ -42,66 +42,47 @@ BACKENDS = {
 }
 
 
-SOURCE_BUILD = ROOT / "native" / "build" / LIBRARY_NAME
-
-
-def _make_source_build() -> None:
-    # `make` rebuilds only when a source changed, so a checkout never tests a
-    # stale library, and a fresh one gets built.
-    if (ROOT / "native" / "Makefile").is_file() and shutil.which("make"):
-        subprocess.run(
-            ["make", "-s", "-C", str(ROOT / "native")],
-            check=False, timeout=300, stdout=subprocess.DEVNULL,
-        )
-
-
-def _find_library() -> str:
-    """The library the package would load, else a source-checkout build."""
-    try:
-        from allocpolicy import _native
-
-        path = Path(_native.library_path()).resolve()
-        if path == SOURCE_BUILD.resolve():
-            _make_source_build()
-        return str(path)
-    except Exception:  # noqa: BLE001 - module absent or library missing: fall back
-        pass
-    override = os.environ.get("ALLOCPOLICY_LIBRARY")
-    if override:
-        return str(Path(override).resolve())
-    _make_source_build()
-    return str(SOURCE_BUILD)
-
-
 @pytest.fixture(scope="session")
 def allocpolicy_lib() -> str:
-    path = _find_library()
-    if not Path(path).is_file():
-        pytest.fail(
-            f"the allocpolicy runtime library was not found at {path}; "
-            "build it with `make -C native` or install the package with `pip install .`"
-        )
-    return path
+    """The library the package loads: ALLOCPOLICY_LIBRARY, the installed
+    package's, or (imported from the checkout, as `python -m pytest` in its
+    root does) native/build/, rebuilt first if a source is newer."""
+    from allocpolicy import _native
+    from allocpolicy._errors import RuntimeLoadError
+
+    try:
+        return _native.library_path()
+    except RuntimeLoadError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def build_c(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    """Compile tests/integration/native/<name>.c once per session."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler (cc) to build the test programs")
+    """Compile tests/integration/native/<name>.c (or <name>.cpp, with the C++
+    compiler) once per session."""
     out_dir = tmp_path_factory.mktemp("native-tests")
     built: dict[tuple[str, bool], str] = {}
 
     def build(name: str, shared: bool = False) -> str:
         if (name, shared) not in built:
-            source = NATIVE_TESTS / f"{name}.c"
+            cxx = (NATIVE_TESTS / f"{name}.cpp").is_file()
+            source = NATIVE_TESTS / (f"{name}.cpp" if cxx else f"{name}.c")
             exe = out_dir / (f"lib{name}.so" if shared else name)
-            cmd = [
-                cc, "-std=gnu11", "-O1", "-g", "-pthread",
+            if cxx:
+                compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+                if not compiler:
+                    pytest.skip(f"no C++ compiler (c++) to build {source.name}")
+                # The allocations are the point: never elide a new/delete pair.
+                dialect = ["-std=c++17", "-fno-allocation-dce"]
+            else:
+                compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+                if not compiler:
+                    pytest.skip("no C compiler (cc) to build the test programs")
                 # The checks call the allocator for its side effects and its
                 # failures; builtin knowledge of malloc would fold them away.
-                "-fno-builtin",
+                dialect = ["-std=gnu11", "-fno-builtin"]
+            cmd = [
+                compiler, *dialect, "-O1", "-g", "-pthread",
                 "-Wall", "-Wextra", "-Wno-alloc-size-larger-than", "-Wno-use-after-free",
                 "-Wno-deprecated-declarations", "-Wno-unknown-warning-option",
                 f"-I{INCLUDE}", str(source), "-o", str(exe), "-ldl",

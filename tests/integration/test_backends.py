@@ -155,7 +155,15 @@ def test_budget_refusals_over_backend(entrypoints, run_preloaded, backend, mode)
     detail = assert_clean(proc)
     assert f"ok {mode}" in proc.stdout, detail
     # The refusals left the program fine: every portable check ran after them.
-    assert sum(line.startswith("ok ") for line in proc.stdout.splitlines()) == 18, detail
+    assert sum(line.startswith("ok ") for line in proc.stdout.splitlines()) == 20, detail
+
+
+def test_aligned_accounting_over_backend(entrypoints, run_preloaded, backend):
+    _, path = backend
+    proc = run_preloaded([entrypoints, "aligned_accounting"],
+                         table="v=1;process=raise:0;scope=work:raise:0:0", preload=[path])
+    detail = assert_clean(proc)
+    assert "ok aligned_accounting" in proc.stdout, detail
 
 
 def test_abort_over_backend(entrypoints, run_preloaded, backend):

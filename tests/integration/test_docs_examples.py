@@ -40,6 +40,7 @@ RUNS = {
     "web_flask.py": "web_policy.toml",
     "web_fastapi.py": "web_policy.toml",
     "task_runners.py": "tasks_policy.toml",
+    "observe_refusals.py": "quickstart_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
@@ -115,6 +116,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "web_flask.py",
         "web_fastapi.py",
         "task_runners.py",
+        "observe_refusals.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):

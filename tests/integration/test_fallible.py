@@ -268,6 +268,123 @@ def test_reserve_arguments_are_checked(tmp_path):
     assert lines[2].startswith("ValueError reserve(): argument 'overdraft' must be one of")
 
 
+def test_sizes_no_allocation_can_serve_are_refused_as_alloc_error(tmp_path):
+    # GIVEN sizes from 2^48 (past what a block header records) to sys.maxsize
+    # WHEN they are reserved THEN the refusal is an AllocError (reason oom,
+    # limit machine) and nothing changes; sizes past sys.maxsize are
+    # impossible arguments: OverflowError naming the argument, nothing granted.
+    out = json.loads(
+        check(
+            run_python(
+                """
+                import json, sys, allocpolicy
+                out = {"refused": [], "overflow": []}
+                allocpolicy.try_reserve(0).release()  # warm up: imports, headroom
+                def counts():
+                    s = allocpolicy.stats().scopes["batch"]
+                    return [s.reservations, s.refused_reservations]
+                with allocpolicy.scope("batch"):
+                    live = allocpolicy.stats().scopes["batch"].live
+                    before = counts()
+                    for n in (2**48, 2**48 + 5, 2**50, sys.maxsize):
+                        r = allocpolicy.try_reserve(n)
+                        out["refused"].append([type(r).__name__, r.reason, r.limit, r.size == n])
+                        try:
+                            allocpolicy.reserve(n)
+                        except allocpolicy.AllocError as err:
+                            out["refused"].append(["raised", err.reason, err.limit, err.size == n])
+                        b = allocpolicy.try_bytearray(n)
+                        out["refused"].append([type(b).__name__, b.reason, b.limit, True])
+                    out["counts"] = [a - b for a, b in zip(counts(), before)]
+                    out["live_change"] = allocpolicy.stats().scopes["batch"].live - live
+                    for call in (lambda: allocpolicy.reserve(2**64 + 5 * 2**20),
+                                 lambda: allocpolicy.try_reserve(sys.maxsize + 1),
+                                 lambda: allocpolicy.try_bytearray(2**64)):
+                        try:
+                            got = call()
+                            out["overflow"].append(["granted", repr(got)])
+                        except OverflowError as exc:
+                            out["overflow"].append(str(exc))
+                print(json.dumps(out))
+                """,
+                fallible_policy("count"),
+                tmp_path,
+            )
+        )
+    )
+    per_size = [
+        ["AllocError", "oom", "machine", True],
+        ["raised", "oom", "machine", True],
+        ["AllocError", "oom", "machine", True],
+    ]
+    assert out["refused"] == per_size * 4
+    assert out["counts"] == [0, 12]  # nothing granted, every refusal counted
+    assert abs(out["live_change"]) < ARENA_SLACK
+    maxsize = 2**63 - 1
+    assert out["overflow"] == [
+        f"reserve(): argument 'nbytes' must be at most sys.maxsize ({maxsize}), "
+        f"got {2**64 + 5 * 2**20}",
+        f"try_reserve(): argument 'nbytes' must be at most sys.maxsize ({maxsize}), "
+        f"got {maxsize + 1}",
+        f"try_bytearray(): argument 'n' must be at most sys.maxsize ({maxsize}), got {2**64}",
+    ]
+
+
+@pytest.mark.parametrize("mode", ["fallible", "raise"])
+def test_an_impossible_allocation_is_a_catchable_failure(tmp_path, mode):
+    # bytearray(2**50) is a MemoryError without allocpolicy; inside a
+    # fallible scope it aborted the process. It is a failure the code sees in
+    # every mode but abort, recorded as an out-of-memory violation.
+    out = json.loads(
+        check(
+            run_python(
+                f"""
+                import json, allocpolicy
+                out = {{}}
+                with allocpolicy.scope("work"):
+                    try:
+                        bytearray(2**50)
+                        out["result"] = "granted"
+                    except MemoryError as exc:
+                        out["result"] = "MemoryError"
+                    kept = bytearray(1 << 20)  # the scope still serves what fits
+                out["violations"] = allocpolicy.stats().scopes["work"].violations
+                print(json.dumps(out))
+                """,
+                f"""
+                version = 1
+                [scopes.work]
+                on_oom = "{mode}"
+                budget = "100 MiB"
+                """,
+                tmp_path,
+            )
+        )
+    )
+    assert out == {"result": "MemoryError", "violations": 1}
+
+
+def test_an_impossible_allocation_aborts_in_an_abort_scope(tmp_path):
+    proc = run_python(
+        """
+        import allocpolicy
+        with allocpolicy.scope("work"):
+            bytearray(2**50)
+        print("survived")
+        """,
+        """
+        version = 1
+        [scopes.work]
+        on_oom = "abort"
+        budget = "100 MiB"
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == -signal.SIGABRT, proc.stdout + proc.stderr
+    assert "survived" not in proc.stdout
+    assert "reason=oom requested=1125899906842625" in proc.stderr
+
+
 # --- the try_* operations ------------------------------------------------------------
 
 TIGHT = """
@@ -423,6 +540,7 @@ print(json.dumps(sorted(set(failures_seen))))
 """
 
 
+@pytest.mark.slow
 def test_try_extend_property_under_a_budget_that_runs_out(tmp_path):
     # GIVEN random inputs and a random amount of room left in a 4 MiB budget
     # (fallible: only try_extend's own checks can fail; hypothesis itself

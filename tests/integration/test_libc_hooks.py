@@ -23,10 +23,12 @@ PORTABLE = [
     "realloc_zero",
     "realloc_shrink",
     "realloc_grow",
+    "realloc_aligned_usable",
     "realloc_huge",
     "reallocarray",
     "posix_memalign_einval",
     "posix_memalign",
+    "huge_alignment",
     "aligned_alloc",
     "memalign",
     "valloc",
@@ -102,6 +104,15 @@ def test_fallible_scope_grants_ordinary_allocations(entrypoints, run_preloaded):
     )
     assert_ok(proc, "fallible")
     assert "allocpolicy:" not in proc.stderr
+
+
+def test_aligned_blocks_are_accounted_exactly(entrypoints, run_preloaded):
+    # Every alignment up to 2^33 is charged its requested size and credited
+    # in full by realloc and free (2^32 and more were refused before).
+    proc = run_preloaded(
+        [entrypoints, "aligned_accounting"], table="v=1;process=raise:0;scope=work:raise:0:0"
+    )
+    assert_ok(proc, "aligned_accounting")
 
 
 def test_process_budget(entrypoints, run_preloaded):

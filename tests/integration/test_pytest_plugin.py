@@ -358,6 +358,7 @@ def sweep_lines(proc: subprocess.CompletedProcess, test: str) -> list[str]:
     return [line for line in proc.stdout.splitlines() if line.startswith(f"[oom_sweep] {test}: ")]
 
 
+@pytest.mark.slow
 def test_sweep_over_json_and_re_on_real_inputs_is_clean(tmp_path):
     # GIVEN tests that parse and dump JSON and compile regular expressions
     write(tmp_path, "test_stdlib.py", STDLIB)

@@ -243,6 +243,7 @@ def interpreter_survives_json_oom() -> bool:
     return proc.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_randomized_budgets_never_kill_the_interpreter(
     tmp_path, seed, interpreter_survives_json_oom

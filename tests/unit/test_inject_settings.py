@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 import allocpolicy
-from allocpolicy._inject import InjectSettings
+from allocpolicy._inject_settings import InjectSettings
 from allocpolicy._policy import Policy, ScopePolicy, policy_from_mapping
 
 

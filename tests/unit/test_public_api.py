@@ -3,12 +3,39 @@
 import allocpolicy
 
 
+# Public modules of their own: attributes of the package once imported, never
+# imported by it. The pytest plugin is loaded by pytest through the pytest11
+# entry point; the metrics package when a program exports metrics; the
+# integrations package when a program uses one.
+SUBMODULES = {"pytest_plugin", "metrics", "integrations"}
+
+
 def test_all_is_exactly_the_public_namespace():
     public = {name for name in dir(allocpolicy) if not name.startswith("_")}
-    # The pytest plugin is a module of its own, loaded by pytest through the
-    # pytest11 entry point (and so an attribute of the package once loaded).
-    public.discard("pytest_plugin")
-    assert public == set(allocpolicy.__all__)
+    assert public - SUBMODULES == set(allocpolicy.__all__)
+
+
+def test_the_metrics_namespace_is_curated_too():
+    import allocpolicy.metrics as metrics
+
+    # (pytest may add names that are no identifiers when it rewrites the package)
+    names = {n for n in dir(metrics) if n.isidentifier() and not n.startswith("_")}
+    assert names - {"prometheus", "otel"} == set(metrics.__all__)
+    assert set(metrics.__all__) == {"CONTENT_TYPE", "METRICS", "Metric", "Sample", "prometheus_text", "samples"}
+
+
+def test_observability_names_are_public():
+    for name in ("on_refusal", "remove_refusal_hook", "serve_stats", "stats", "Stats"):
+        assert name in allocpolicy.__all__
+
+
+def test_on_refusal_wants_a_callable():
+    import pytest
+
+    with pytest.raises(TypeError, match="argument 'callback'"):
+        allocpolicy.on_refusal(42)
+    with pytest.raises(TypeError, match="argument 'address'"):
+        allocpolicy.serve_stats(42)
 
 
 def test_error_hierarchy_subclasses_the_stdlib_errors_it_resembles():

@@ -88,6 +88,9 @@ static struct {
     ap_status (*exit)(void);
     ap_status (*last_violation)(ap_violation *);
     int (*is_preloaded)(void);
+    ap_status (*current)(uint32_t *, uint32_t *);
+    void (*flush)(void);
+    ap_status (*instance_stats)(uint32_t, ap_instance_stats *);
 } ap;
 
 static int have_runtime(void) {
@@ -96,7 +99,12 @@ static int have_runtime(void) {
     ap.exit = (ap_status(*)(void))dlsym(RTLD_DEFAULT, "ap_exit");
     ap.last_violation = (ap_status(*)(ap_violation *))dlsym(RTLD_DEFAULT, "ap_last_violation");
     ap.is_preloaded = (int (*)(void))dlsym(RTLD_DEFAULT, "ap_is_preloaded");
-    return ap.scope_find && ap.enter && ap.exit && ap.last_violation && ap.is_preloaded;
+    ap.current = (ap_status(*)(uint32_t *, uint32_t *))dlsym(RTLD_DEFAULT, "ap_current");
+    ap.flush = (void (*)(void))dlsym(RTLD_DEFAULT, "ap_flush");
+    ap.instance_stats =
+        (ap_status(*)(uint32_t, ap_instance_stats *))dlsym(RTLD_DEFAULT, "ap_get_instance_stats");
+    return ap.scope_find && ap.enter && ap.exit && ap.last_violation && ap.is_preloaded &&
+           ap.current && ap.flush && ap.instance_stats;
 }
 
 /* Enter scope `name` (declared by the table in the environment). */
@@ -113,6 +121,17 @@ static int enter_scope(const char *name) {
         return 0;
     }
     return 1;
+}
+
+/* Live bytes of the calling thread's innermost instance, published. */
+static int64_t live_here(void) {
+    uint32_t inst, depth;
+    ap.flush();
+    ap.current(&inst, &depth);
+    ap_instance_stats st = {.size = sizeof st};
+    if (ap.instance_stats(inst, &st) != AP_OK)
+        return -1;
+    return st.live;
 }
 
 /* ---- Checks --------------------------------------------------------------- */
@@ -269,6 +288,29 @@ static void check_realloc_grow(void) {
     printf("ok %s\n", mode_name);
 }
 
+/* realloc of an aligned block keeps everything up to the old block's usable
+ * size: malloc_usable_size() says the caller may write that much. */
+static void check_realloc_aligned_usable(void) {
+    static const size_t lens[] = {1, 100, 1000, 5000, 100000};
+    for (size_t align = 32; align <= 65536; align *= 8) {
+        for (size_t j = 0; j < sizeof lens / sizeof lens[0]; j++) {
+            void *a = NULL;
+            CHECK(posix_memalign(&a, align, lens[j]) == 0, "posix_memalign(%zu, %zu) failed",
+                  align, lens[j]);
+            size_t usable = malloc_usable_size(a);
+            CHECK(usable >= lens[j], "usable %zu < %zu", usable, lens[j]);
+            fill(a, usable, 13);
+            unsigned char *b = launder(realloc(a, usable + 4096));
+            CHECK(b != NULL, "realloc(aligned %zu, %zu) returned NULL", align, usable + 4096);
+            CHECK(intact(b, usable, 13), "realloc(aligned %zu of %zu) lost bytes within the usable size",
+                  align, lens[j]);
+            CHECK(malloc_usable_size(b) >= usable + 4096, "usable after realloc too small");
+            free(b);
+        }
+    }
+    printf("ok %s\n", mode_name);
+}
+
 static void check_realloc_huge(void) {
     unsigned char *p = launder(malloc(100));
     CHECK(p != NULL, "malloc(100) returned NULL");
@@ -380,6 +422,32 @@ static void check_posix_memalign(void) {
             CHECK(p && aligned_to(p, align), "aligned_alloc(%zu, %zu) misaligned", align, n);
             free(p);
         }
+    }
+    printf("ok %s\n", mode_name);
+}
+
+/* Alignments of 2^32 and more: every backend serves these (glibc up to what
+ * the address space overcommit allows), so must the runtime. */
+static void check_huge_alignment(void) {
+    for (int shift = 32; shift <= 33; shift++) {
+        size_t align = (size_t)1 << shift;
+        void *p = (void *)&align;
+        int rc = posix_memalign(&p, align, 64);
+        CHECK(rc == 0, "posix_memalign(2^%d, 64) returned %d", shift, rc);
+        CHECK(aligned_to(p, align), "posix_memalign(2^%d) misaligned", shift);
+        CHECK(malloc_usable_size(p) >= 64, "posix_memalign(2^%d): usable < 64", shift);
+        fill(p, 64, 47);
+        unsigned char *q = launder(realloc(p, 200));
+        CHECK(q != NULL && intact(q, 64, 47), "realloc(2^%d-aligned) lost content", shift);
+        free(q);
+        q = launder(aligned_alloc(align, 100));
+        CHECK(q != NULL && aligned_to(q, align), "aligned_alloc(2^%d, 100) gave %p", shift,
+              (void *)q);
+        fill(q, 100, 53);
+        free(q);
+        q = launder(memalign(align, 100));
+        CHECK(q != NULL && aligned_to(q, align), "memalign(2^%d, 100) gave %p", shift, (void *)q);
+        free(q);
     }
     printf("ok %s\n", mode_name);
 }
@@ -559,6 +627,15 @@ static void check_fallible(void) {
     CHECK(r != NULL && r[big - 1] == 3, "realloc failed in a fallible scope");
     free(r);
     free(q);
+    /* A size no backend can serve is no budget matter: it fails, it does not
+     * abort (a fallible scope's promise is about budgets). */
+    errno = 0;
+    void *impossible = launder(malloc((size_t)1 << 50));
+    CHECK(impossible == NULL && errno == ENOMEM, "malloc(2^50) gave %p errno %d", impossible,
+          errno);
+    ap_violation v = {.size = sizeof v};
+    CHECK(ap.last_violation(&v) == AP_OK && v.reason == AP_REASON_OOM,
+          "malloc(2^50): violation reason %u", v.reason);
     CHECK(ap.exit() == AP_OK, "ap_exit failed");
     printf("ok %s\n", mode_name);
 }
@@ -579,6 +656,42 @@ static void check_process_budget(void) {
     p = launder(malloc(1 << 20));
     CHECK(p != NULL, "allocation within the process budget refused");
     free(p);
+    printf("ok %s\n", mode_name);
+}
+
+/* Aligned blocks are charged their requested size and credited exactly,
+ * whatever their alignment (2^32 and more keep their offset outside the
+ * header). Needs the preload and a table declaring `work` without a budget. */
+static void check_aligned_accounting(void) {
+    if (!have_runtime()) {
+        printf("skip %s: runtime not preloaded\n", mode_name);
+        return;
+    }
+    if (!enter_scope("work"))
+        return;
+    int64_t before = live_here();
+    static const size_t aligns[] = {64, 4096, (size_t)1 << 20, (size_t)1 << 32, (size_t)1 << 33};
+    for (size_t i = 0; i < sizeof aligns / sizeof aligns[0]; i++) {
+        void *p = NULL;
+        CHECK(posix_memalign(&p, aligns[i], 1000) == 0, "posix_memalign(%zu) failed", aligns[i]);
+        int64_t live = live_here();
+        CHECK(live == before + 1000, "align %zu: live %lld, expected %lld", aligns[i],
+              (long long)live, (long long)before + 1000);
+        unsigned char *q = launder(realloc(p, 3000));
+        CHECK(q != NULL, "realloc(align %zu) failed", aligns[i]);
+        live = live_here();
+        CHECK(live == before + 3000, "align %zu after realloc: live %lld", aligns[i],
+              (long long)live);
+        free(q);
+        CHECK(live_here() == before, "align %zu after free: live %lld, expected %lld",
+              aligns[i], (long long)live_here(), (long long)before);
+        p = launder(aligned_alloc(aligns[i], 500));
+        CHECK(p != NULL && live_here() == before + 500, "aligned_alloc(%zu) not charged 500",
+              aligns[i]);
+        free(p);
+        CHECK(live_here() == before, "aligned_alloc(%zu) not credited", aligns[i]);
+    }
+    CHECK(ap.exit() == AP_OK, "ap_exit failed");
     printf("ok %s\n", mode_name);
 }
 
@@ -670,10 +783,12 @@ static const check checks[] = {
     {"realloc_zero", check_realloc_zero, 1},
     {"realloc_shrink", check_realloc_shrink, 1},
     {"realloc_grow", check_realloc_grow, 1},
+    {"realloc_aligned_usable", check_realloc_aligned_usable, 1},
     {"realloc_huge", check_realloc_huge, 1},
     {"reallocarray", check_reallocarray, 1},
     {"posix_memalign_einval", check_posix_memalign_einval, 1},
     {"posix_memalign", check_posix_memalign, 1},
+    {"huge_alignment", check_huge_alignment, 1},
     {"aligned_alloc", check_aligned_alloc, 1},
     {"memalign", check_memalign, 1},
     {"valloc", check_valloc, 1},
@@ -683,6 +798,7 @@ static const check checks[] = {
     {"budget_raise", check_budget_raise, 0},
     {"process_budget", check_process_budget, 0},
     {"fallible", check_fallible, 0},
+    {"aligned_accounting", check_aligned_accounting, 0},
     {"budget_abort", check_budget_abort, 0},
     {"jemalloc_serves", check_jemalloc_serves, 0},
     {"mimalloc_serves", check_mimalloc_serves, 0},

@@ -129,8 +129,14 @@ static void verify(const block *b) {
 
 /* ---- Instances the program made, to work out what each must hold -------------- */
 
+/* Indexed by slot (an id's low 16 bits). A slot that serves a later instance
+ * keeps the record of the latest: the runtime reuses a slot whose earlier
+ * instances' blocks are still live only for the same scope and parent, so
+ * the chain above an earlier instance's block is the recorded one. */
+#define SLOT(id) ((id) & (MAX_INST - 1))
 typedef struct {
     uint32_t known;
+    uint32_t id;
     uint32_t scope;
     uint32_t parent;
 } inst_info;
@@ -155,7 +161,7 @@ static uint32_t enter(uint32_t scope) {
     }
     atomic_fetch_add(&entered, 1);
     pthread_mutex_lock(&instances_lock);
-    instances[id] = (inst_info){.known = 1, .scope = scope, .parent = parent};
+    instances[SLOT(id)] = (inst_info){.known = 1, .id = id, .scope = scope, .parent = parent};
     pthread_mutex_unlock(&instances_lock);
     return id;
 }
@@ -254,8 +260,8 @@ static size_t random_size(worker *w) {
 
 static int in_tight(void) {
     uint32_t cur = current_instance();
-    return cur != AP_INSTANCE_PROCESS && instances[cur].known &&
-           instances[cur].scope == scope_tight;
+    return cur != AP_INSTANCE_PROCESS && instances[SLOT(cur)].id == cur &&
+           instances[SLOT(cur)].scope == scope_tight;
 }
 
 static void note_refusal(worker *w) {
@@ -563,17 +569,22 @@ static void *churn(void *arg) {
 static int64_t expect_inst[MAX_INST];
 static long mismatches;
 
+/* A block counts in the instance that made it and in every enclosing one;
+ * only the live ones among them (the latest of their slot, not ended) report
+ * live bytes, which the check compares. */
 static void add_block(const block *b, int64_t *total) {
     *total += (int64_t)b->size;
-    for (uint32_t id = b->inst; id != AP_INSTANCE_PROCESS; id = instances[id].parent)
-        expect_inst[id] += (int64_t)b->size;
+    for (uint32_t id = b->inst; id != AP_INSTANCE_PROCESS; id = instances[SLOT(id)].parent)
+        if (instances[SLOT(id)].id == id)
+            expect_inst[SLOT(id)] += (int64_t)b->size;
 }
 
 /* An instance counts in its scope's total unless an enclosing one is of the
  * same scope (scope.c: counts_scope). */
 static int counts_for_scope(uint32_t id) {
-    for (uint32_t a = instances[id].parent; a != AP_INSTANCE_PROCESS; a = instances[a].parent)
-        if (instances[a].scope == instances[id].scope)
+    for (uint32_t a = instances[id].parent; a != AP_INSTANCE_PROCESS;
+         a = instances[SLOT(a)].parent)
+        if (instances[SLOT(a)].scope == instances[id].scope)
             return 0;
     return 1;
 }
@@ -603,7 +614,7 @@ static void check(const char *phase, int64_t process_baseline, int expect_ended)
         if (!instances[id].known)
             continue;
         got_inst[id] = (ap_instance_stats){.size = sizeof got_inst[id]};
-        got_inst_rc[id] = ap.instance_stats(id, &got_inst[id]);
+        got_inst_rc[id] = ap.instance_stats(instances[id].id, &got_inst[id]);
     }
     for (int s = 0; s < NS; s++) {
         got_scope[s] = (ap_scope_stats){.size = sizeof got_scope[s]};
@@ -627,12 +638,15 @@ static void check(const char *phase, int64_t process_baseline, int expect_ended)
         if (!instances[id].known)
             continue;
         ninst++;
-        if (counts_for_scope(id))
+        /* A scope's total sums its live instances (escaped bytes of ended
+         * ones are not in it). */
+        if (got_inst_rc[id] == AP_OK && !got_inst[id].ended && counts_for_scope(id))
             for (int s = 1; s < NS; s++)
                 if (scopes[s].id == instances[id].scope)
                     expect_scope[s] += expect_inst[id];
         if (got_inst_rc[id] == AP_ENOENT) {
-            /* Reclaimed: only possible once it ended with nothing left. */
+            /* Back in the common pool: only possible once it ended with
+             * nothing left. */
             nended++;
             if (expect_inst[id] != 0) {
                 printf("check %s instance %u: reclaimed but expected live %lld\n", phase, id,
@@ -648,7 +662,8 @@ static void check(const char *phase, int64_t process_baseline, int expect_ended)
         }
         const ap_instance_stats *g = &got_inst[id];
         nended += g->ended;
-        if (g->live != expect_inst[id] || g->scope != instances[id].scope ||
+        /* An ended instance's bytes are counted in its enclosing ones. */
+        if ((!g->ended && g->live != expect_inst[id]) || g->scope != instances[id].scope ||
             g->parent != instances[id].parent || (expect_ended && !g->ended)) {
             printf("check %s instance %u scope %u parent %u: live %lld expected %lld ended %u\n",
                    phase, id, g->scope, g->parent, (long long)g->live,

@@ -1,0 +1,331 @@
+"""Driving a generator or coroutine one step at a time, with something around each step.
+
+Two mechanisms, one idea: code that runs in a scope must be in it while it
+runs and out of it while it is suspended, because other code runs on the
+thread then.
+
+- :func:`drive` and :class:`Stepped` wrap one generator or coroutine, calling
+  ``enter()`` before each of its steps (the first, each resumption by
+  ``send``/``throw``, and ``close``) and ``leave(token, exc)`` right after it,
+  with what ``enter`` returned and the exception that ended the step, if any.
+  ``leave`` may raise in place of that exception (a boundary converting it).
+  Module-bound scopes use them for generator and coroutine functions.
+- :class:`TaskStepper` wraps the whole coroutine of an asyncio task, so that
+  the scope instances entered anywhere in that task follow it: they live in a
+  context variable (each task runs in a context of its own, which the tasks it
+  spawns and the work it hands to threads copy), and each step of the task
+  attaches them to the thread and detaches them when the step yields. Between
+  steps the thread is back in whatever it was in before, so other tasks and
+  the loop's own work are never charged to them. How the loops come to create
+  steppers is in ``_loops.py``; the reasoning in ``docs/internals.rst``
+  (Scopes in coroutines).
+"""
+
+from __future__ import annotations
+
+import _thread
+import ctypes
+import warnings
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from .. import _native
+from .._errors import AllocPolicyWarning, ScopeCapacityError
+
+if TYPE_CHECKING:  # collections.abc is not loaded at startup; this module may be
+    from collections.abc import Callable, Generator
+    from typing import Any
+
+    Enter = Callable[[], Any]
+    Leave = Callable[[Any, BaseException | None], None]
+
+__all__ = [
+    "drive",
+    "Stepped",
+    "Frame",
+    "TaskStepper",
+    "current",
+    "enter",
+    "leaving",
+    "left",
+    "running_stepper",
+    "use_asyncio",
+]
+
+
+def drive(inner, enter: Enter, leave: Leave) -> Generator:
+    """``yield from inner``, with ``enter()``/``leave(token, exc)`` around each step."""
+    value = None
+    error = None
+    while True:
+        token = enter()
+        try:
+            if error is None:
+                item = inner.send(value)
+            else:
+                item = inner.throw(error)
+        except StopIteration as stop:
+            leave(token, None)
+            return stop.value
+        except BaseException as exc:
+            leave(token, exc)
+            raise
+        finally:
+            # Not kept across the suspension: the value or error of one step
+            # must not stay alive while other code runs.
+            error = value = None
+        leave(token, None)
+        try:
+            value = yield item
+        except GeneratorExit:
+            token = enter()
+            try:
+                inner.close()
+            except BaseException as exc:
+                leave(token, exc)
+                raise
+            leave(token, None)
+            raise
+        except BaseException as exc:
+            error = exc
+
+
+class Stepped:
+    """An awaitable running each step of the coroutine ``inner`` between
+    ``enter()`` and ``leave(token, exc)`` (see :func:`drive`)."""
+
+    __slots__ = ("inner", "enter", "leave")
+
+    def __init__(self, inner, enter: Enter, leave: Leave) -> None:
+        self.inner = inner
+        self.enter = enter
+        self.leave = leave
+
+    def __await__(self):
+        return drive(self.inner, self.enter, self.leave)
+
+
+# --- Tasks: scope instances that follow the asyncio task -----------------------------
+
+#: The innermost scope instance entered (or bound) in the running context.
+_frames: ContextVar["Frame | None"] = ContextVar("allocpolicy_scope_frames", default=None)
+_get = _frames.get
+
+# Set once asyncio is imported (by _loops): until then no task can run.
+_running_loop: Callable[[], Any] | None = None
+_current_task: Callable[[Any], Any] | None = None
+
+_warned_unfollowed = False
+
+
+def use_asyncio(running_loop: Callable[[], Any], current_task: Callable[[Any], Any]) -> None:
+    """Tell this module how to find the task running on this thread."""
+    global _running_loop, _current_task
+    _running_loop, _current_task = running_loop, current_task
+
+
+class Frame:
+    """One scope instance of a coroutine: the innermost of its context.
+
+    A frame holds its instance (``ap_hold``) for as long as any context refers
+    to it: the task that entered it, and every task and thread hand-off that
+    copied that task's context meanwhile. ``chain`` lists the coroutine's
+    instances outermost first, as a ready C array: every step attaches it.
+    """
+
+    __slots__ = ("rt", "instance", "parent", "levels", "chain", "owner", "seq", "stepper", "thread", "held")
+
+    def __init__(self, rt: _native.Runtime, parent: "Frame | None", owner: object, seq: int, stepper: "TaskStepper") -> None:
+        self.rt = rt
+        self.instance = 0
+        self.parent = parent
+        self.levels = parent.levels + 1 if parent is not None else 1
+        if self.levels > _native.MAX_DEPTH:
+            raise ScopeCapacityError(
+                f"cannot enter another scope: nesting is limited to {_native.MAX_DEPTH} per task"
+            )
+        self.chain = (ctypes.c_uint32 * self.levels)(*(parent.chain if parent is not None else ()))
+        self.owner = owner
+        self.seq = seq
+        self.stepper: TaskStepper | None = stepper
+        self.thread = _thread.get_ident()
+        self.held = False
+
+    def __del__(self) -> None:
+        # The last context that could step into the instance is gone.
+        if self.held:
+            self.held = False
+            self.rt.release(self.instance)
+
+
+def current() -> Frame | None:
+    """The innermost scope frame of the running context (any thread)."""
+    return _get()
+
+
+def running_stepper() -> "TaskStepper | None":
+    """The stepper of the task running on this thread, if that task is stepped.
+
+    ``None`` outside tasks (no running loop, or between steps), and for a task
+    whose coroutine is not stepped (created with ``asyncio.Task(...)``
+    directly, or before the runtime followed its loop): there a scope stays
+    with the thread, and a warning says so once.
+    """
+    global _warned_unfollowed
+    if _running_loop is None:
+        return None
+    loop = _running_loop()
+    if loop is None:
+        return None
+    task = _current_task(loop)
+    if task is None:
+        return None
+    coro = task.get_coro()
+    if type(coro) is TaskStepper:
+        return coro
+    if not _warned_unfollowed:
+        _warned_unfollowed = True
+        warnings.warn(
+            f"allocpolicy: the task {task.get_name()!r} was not created by its loop's "
+            "create_task() after the runtime was active, so a scope entered in it stays with "
+            "the thread and applies to whatever else runs on it until the scope exits",
+            AllocPolicyWarning,
+            stacklevel=4,
+        )
+    return None
+
+
+def enter(rt: _native.Runtime, stepper: "TaskStepper", owner: Any, target: int) -> Frame:
+    """Enter ``owner``'s instance (``owner._open(rt, target)``) in the running task."""
+    parent = _get()
+    # Everything that allocates comes before the native entry: inside, it
+    # would be the scope's (and refused in a forbid scope).
+    frame = Frame(rt, parent, owner, rt.last_violation().seq, stepper)
+    token = _frames.set(frame)
+    try:
+        instance = owner._open(rt, target)
+    except BaseException:
+        _frames.reset(token)
+        raise
+    frame.instance = instance
+    frame.chain[frame.levels - 1] = instance
+    # The frame's own hold: the instance outlives this thread's exit for as
+    # long as some context still refers to the frame.
+    frame.held = rt.hold(instance)
+    return frame
+
+
+def leaving(owner: object) -> Frame | None:
+    """The frame an exit of ``owner`` closes: the running context's innermost,
+    if ``owner`` entered it on this thread; else ``None`` (a thread's scope)."""
+    frame = _get()
+    if frame is None or frame.owner is not owner or frame.thread != _thread.get_ident():
+        return None
+    return frame
+
+
+def left(frame: Frame) -> int:
+    """After the native exit of ``frame``'s instance: pop it from the context.
+
+    Returns the violation count from which a refusal belongs to this block:
+    the later of its entry and the start of the current step (another task's
+    steps in between may have recorded violations of their own).
+    """
+    _frames.set(frame.parent)
+    stepper, frame.stepper = frame.stepper, None
+    if stepper is not None and stepper._seq is not None and stepper._seq.value > frame.seq:
+        return stepper._seq.value
+    return frame.seq
+
+
+def _leave_step(stepper: "TaskStepper", end: Frame) -> None:
+    """Detach the context's instances at the end of a step."""
+    if end.rt.step_leave(end.instance, end.levels) != _native.OK:
+        raise RuntimeError(
+            f"allocpolicy: a step of {stepper._coro!r} left this thread's scope stack "
+            "unbalanced (a scope entered without its exit, or exited twice)"
+        )
+
+
+class TaskStepper:
+    """A task's coroutine, stepped inside the scope instances of its context.
+
+    Everything but ``send``, ``throw`` and ``close`` is the wrapped coroutine's
+    (``cr_frame``, ``cr_await``, ``__qualname__``...), so tracebacks, task
+    reprs, ``Task.get_stack()`` and ``inspect.getcoroutinestate()`` see it.
+    It is a :class:`collections.abc.Coroutine` by its methods (the ABC checks
+    for them), without importing that module at startup.
+    """
+
+    __slots__ = ("_coro", "_seq", "_seq_ref")
+
+    def __init__(self, coro) -> None:
+        self._coro = coro
+        self._seq = None
+        self._seq_ref = None
+
+    def send(self, value):
+        frame = _get()
+        if frame is not None:
+            failed = self._enter_step(frame)
+            if failed is not None:
+                return self._resume_failed(failed)
+        # Outside any scope this is the whole cost: one context-variable read
+        # on each side of the step.
+        try:
+            return self._coro.send(value)
+        finally:
+            end = _get()
+            if end is not None:  # in scopes now, entered before or during the step
+                _leave_step(self, end)
+
+    def throw(self, *args):
+        frame = _get()
+        if frame is not None:
+            failed = self._enter_step(frame)
+            if failed is not None:
+                return self._resume_failed(failed)
+        try:
+            return self._coro.throw(*args)
+        finally:
+            end = _get()
+            if end is not None:
+                _leave_step(self, end)
+
+    def _resume_failed(self, error: BaseException):
+        # Thrown into the coroutine where the step would have resumed it; the
+        # task goes on outside its scopes (nothing was attached).
+        _frames.set(None)
+        try:
+            return self._coro.throw(error)
+        finally:
+            end = _get()
+            if end is not None:
+                _leave_step(self, end)
+
+    def _enter_step(self, frame: Frame) -> BaseException | None:
+        ref = self._seq_ref
+        if ref is None:
+            self._seq = ctypes.c_uint64()
+            ref = self._seq_ref = ctypes.byref(self._seq)
+        status = frame.rt.step_enter(frame.chain, frame.levels, ref)
+        if status == _native.OK:
+            return None
+        if status == _native.EFULL:
+            return ScopeCapacityError(
+                f"cannot resume the task in its {frame.levels} scopes: nesting is limited to "
+                f"{_native.MAX_DEPTH} per thread"
+            )
+        return RuntimeError(f"allocpolicy: cannot attach the task's scope instances (status {status})")
+
+    def close(self):
+        return self._coro.close()
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    def __getattr__(self, name):
+        return getattr(self._coro, name)
+
+    def __repr__(self) -> str:
+        return repr(self._coro)

@@ -1,0 +1,402 @@
+"""Scopes in coroutines follow their asyncio task, not the thread.
+
+Every case runs in a child interpreter, under ``allocpolicy run`` (the
+preload) and after ``allocpolicy.install()`` in a plain interpreter, on the
+default event loop and on uvloop. Nothing in the child programs prepares for
+the runtime: they are plain asyncio programs with ``with allocpolicy.task()``
+in them. The children read the instance each piece of code runs in, and its
+live bytes, from the runtime itself (``rt.current()``, ``rt.instance_stats()``),
+after each step has been detached, so what is asserted is what was charged.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from runtime_run import check, run_python
+
+POLICY = """
+version = 1
+[scopes.request]
+on_oom = "raise"
+budget = "64 MiB"
+"""
+
+# The same policy for install(): a mapping, as configure() takes it.
+PRELUDE = r"""
+import asyncio, gc, json, sys, threading
+import allocpolicy
+from allocpolicy import _native
+
+MODE, LOOP = sys.argv[1], sys.argv[2]
+if MODE == "install":
+    allocpolicy.install({"scopes": {"request": {"on_oom": "raise", "budget": "64 MiB"}}})
+rt = _native.runtime()
+MiB = 1 << 20
+
+
+def here():
+    "The instance the calling code is charged to (0: the process)."
+    return rt.current()[0]
+
+
+def live(instance):
+    rt.flush()
+    return rt.instance_stats(instance).live
+
+
+def run(main):
+    if LOOP == "uvloop":
+        import uvloop
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def report(**facts):
+    print(json.dumps(facts))
+"""
+
+MODES = ["preload", "install"]
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run_child(code: str, tmp_path, mode: str, loop: str) -> dict:
+    """Run PRELUDE + code in a child (``mode``: preload or install, on ``loop``);
+    its last line of output is JSON."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (the `test` extra installs it)")
+    if mode == "preload":
+        proc = run_python(PRELUDE + textwrap.dedent(code), POLICY, tmp_path, args=(mode, loop))
+    else:
+        clean = {"ALLOCPOLICY_TABLE": "", "ALLOCPOLICY_POLICY": "", "LD_PRELOAD": ""}
+        proc = run_python(
+            PRELUDE + textwrap.dedent(code), None, tmp_path, args=(mode, loop), preload=False, env=clean
+        )
+    return json.loads(check(proc).splitlines()[-1])
+
+
+both = pytest.mark.parametrize("mode", MODES)
+loops = pytest.mark.parametrize("loop", LOOPS)
+
+MIB = 1 << 20
+
+
+@both
+@loops
+def test_three_concurrent_tasks_are_each_charged_their_own_30_mib(tmp_path, mode, loop):
+    # GIVEN three requests that each hold 30 MiB across awaits, interleaved on
+    # one loop (all three hold their blobs at the same time): 90 MiB in all,
+    # with a budget of 64 MiB per request
+    facts = run_child(
+        """
+        async def request(i, started):
+            with allocpolicy.task("request"):
+                blob = bytearray(30 * MiB)
+                started.append(i)
+                for _ in range(200):  # bounded: a refused request never arrives
+                    if len(started) == 3:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)
+                return {"live": live(here()), "instance": here()}
+
+        async def main():
+            started = []
+            results = await asyncio.gather(*(request(i, started) for i in range(3)),
+                                           return_exceptions=True)
+            return [r if isinstance(r, dict) else repr(r) for r in results]
+
+        results = run(main)
+        s = allocpolicy.stats().scopes["request"]
+        report(results=results, peak=s.max_instance_peak, violations=s.violations,
+               process_live_after=rt.process_stats().live, loop=here())
+        """,
+        tmp_path, mode, loop,
+    )
+    # THEN each request succeeded and was charged its own 30 MiB only
+    assert [type(r) for r in facts["results"]] == [dict, dict, dict], facts
+    assert len({r["instance"] for r in facts["results"]}) == 3
+    for r in facts["results"]:
+        assert 30 * MIB <= r["live"] < 31 * MIB, facts
+    assert facts["peak"] < 31 * MIB
+    assert facts["violations"] == 0
+    # and the loop's thread is back in the process scope
+    assert facts["loop"] == 0
+
+
+@both
+@loops
+def test_a_bomb_task_is_refused_with_its_own_bytes_and_innocent_tasks_succeed(tmp_path, mode, loop):
+    # GIVEN three innocent requests holding 30 MiB each, and a bomb growing by
+    # 4 MiB at every step, all interleaved
+    facts = run_child(
+        """
+        async def innocent(i):
+            with allocpolicy.task("request"):
+                blob = bytearray(30 * MiB)
+                for _ in range(40):
+                    await asyncio.sleep(0)
+                return "ok"
+
+        async def bomb():
+            chunks = []
+            try:
+                with allocpolicy.task("request"):
+                    while True:
+                        chunks.append(bytearray(4 * MiB))
+                        await asyncio.sleep(0)
+            except allocpolicy.AllocError as err:
+                return {"scope": err.scope, "live": err.live, "budget": err.budget,
+                        "size": err.size, "reason": err.reason, "task": err.task,
+                        "held": sum(map(len, chunks))}
+
+        async def main():
+            return await asyncio.gather(innocent(0), bomb(), innocent(1), innocent(2),
+                                        return_exceptions=True)
+
+        results = run(main)
+        report(results=[r if isinstance(r, (dict, str)) else repr(r) for r in results])
+        """,
+        tmp_path, mode, loop,
+    )
+    first, bomb, *rest = facts["results"]
+    # THEN every innocent request succeeded
+    assert [first, *rest] == ["ok", "ok", "ok"], facts
+    # AND the bomb was refused in its own scope, with its own live bytes
+    assert bomb["scope"] == "request" and bomb["task"] == "request" and bomb["reason"] == "budget"
+    assert bomb["budget"] == 64 * MIB
+    assert bomb["held"] == 60 * MIB  # 15 chunks fit, the 16th does not
+    assert 60 * MIB <= bomb["live"] < 61 * MIB, bomb
+    assert bomb["live"] + bomb["size"] > 64 * MIB
+
+
+@both
+@loops
+def test_spawned_tasks_and_thread_handoffs_inherit_the_instance(tmp_path, mode, loop):
+    facts = run_child(
+        """
+        import concurrent.futures
+
+        def in_thread():
+            blob = bytearray(5 * MiB)
+            return here(), threading.current_thread() is not threading.main_thread()
+
+        async def in_task():
+            blob = bytearray(5 * MiB)
+            await asyncio.sleep(0)
+            return here(), True
+
+        async def spawn_all():
+            loop = asyncio.get_running_loop()
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            out = {
+                "create_task": await asyncio.create_task(in_task()),
+                "ensure_future": await asyncio.ensure_future(in_task()),
+                "gather": (await asyncio.gather(in_task()))[0],
+                "to_thread": await asyncio.to_thread(in_thread),
+                "run_in_executor": await loop.run_in_executor(None, in_thread),
+                "own_pool": await loop.run_in_executor(pool, in_thread),
+            }
+            if sys.version_info >= (3, 11):
+                async with asyncio.TaskGroup() as tg:
+                    t = tg.create_task(in_task())
+                out["task_group"] = t.result()
+            pool.shutdown()
+            return out
+
+        async def main():
+            outside = await spawn_all()
+            with allocpolicy.task("request"):
+                mine = here()
+                inside = await spawn_all()
+                # 5 MiB each, freed again: the instance charged them and got them back
+                after = live(mine)
+            return mine, outside, inside, after
+
+        mine, outside, inside, after = run(main)
+        report(mine=mine, outside=outside, inside=inside, after=after)
+        """,
+        tmp_path, mode, loop,
+    )
+    assert facts["mine"] != 0
+    assert set(facts["inside"]) == {"create_task", "ensure_future", "gather", "to_thread",
+                                    "run_in_executor", "own_pool", "task_group"}
+    # Spawned outside any scope: the process
+    assert all(inst == 0 for inst, _ in facts["outside"].values()), facts
+    # Spawned inside: the spawning task's instance, on the loop or in a thread
+    for how, (inst, ok) in facts["inside"].items():
+        assert inst == facts["mine"], (how, facts)
+        assert ok, how
+    assert facts["after"] < MIB
+
+
+@both
+@loops
+def test_work_handed_to_threads_is_refused_in_the_task_scope(tmp_path, mode, loop):
+    # A bomb in to_thread/run_in_executor counts against the awaiting task's
+    # budget and comes back to it as AllocError
+    facts = run_child(
+        """
+        def bomb():
+            return bytearray(100 * MiB)
+
+        async def main():
+            out = {}
+            loop = asyncio.get_running_loop()
+            for how in ("to_thread", "run_in_executor"):
+                try:
+                    with allocpolicy.task("request"):
+                        if how == "to_thread":
+                            await asyncio.to_thread(bomb)
+                        else:
+                            await loop.run_in_executor(None, bomb)
+                    out[how] = "granted"
+                except allocpolicy.AllocError as err:
+                    out[how] = [err.scope, err.size, err.reason]
+            return out
+
+        report(**run(main))
+        """,
+        tmp_path, mode, loop,
+    )
+    for how in ("to_thread", "run_in_executor"):
+        assert facts[how] == ["request", 100 * MIB + 1, "budget"], facts
+
+
+@both
+@loops
+def test_the_loop_between_steps_is_not_charged_to_a_request(tmp_path, mode, loop):
+    # GIVEN a request holding 40 MiB while it waits
+    # WHEN the loop runs a callback of its own (scheduled outside any scope)
+    # that keeps 40 MiB, while the request is suspended
+    facts = run_child(
+        """
+        kept = []
+
+        def loop_work(seen):
+            kept.append(bytearray(40 * MiB))
+            seen.append(here())
+
+        async def request(wake):
+            with allocpolicy.task("request"):
+                blob = bytearray(40 * MiB)
+                await wake.wait()
+                return live(here())
+
+        async def main():
+            wake = asyncio.Event()
+            seen = []
+            task = asyncio.create_task(request(wake))
+            await asyncio.sleep(0.01)          # the request holds its 40 MiB and waits
+            asyncio.get_running_loop().call_soon(loop_work, seen)
+            await asyncio.sleep(0.01)
+            wake.set()
+            return await task, seen
+
+        mine, seen = run(main)
+        report(request_live=mine, callback_instance=seen, kept=len(kept))
+        """,
+        tmp_path, mode, loop,
+    )
+    # THEN the callback ran in the process scope and was granted, and the
+    # request was charged only its own 40 MiB
+    assert facts["callback_instance"] == [0]
+    assert facts["kept"] == 1
+    assert 40 * MIB <= facts["request_live"] < 41 * MIB
+
+
+@both
+@loops
+def test_decorated_coroutine_functions_async_with_and_bind(tmp_path, mode, loop):
+    facts = run_child(
+        """
+        @allocpolicy.task("request")
+        async def handler():
+            blob = bytearray(30 * MiB)
+            await asyncio.sleep(0.01)
+            return live(here())
+
+        @allocpolicy.task("request")
+        async def bomb_handler():
+            blob = bytearray(30 * MiB)
+            await asyncio.sleep(0)
+            more = bytearray(40 * MiB)
+
+        async def where():
+            await asyncio.sleep(0)
+            return here()
+
+        async def main():
+            out = {"handlers": await asyncio.gather(handler(), handler(), handler())}
+            try:
+                await bomb_handler()
+                out["bomb"] = "granted"
+            except allocpolicy.AllocError as err:
+                out["bomb"] = [err.scope, err.size]
+            async with allocpolicy.task("request"):
+                await asyncio.sleep(0)
+                out["async_with"] = here() != 0
+                bound = allocpolicy.bind(where)
+                out["bound_instance"] = here()
+            out["after"] = here()
+            # A bound coroutine function runs in its instance in whichever task awaits it
+            out["bound"] = await asyncio.create_task(bound())
+            out["unbound"] = await where()
+            return out
+
+        report(**run(main))
+        """,
+        tmp_path, mode, loop,
+    )
+    for r in facts["handlers"]:
+        assert 30 * MIB <= r < 31 * MIB, facts
+    assert facts["bomb"] == ["request", 40 * MIB + 1]
+    assert facts["async_with"] is True
+    assert facts["after"] == 0
+    assert facts["bound"] == facts["bound_instance"] != 0
+    assert facts["unbound"] == 0
+
+
+@both
+@loops
+def test_anyio_task_groups_and_threads_and_starlette_threadpool_inherit(tmp_path, mode, loop):
+    pytest.importorskip("anyio", reason="anyio is not installed (the `test` extra installs it)")
+    facts = run_child(
+        """
+        import anyio, anyio.to_thread
+
+        def in_thread():
+            return here()
+
+        async def child(out, key):
+            await anyio.sleep(0)
+            out[key] = here()
+
+        async def main():
+            out = {}
+            with allocpolicy.task("request"):
+                out["mine"] = here()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(child, out, "task_group")
+                out["to_thread"] = await anyio.to_thread.run_sync(in_thread)
+                try:
+                    from starlette.concurrency import run_in_threadpool
+                except ImportError:
+                    out["run_in_threadpool"] = out["mine"]
+                else:
+                    out["run_in_threadpool"] = await run_in_threadpool(in_thread)
+            out["outside"] = await anyio.to_thread.run_sync(in_thread)
+            return out
+
+        report(**anyio.run(main, backend="asyncio",
+                           backend_options={"use_uvloop": LOOP == "uvloop"}))
+        """,
+        tmp_path, mode, loop,
+    )
+    assert facts["mine"] != 0
+    for key in ("task_group", "to_thread", "run_in_threadpool"):
+        assert facts[key] == facts["mine"], (key, facts)
+    assert facts["outside"] == 0

@@ -1,0 +1,73 @@
+"""C++ operator new and delete under the preload, over every backend.
+
+jemalloc and mimalloc export their own operator new/delete, which a program
+finds before libstdc++'s; the runtime exports the whole family itself, so a
+budget governs C++ allocations whatever the backend. The checks run inside
+tests/integration/native/cxx_new.cpp (see its modes) and
+tests/integration/native/cxx_plugin.cpp.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# Raise mode, a 4 MiB budget, no unwind grace: every over-budget request is
+# refused, not just the first.
+TABLE = "v=1;process=raise:0;grace=0;scope=work:raise:4194304:0"
+BACKENDS = ["glibc", "jemalloc", "mimalloc"]
+MODES = ["accounting", "refusal", "handler"]
+
+
+@pytest.fixture(scope="module")
+def cxx_new(build_c):
+    return build_c("cxx_new")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_chain(request, backend_library):
+    """What follows the runtime in LD_PRELOAD: nothing for glibc."""
+    return [] if request.param == "glibc" else [backend_library(request.param)]
+
+
+def assert_ok(proc, mode):
+    detail = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, detail
+    assert f"ok {mode}\n" in proc.stdout, detail
+    assert "FAIL" not in proc.stdout, detail
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_operator_new_is_governed(cxx_new, run_preloaded, backend_chain, mode):
+    # accounting: each of the 8 forms of new is charged exactly its size and
+    # each of the 12 forms of delete credits it back to 0; refusal: the
+    # throwing forms throw std::bad_alloc, the nothrow forms return NULL;
+    # handler: std::new_handler is called and the allocation retried.
+    proc = run_preloaded([cxx_new, mode], table=TABLE, preload=backend_chain)
+    assert_ok(proc, mode)
+
+
+@pytest.mark.parametrize("mode", ["raise", "fallible"])
+def test_impossible_new_throws_in_every_mode_but_abort(cxx_new, run_preloaded, backend_chain,
+                                                       mode):
+    # 2^50 bytes: no budget matter, a failure the program sees (a fallible
+    # scope aborted the process here before).
+    table = f"v=1;process=raise:0;grace=0;scope=work:{mode}:4194304:0"
+    proc = run_preloaded([cxx_new, "impossible"], table=table, preload=backend_chain)
+    assert_ok(proc, "impossible")
+
+
+def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded, python_exe,
+                                                        backend_chain):
+    # Python loads C++ code with RTLD_LOCAL, and itself has no C++ runtime:
+    # the plugin's libstdc++ is then outside the global symbol scope, and the
+    # refusal must find it through the calling object.
+    plugin = build_c("cxx_plugin", shared=True)
+    code = (
+        "import ctypes, sys\n"
+        f"lib = ctypes.CDLL({plugin!r})\n"
+        "sys.stdout.flush()\n"
+        "print('result', lib.cxx_plugin_refusal(), flush=True)\n"
+    )
+    proc = run_preloaded([python_exe, "-c", code], table=TABLE, preload=backend_chain)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "result 1" in proc.stdout, proc.stdout + proc.stderr
