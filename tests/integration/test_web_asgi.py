@@ -32,16 +32,25 @@ if not hasattr(allocpolicy.task, "__aenter__"):
 ASYNC_BOMBS = [Request("grow_async", "GET", "/grow_async", expect=507), LATE_BOMB]
 MIDDLEWARE_BOMB = [Request("middleware", "GET", "/hello", headers=(("X-Bomb", str(10**10)),), expect=507)]
 
+# case -> (framework, app, event loop, extra bombs, environment)
 CASES = {
-    "fastapi-asyncio": ("fastapi", "fastapi_app:app", "asyncio", ASYNC_BOMBS + MIDDLEWARE_BOMB),
-    "fastapi-uvloop": ("fastapi", "fastapi_app:app", "uvloop", ASYNC_BOMBS + MIDDLEWARE_BOMB),
-    "starlette-asyncio": ("starlette", "starlette_app:app", "asyncio", ASYNC_BOMBS),
+    "fastapi-asyncio": ("fastapi", "fastapi_app:app", "asyncio", ASYNC_BOMBS, {}),
+    "fastapi-uvloop": ("fastapi", "fastapi_app:app", "uvloop", ASYNC_BOMBS, {}),
+    "starlette-asyncio": ("starlette", "starlette_app:app", "asyncio", ASYNC_BOMBS, {}),
+    "fastapi-http-middleware": pytest.param(
+        ("fastapi", "fastapi_app:app", "asyncio", ASYNC_BOMBS + MIDDLEWARE_BOMB, {"APP_HTTP_MIDDLEWARE": "1"}),
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="a refusal in a task the request started (BaseHTTPMiddleware runs the endpoint in "
+            "one) reaches the request's boundary as a bare MemoryError, so it is answered 500",
+        ),
+    ),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_asgi_server_survives_bombs(case):
-    framework, app, loop, extra = CASES[case]
+    framework, app, loop, extra, env = case
     pytest.importorskip(framework)
     if loop == "uvloop":
         pytest.importorskip("uvloop")
@@ -49,7 +58,7 @@ def test_asgi_server_survives_bombs(case):
                "--log-level", "warning", app]
     requests = mixed_requests(300, every=10, extra_bombs=extra)
     n_bombs = sum(1 for r in requests if r.kind != "normal")
-    with Server(command) as srv:
+    with Server(command, env=env) as srv:
         send(srv.url, mixed_requests(20, every=1000), clients=4)
         before = srv.stats()
         results = send(srv.url, requests, clients=8)
