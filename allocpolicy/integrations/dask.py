@@ -29,7 +29,7 @@ from __future__ import annotations
 import traceback
 import warnings
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Callable
 
 import dask.config
 from distributed import WorkerPlugin
@@ -63,12 +63,12 @@ class TaskScopedThreadPoolExecutor(Executor):
     Everything but ``submit`` is the wrapped pool's.
     """
 
-    def __init__(self, inner: Executor, scope: str) -> None:
+    def __init__(self, inner: Executor, at_boundary: Callable[[Callable[[], Any]], Any]) -> None:
         self.inner = inner
-        self.scope = scope
+        self.at_boundary = at_boundary
 
     def submit(self, fn, /, *args, **kwargs):
-        return self.inner.submit(_run_in_scope, self.scope, fn, args, kwargs)
+        return self.inner.submit(_run_in_scope, self.at_boundary, fn, args, kwargs)
 
     def shutdown(self, wait: bool = True, **kwargs) -> None:
         self.inner.shutdown(wait=wait, **kwargs)
@@ -77,21 +77,34 @@ class TaskScopedThreadPoolExecutor(Executor):
         return getattr(self.inner, name)
 
 
-def _run_in_scope(scope: str, fn, args, kwargs):
-    report = None
+def _in_with_block(boundary: allocpolicy.task) -> Callable[[Callable[[], Any]], Any]:
+    def run(attempt):
+        with boundary:
+            return attempt()
+
+    return run
+
+
+def _run_in_scope(at_boundary, fn, args, kwargs):
+    reports: list = []
+
+    def attempt():
+        report = fn(*args, **kwargs)
+        reports.append(report)
+        exc = report.get("actual_exception") if isinstance(report, dict) else None
+        if isinstance(exc, MemoryError) and not isinstance(exc, allocpolicy.AllocError):
+            # Inside the boundary: a refusal of this runtime leaves as
+            # AllocError (and is retried, with retries); another MemoryError
+            # comes back unchanged.
+            raise exc
+        return report
+
     try:
-        with allocpolicy.task(scope):
-            report = fn(*args, **kwargs)
-            exc = report.get("actual_exception") if isinstance(report, dict) else None
-            if isinstance(exc, MemoryError) and not isinstance(exc, allocpolicy.AllocError):
-                # Inside the boundary: a refusal of this runtime leaves as
-                # AllocError; another MemoryError comes back unchanged.
-                raise exc
+        return at_boundary(attempt)
     except allocpolicy.AllocError as err:
-        return _failure(report, err)
+        return _failure(reports[-1] if reports else None, err)
     except MemoryError:
-        pass
-    return report
+        return reports[-1]
 
 
 def _failure(report: dict | None, err: allocpolicy.AllocError) -> dict:
@@ -118,13 +131,23 @@ class AllocPolicyPlugin(WorkerPlugin):
             ``terminate`` threshold), a float in (0, 1], or ``None`` to keep
             the policy's process budget. A worker without a memory limit keeps
             the policy's.
+        retries: how many times a task that its own budget refused is run
+            again, each time in a new instance with ``escalate`` times the
+            budget that refused it (for that task only; see
+            :class:`allocpolicy.task`).
+        escalate: the factor by which each rerun's budget grows.
     """
 
     name = "allocpolicy"
     idempotent = True
 
-    def __init__(self, scope: str = "task", *, memory_fraction: float | str | None = "auto") -> None:
+    def __init__(self, scope: str = "task", *, memory_fraction: float | str | None = "auto",
+                 retries: int = 0, escalate: float = 2.0) -> None:
         self.scope = _check_scope(scope)
+        self.retries = retries
+        self.escalate = escalate
+        if retries:
+            allocpolicy.task(self.scope, retries=retries, escalate=escalate)  # checks them
         if memory_fraction not in (None, "auto"):
             if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)):
                 raise TypeError(
@@ -155,7 +178,11 @@ class AllocPolicyPlugin(WorkerPlugin):
         for name, executor in list(worker.executors.items()):
             if name in _INTERNAL_EXECUTORS or isinstance(executor, TaskScopedThreadPoolExecutor):
                 continue
-            worker.executors[name] = TaskScopedThreadPoolExecutor(executor, self.scope)
+            at_boundary = (
+                allocpolicy.task(self.scope, retries=self.retries, escalate=self.escalate).run
+                if self.retries else _in_with_block(allocpolicy.task(self.scope))
+            )
+            worker.executors[name] = TaskScopedThreadPoolExecutor(executor, at_boundary)
 
     def teardown(self, worker) -> None:
         for name, executor in list(worker.executors.items()):

@@ -19,30 +19,32 @@ from __future__ import annotations
 
 import multiprocessing.pool
 
-from .futures import ScopedCall, _check_scope, scoped
+from .futures import ScopedCall, _Retries
 
 __all__ = ["ScopedPool", "ScopedCall"]
 
 
-class ScopedPool(multiprocessing.pool.Pool):
+class ScopedPool(_Retries, multiprocessing.pool.Pool):
     """:class:`multiprocessing.pool.Pool` with the same arguments, plus
-    ``scope``; ``context`` picks the start method as for ``multiprocessing.get_context(...).Pool``."""
+    ``scope`` (and ``retries``, ``escalate``: see
+    :class:`~allocpolicy.integrations.futures.ScopedCall`); ``context`` picks
+    the start method as for ``multiprocessing.get_context(...).Pool``."""
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, scope: str = "task") -> None:
-        self.scope = _check_scope(scope)
+                 context=None, *, scope: str = "task", retries: int = 0, escalate: float = 2.0) -> None:
+        self._set_scope(scope, retries, escalate)
         super().__init__(processes, initializer, initargs, maxtasksperchild, context)
 
     # apply(), map() and starmap() go through these; starmap's workers call
     # the ScopedCall with each item unpacked, as they would the function.
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):  # noqa: B006 - Pool's signature
-        return super().apply_async(scoped(func, self.scope), args, kwds, callback, error_callback)
+        return super().apply_async(self._scoped(func), args, kwds, callback, error_callback)
 
     def _map_async(self, func, iterable, mapper, chunksize=None, callback=None, error_callback=None):
-        return super()._map_async(scoped(func, self.scope), iterable, mapper, chunksize, callback, error_callback)
+        return super()._map_async(self._scoped(func), iterable, mapper, chunksize, callback, error_callback)
 
     def imap(self, func, iterable, chunksize=1):
-        return super().imap(scoped(func, self.scope), iterable, chunksize)
+        return super().imap(self._scoped(func), iterable, chunksize)
 
     def imap_unordered(self, func, iterable, chunksize=1):
-        return super().imap_unordered(scoped(func, self.scope), iterable, chunksize)
+        return super().imap_unordered(self._scoped(func), iterable, chunksize)

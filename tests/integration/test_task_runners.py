@@ -63,3 +63,26 @@ def test_bombs_fail_alone(which):
     if which.startswith("pool"):
         assert out["starred"] == {"value": [3, 7]}
         assert out["unordered"]["error"] == "AllocError"
+
+
+def _task_has_retries() -> bool:
+    import inspect
+
+    import allocpolicy
+
+    return "retries" in inspect.signature(allocpolicy.task).parameters
+
+
+@pytest.mark.skipif(not _task_has_retries(), reason="needs allocpolicy.task(..., retries=N)")
+def test_runners_rerun_a_refused_task_with_an_escalated_budget():
+    out = run("retries")
+    for runner in ("thread", "process"):
+        # without retries the 100 MiB job is refused by its 64 MiB budget
+        assert out[f"{runner}-0"][0]["error"] == "AllocError", out
+        # with one rerun at twice the budget (128 MiB) it completes
+        assert out[f"{runner}-1"][0] == {"value": 100}, out
+    assert out["pool-1"][0] == {"value": 100}, out
+    # a bomb is refused by the escalated budget too, and reports it
+    for key in ("thread-1", "process-1", "pool-1"):
+        bomb = out[key][1]
+        assert bomb["error"] == "AllocError" and bomb["budget"] == 128 << 20, out

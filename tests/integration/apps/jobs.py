@@ -39,6 +39,11 @@ def bomb_grow(i: int):
 BOMBS = [bomb_bytes, bomb_numpy, bomb_grow]
 
 
+def needs_mib(mib: int) -> int:
+    """Holds ``mib`` MiB at once: over a 64 MiB budget, within twice that."""
+    return len(bytearray(mib << 20)) >> 20
+
+
 def scope_live(scope: str = "task") -> tuple[int, int, int]:
     """(pid, live bytes of ``scope``, pymalloc arenas charged to scopes) in
     the process that runs it, once cyclic garbage is gone."""

@@ -63,7 +63,29 @@ def run_pool(pool) -> dict:
     return {"results": results, "mapped": mapped, "starred": starred, "unordered": unordered, "lives": lives}
 
 
+def run_retries() -> dict:
+    """A 100 MiB job under a 64 MiB budget: refused without retries, done
+    with one rerun at twice the budget; a bomb still fails after its reruns."""
+    out = {}
+    runners = {
+        "thread": lambda **kw: ScopedThreadPoolExecutor(max_workers=2, **kw),
+        "process": lambda **kw: ScopedProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"), **kw),
+    }
+    for name, make in runners.items():
+        for retries in (0, 1):
+            with make(retries=retries, escalate=2.0) as pool:
+                out[f"{name}-{retries}"] = [outcome(pool.submit(jobs.needs_mib, 100).result),
+                                            outcome(pool.submit(jobs.bomb_bytes, 0).result)]
+    with ScopedPool(2, retries=1, context=multiprocessing.get_context("fork")) as pool:
+        out["pool-1"] = [outcome(lambda: pool.apply(jobs.needs_mib, (100,))),
+                         outcome(lambda: pool.apply(jobs.bomb_bytes, (0,)))]
+    return out
+
+
 def main(which: str) -> None:
+    if which == "retries":
+        print(json.dumps(run_retries()))
+        return
     if which == "thread":
         before = jobs.scope_live()
         out = run_futures(ScopedThreadPoolExecutor(max_workers=4))
