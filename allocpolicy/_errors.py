@@ -7,7 +7,7 @@
      ├── PolicyError         (also a ValueError)   a policy file or mapping is wrong
      ├── UnknownScopeError   (also a LookupError)  a scope name the policy does not declare
      ├── RuntimeLoadError    (also an OSError)     the native library cannot be used
-     └── ScopeCapacityError  (also a RuntimeError) too many nested or live scope instances
+     └── ScopeCapacityError  (also a RuntimeError) too many nested or active scope instances
 
 ``AllocError`` subclasses ``MemoryError`` so that existing ``except MemoryError``
 handlers keep working; ``PolicyError`` subclasses ``ValueError`` because it is
@@ -228,4 +228,5 @@ class RuntimeLoadError(AllocPolicyError, OSError):
 
 class ScopeCapacityError(AllocPolicyError, RuntimeError):
     """A scope cannot be entered: 32 nested scopes on one thread, or 65536
-    scope instances alive at once, is the runtime's fixed capacity."""
+    scope instances active at once, is the runtime's fixed capacity (ended
+    instances hold none, whatever memory they left behind)."""

@@ -17,7 +17,7 @@ import os
 import _thread
 from typing import Any
 
-from . import _checkout
+from . import _atfork, _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
 ABI_VERSION = 1
@@ -48,7 +48,7 @@ INJECT_ANY_SCOPE = 0xFFFFFFFF
 _CAPACITY = {
     "ap_enter": (
         "cannot enter another scope: nesting is limited to 32 per thread and "
-        "65536 instances may be alive at once"
+        "65536 instances may be active at once"
     ),
     "ap_attach": "cannot attach to the bound scope instance: nesting is limited to 32 per thread",
     "ap_reserve": "at most 16 reservations can be active on one thread",
@@ -279,15 +279,19 @@ def library_path() -> str:
 
 def _preloaded_path() -> str | None:
     """Path of the mapped file that provides ap_abi_version, if any is mapped."""
+    # Bytes: paths in the maps are the file system's, in no particular
+    # encoding, and a text open would depend on the locale (and warn under
+    # -X warn_default_encoding in every program started under the runtime).
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", "rb") as f:
             maps = f.read()
     except OSError:
         return None
+    names = (LIBRARY_NAME.encode(), LIBRARY_NAME.encode() + b".1")
     for line in maps.splitlines():
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].endswith((LIBRARY_NAME, LIBRARY_NAME + ".1")):
-            return parts[5]
+        if len(parts) == 6 and parts[5].endswith(names):
+            return os.fsdecode(parts[5])
     return None
 
 
@@ -365,7 +369,14 @@ class Runtime:
 
     def configure(self, table: str) -> None:
         offset = ctypes.c_size_t(0)
-        status = self._lib.ap_configure(table.encode("ascii"), ctypes.byref(offset))
+        try:
+            encoded = table.encode("ascii")
+        except UnicodeEncodeError as exc:
+            # The grammar is ASCII; a table set by hand may not be.
+            raise RuntimeLoadError(
+                f"the table has a character the runtime cannot read at offset {exc.start}: {table!r}"
+            ) from None
+        status = self._lib.ap_configure(encoded, ctypes.byref(offset))
         if status == EFULL:
             raise RuntimeLoadError("the runtime's scope table is full (256 scopes at most)")
         if status != OK:
@@ -593,7 +604,7 @@ class Runtime:
 # `_thread`, not `threading`: this module is imported when every interpreter
 # under `allocpolicy run` starts, and importing `threading` there changes what
 # programs observe (CPython's own test_threading checks it is not imported).
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 _runtime: Runtime | None = None
 _probed = False
 

@@ -142,9 +142,10 @@ class Stats:
             return "-" if n is None else format_size(n)
 
         p = self.process
+        why = ", ".join(f"{reason} {n}" for reason, n in p.refusals.items() if n)
         lines = [
             f"process: live {size(p.live)}, peak {size(p.peak)}, budget {size(p.budget)}, "
-            f"{p.allocations} allocations, {p.violations} refused",
+            f"{p.allocations} allocations, {p.violations} refused" + (f" ({why})" if why else ""),
             f"{'scope':<12} {'mode':<8} {'budget':>10} {'live':>10} {'peak':>10} "
             f"{'inst.':>6} {'refused':>7} {'escaped':>10}",
         ]

@@ -46,6 +46,14 @@ def _runs_the_runtime(pid: int) -> bool | None:
         return None
 
 
+def _other_network_namespace(pid: int) -> bool:
+    """Whether ``pid`` is in a network namespace other than ours (False if unknown)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+
+
 def fetch(pid: int | None, address: str | None) -> dict:
     """The stats document of process ``pid`` or at ``address``.
 
@@ -63,22 +71,33 @@ def fetch(pid: int | None, address: str | None) -> dict:
     try:
         return read_stats(address)
     except StatsUnavailable as exc:
-        if setting:
-            raise StatsUnavailable(
-                f"{who} was asked to serve its stats at {address} ({ENV_STATS_SOCKET}={setting}), "
-                f"but {exc} (only Python programs serve them, from when allocpolicy is imported)"
-            ) from None
         if "only to its own user" in str(exc):
             raise
-        runs = _runs_the_runtime(pid)
-        if runs is False:
-            raise StatsUnavailable(f"{who} does not run under allocpolicy") from None
-        if runs is None:
-            raise StatsUnavailable(
-                f"{who} serves no stats at {address}; it belongs to another user, so whether it runs "
-                "under allocpolicy cannot be seen: run this as that user or root"
-            ) from None
-        raise StatsUnavailable(f"{who} runs under allocpolicy but does not serve its stats: {_ASK}") from None
+        raise StatsUnavailable(_why_not(pid, who, setting, address, exc)) from None
+
+
+def _why_not(pid: int, who: str, setting: str | None, address: str, exc: StatsUnavailable) -> str:
+    """What to tell the user when ``pid`` did not answer at ``address``."""
+    runs = _runs_the_runtime(pid)
+    if runs is False:
+        return f"{who} does not run under allocpolicy"
+    if address.startswith("@") and _other_network_namespace(pid):
+        return (
+            f"{who} runs in another network namespace (a container?), which abstract sockets do not "
+            f"leave: run `nsenter -t {pid} -n allocpolicy stats {pid}`, or have it serve at a path "
+            f"both can see ({ENV_STATS_SOCKET}=/shared/dir/stats-{{pid}}.sock) and use --socket"
+        )
+    if setting:
+        return (
+            f"{who} was asked to serve its stats at {address} ({ENV_STATS_SOCKET}={setting}), "
+            f"but {exc} (only Python programs serve them, from when allocpolicy is imported)"
+        )
+    if runs is None:
+        return (
+            f"{who} serves no stats at {address}; it belongs to another user, so whether it runs "
+            "under allocpolicy cannot be seen: run this as that user or root"
+        )
+    return f"{who} runs under allocpolicy but does not serve its stats: {_ASK}"
 
 
 def render(doc: dict, shape: str) -> str:

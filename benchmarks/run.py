@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Seven parts, each optional (--only PART, repeatable):
+Eight parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -30,8 +30,13 @@ libs       the hot-path cost of library scopes: malloc/free pairs with no
            library bound, with one bound that the caller is not in (a lookup
            that hits the per-thread cache), with the caller in it, and with
            the libraries report on (lib_lookup.py).
-web        requests/s of a Flask app under gunicorn without the runtime, under
-           it, and behind AllocPolicy (web_requests.py).
+asyncio    ns per asyncio task step and per task created, with tasks not
+           followed (the baseline), followed outside scopes, and inside one
+           and three scopes, on the default loop and on uvloop
+           (asyncio_steps.py).
+web        requests/s and server CPU per request of Flask under gunicorn and
+           Starlette under uvicorn, without the runtime, under it, and behind
+           the integration (web_requests.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -630,6 +635,10 @@ def print_report(res: dict) -> None:
         import lib_lookup
 
         out.write(lib_lookup.report(res["libs"]) + "\n")
+    if "asyncio" in res:
+        import asyncio_steps
+
+        out.write(asyncio_steps.report(res["asyncio"]) + "\n")
     if "web" in res:
         import web_requests
 
@@ -689,7 +698,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs", "web"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs", "asyncio", "web"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -699,7 +708,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs", "web"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs", "asyncio", "web"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -750,6 +759,10 @@ def main() -> None:
                 import lib_lookup  # beside this script
 
                 res["libs"] = lib_lookup.measure(Path(lib), pairs=pairs, repeats=repeats)
+            elif part == "asyncio":
+                import asyncio_steps  # beside this script
+
+                res["asyncio"] = asyncio_steps.measure(Path(lib), quick=args.quick, repeats=repeats)
             elif part == "web":
                 import web_requests  # beside this script
 

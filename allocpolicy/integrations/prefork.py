@@ -29,7 +29,6 @@ and watches. Per-request and per-task scopes are unchanged.
 from __future__ import annotations
 
 import os
-import threading
 
 from ._process_budget import process_budget, set_process_budget
 
@@ -39,10 +38,12 @@ __all__ = ["share_process_budget", "post_fork", "ENV_WORKERS"]
 #: count is given.
 ENV_WORKERS = "ALLOCPOLICY_WORKERS"
 
-_lock = threading.Lock()
 # The server's budget, read the first time a share is taken; inherited by
 # forked children, so that a share is always taken of the whole, never of a
 # share (a hook in the master and again in each worker gives 1/N, not 1/N**2).
+# No lock: this runs right after a fork, where a lock that another thread of
+# the parent held would stay held; two threads taking a share at once compute
+# the same one.
 _whole: int | None = None
 
 
@@ -70,14 +71,13 @@ def share_process_budget(workers: int | None = None) -> int | None:
         raise TypeError(f"share_process_budget(): argument 'workers' must be int, not {type(workers).__name__}")
     if workers < 1:
         raise ValueError(f"share_process_budget(): argument 'workers' must be at least 1, got {workers}")
-    with _lock:
-        if _whole is None:
-            _whole = process_budget()
-        if _whole is None:
-            return None
-        share = max(1, _whole // workers)
-        set_process_budget(share)
-        return share
+    if _whole is None:
+        _whole = process_budget()
+    if _whole is None:
+        return None
+    share = max(1, _whole // workers)
+    set_process_budget(share)
+    return share
 
 
 def post_fork(server, worker) -> None:

@@ -294,7 +294,10 @@ typedef struct {
 /*
  * Make a reservation. AP_EREFUSED when a budget cannot take it: then
  * `refusal` (if not NULL) says which, nothing is charged, and nothing is
- * recorded as a violation. AP_EFULL when AP_MAX_RESERVATIONS are active.
+ * recorded as a violation. A size no allocation could have (more than
+ * 2^48 - 2^32 bytes) is refused the same way, as one the machine cannot spare
+ * (AP_REASON_OOM, AP_LIMIT_MACHINE). AP_EFULL when AP_MAX_RESERVATIONS are
+ * active; AP_EINVAL for a negative size or an unknown overdraft action.
  */
 AP_API ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal);
 

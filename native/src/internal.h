@@ -413,7 +413,6 @@ AP__HIDDEN int64_t ap__machine_room(int64_t request);
     X(free, void, (void *))                                           \
     X(calloc, void *, (size_t, size_t))                               \
     X(realloc, void *, (void *, size_t))                              \
-    X(posix_memalign, int, (void **, size_t, size_t))                 \
     X(malloc_usable_size, size_t, (void *))
 
 typedef struct {

@@ -19,6 +19,11 @@
  *   re-check with atomics. With one thread in an instance the check is exact; with N
  *   threads, live may pass a budget by at most (N-1) x slack, and slack is at
  *   most 1/32 of the tightest budget on the chain (and at most 256 KiB).
+ *
+ * Instances and their slots: see internal.h and "Instances" below. An ended
+ * instance keeps no slot of its own; its escaped bytes stay in the enclosing
+ * instances and move to its slot's dead ledger, found again through the
+ * generation in the block header's id.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,8 +49,8 @@ ap__settings_t ap__settings = {
 
 AP__TLS ap__tls_t ap__tls = {.grace_inst = AP__NO_INSTANCE};
 
-/* Instance ids never used yet start at `fresh`; reclaimed ones go on a
- * lock-free stack whose head packs (ABA tag << 32 | id + 1). */
+/* Slots never used yet start at `fresh`; slots back in the common pool go on
+ * a lock-free stack whose head packs (ABA tag << 32 | id + 1). */
 static _Atomic uint32_t fresh = 1;
 static _Atomic uint64_t free_head;
 
@@ -227,7 +232,7 @@ static void thread_exit(void *unused) {
     (void)unused;
     ap__tls_t *t = &ap__tls;
     /* A thread that ends inside scopes leaves them, or their instances would
-     * never end (and never be reclaimed); its reservations go back first, its
+     * never end; its reservations go back first, its
      * regions end with it. */
     while (t->nres)
         release_reservation(t);
@@ -531,10 +536,13 @@ static void release_slot(uint32_t slot);
  * slot's active occupant, its chain takes them. Once it ended, its bytes are
  * in the slot's `dead` ledger and still in the enclosing instances: take them
  * from the ledger, then go on with its parent, until an active level. The
- * pin keeps the slot's occupant from ending, and the slot from being reused,
- * while the credit is under way; that is why a dead slot's parent link can be
- * trusted (it changes only when the slot goes back to the common pool, which
- * needs its ledger empty and no pins).
+ * pin keeps the slot's occupant from ending, and the slot from being reused
+ * by a new occupant, while the credit is under way. A dead slot's parent link
+ * changes only when the slot goes back to the common pool, which needs its
+ * ledger empty: so it is read before this credit's bytes leave the ledger.
+ * The ledgers are inclusive (an instance that ends moves what it and its
+ * nested instances still hold), so every dead slot above still holds them
+ * too when the walk gets there.
  */
 static void credit_block(uint32_t id, int64_t size) {
     for (;;) {
@@ -749,11 +757,25 @@ static void end_instance(uint32_t id) {
     raise_peak(&sc->max_instance_peak, atomic_load(&in->c.peak));
     atomic_fetch_sub(&sc->active, 1);
     uint32_t parent = in->parent;
-    scope_lock(sc);
-    atomic_store(&in->state, AP__INST_ENDED);
-    list_push(sc, id & AP__SLOT_MASK);
-    scope_unlock(sc);
-    release_slot(id & AP__SLOT_MASK);
+    uint32_t slot = id & AP__SLOT_MASK;
+    if (atomic_load(&in->dead) == 0 && atomic_load(&in->children) == 0) {
+        /* Nothing left that names the slot (the usual case): straight back
+         * to the common pool, without the scope's lock. Nothing can add to
+         * `dead` or `children` any more: they grow only through an active
+         * occupant. */
+        atomic_store(&in->state, AP__INST_FREE);
+        push_free(slot);
+        uint32_t up = parent & AP__SLOT_MASK;
+        if (up != AP_INSTANCE_PROCESS && atomic_fetch_sub(&ap__instances[up].children, 1) == 1)
+            release_slot(up);
+    } else {
+        scope_lock(sc);
+        atomic_store(&in->state, AP__INST_ENDED);
+        list_push(sc, slot);
+        scope_unlock(sc);
+        /* Its last byte may have come back meanwhile. */
+        release_slot(slot);
+    }
     leave(parent);
 }
 
@@ -805,7 +827,7 @@ static uint32_t reuse_slot(ap__scope *sc, uint32_t parent) {
 }
 
 /* A new active instance of `scope_id` nested in `parent`, with one `inside`
- * reference; AP__NO_INSTANCE when the table is full. */
+ * reference; AP__NO_INSTANCE when no slot is left. */
 static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
     ap__scope *sc = &ap__scopes[scope_id];
     uint32_t slot = reuse_slot(sc, parent);
@@ -816,6 +838,8 @@ static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
             return slot;
     }
     ap__instance *in = &ap__instances[slot];
+    if (!reused)
+        wait_unpinned(in); /* a credit that emptied it may still hold a pin */
     uint32_t serial = atomic_load(&in->serial) + 1;
     /* Zero the counters before the instance becomes visible as active. */
     memset(&in->c, 0, sizeof in->c);
@@ -941,7 +965,7 @@ ap_status ap_exit(void) {
     if (t->grace_inst == left)
         t->grace_inst = AP__NO_INSTANCE;
     /* Library instances nested in the one left end with it (they hold its
-     * `children` count, so ending them first lets it be reclaimed). */
+     * `inside` count, so ending them first lets it end). */
     if (AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed)))
         ap__libs_leave(left);
     leave(left);

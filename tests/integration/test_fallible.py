@@ -348,6 +348,11 @@ def test_an_impossible_allocation_is_a_catchable_failure(tmp_path, mode):
                     except MemoryError as exc:
                         out["result"] = "MemoryError"
                     kept = bytearray(1 << 20)  # the scope still serves what fits
+                try:
+                    with allocpolicy.task("work"):
+                        bytearray(2**50)
+                except allocpolicy.AllocError as err:
+                    out["task"] = [err.scope, err.reason, err.size]
                 out["violations"] = allocpolicy.stats().scopes["work"].violations
                 print(json.dumps(out))
                 """,
@@ -361,7 +366,7 @@ def test_an_impossible_allocation_is_a_catchable_failure(tmp_path, mode):
             )
         )
     )
-    assert out == {"result": "MemoryError", "violations": 1}
+    assert out == {"result": "MemoryError", "task": ["work", "oom", 2**50 + 1], "violations": 2}
 
 
 def test_an_impossible_allocation_aborts_in_an_abort_scope(tmp_path):

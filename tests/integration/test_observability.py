@@ -192,6 +192,10 @@ def test_stats_of_a_process_started_with_stats_socket(tmp_path):
         assert 'allocpolicy_scope_refusals_total{scope="request",reason="budget"} 1' in prom.stdout.splitlines()
         listed = _stats_cli()
         assert f"{proc.pid}  " in listed.stdout and "serve.py" in listed.stdout
+        listed = json.loads(_stats_cli("--json").stdout)
+        assert {"pid": proc.pid, "command": " ".join(doc["argv"])} in listed
+        both = _stats_cli(str(proc.pid), "--socket", "@x")
+        assert (both.returncode, both.stderr) == (2, "allocpolicy: error: stats: give PID or --socket ADDRESS, not both\n")
     finally:
         _stop(proc)
 
@@ -347,3 +351,27 @@ def test_on_refusal_hears_of_regions_and_overdrafts_but_not_of_the_fallible_api(
         print(seen)
         """, POLICY, tmp_path))
     assert out == "[('forbidden', None), ('budget', 'reservation')]\n"
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0,
+                    reason="needs unshare -n (a network namespace)")
+def test_a_process_in_another_network_namespace_is_named_as_such(tmp_path):
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_AND_WAIT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_")}
+    proc = subprocess.Popen(
+        ["unshare", "-n", sys.executable, "-m", "allocpolicy", "run", "--stats-socket", "--",
+         sys.executable, str(script)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        pid = int(proc.stdout.readline().split()[1])  # unshare exec'd run, which exec'd python
+        out = _stats_cli(str(pid))
+        assert out.returncode == 1
+        assert f"process {pid} (" in out.stderr and ") runs in another network namespace" in out.stderr
+        hint = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "allocpolicy", "stats", str(pid), "--json"]
+        assert f"nsenter -t {pid} -n allocpolicy stats {pid}" in out.stderr
+        inside = subprocess.run(hint, capture_output=True, text=True, timeout=TIMEOUT)
+        assert inside.returncode == 0, inside.stderr
+        assert json.loads(inside.stdout)["pid"] == pid
+    finally:
+        _stop(proc)

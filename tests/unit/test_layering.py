@@ -17,7 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "allocpolicy"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = [
-    ("base", {"allocpolicy._errors", "allocpolicy._sizes", "allocpolicy._checkout"}),
+    (
+        "base",
+        {"allocpolicy._atfork", "allocpolicy._checkout", "allocpolicy._errors", "allocpolicy._machine", "allocpolicy._sizes"},
+    ),
     ("native", {"allocpolicy._native"}),
     ("core", {"allocpolicy._core", "allocpolicy._core.*"}),
     ("model", {"allocpolicy._inject_settings", "allocpolicy._offenders", "allocpolicy._policy"}),

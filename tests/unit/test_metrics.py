@@ -137,3 +137,11 @@ def test_the_docs_list_every_metric_with_its_type():
     rows = {line.split()[0].strip("`"): line.split()[1] for line in page.splitlines()
             if line.startswith("``allocpolicy_")}
     assert rows == {(m.name + "_total" if m.kind == "counter" else m.name): m.kind for m in METRICS}
+
+
+def test_the_table_says_why_allocations_were_refused():
+    lines = _stats().format().splitlines()
+    assert lines[0] == (
+        "process: live 1000 B, peak 1.95 KiB, budget -, 70 allocations, 3 refused (budget 2, injected 1)"
+    )
+    assert lines[2].split() == ["task", "raise", "256", "MiB", "10", "B", "15", "B", "5", "3", "64", "B"]
