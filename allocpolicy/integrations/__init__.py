@@ -11,8 +11,8 @@ framework's extra to get a tested version of it (``pip install 'allocpolicy[flas
 ====================================  =====================================================  ===========
 module                                what it protects                                        extra
 ====================================  =====================================================  ===========
-``allocpolicy.integrations.wsgi``     any WSGI application (Django, Flask, ...), one task     ``wsgi``
-                                      boundary per request
+``allocpolicy.integrations.wsgi``     any WSGI application, one task boundary per request     ``wsgi``
+                                      (gunicorn, waitress)
 ``allocpolicy.integrations.flask``    Flask: the refusal survives Flask's error handling      ``flask``
 ``allocpolicy.integrations.asgi``     any ASGI application (Starlette, FastAPI, ...)          ``asgi``
 ``allocpolicy.integrations.futures``  ``concurrent.futures`` executors, one scope per task    (stdlib)
