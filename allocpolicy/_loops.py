@@ -64,9 +64,11 @@ def _wrap(owner: object, name: str, make) -> None:
 
 def _stepping_create_task(original):
     stepper = stepping.TaskStepper
+    native = types.CoroutineType
 
     def create_task(self, coro, *args, **kwargs):
-        if type(coro) is types.CoroutineType or (type(coro) is not stepper and isinstance(coro, Coroutine)):
+        kind = type(coro)
+        if kind is native or (kind is not stepper and isinstance(coro, Coroutine)):
             coro = stepper(coro)
         return original(self, coro, *args, **kwargs)
 

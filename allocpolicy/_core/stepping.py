@@ -294,10 +294,10 @@ class TaskStepper:
         self._seq_ref = None
         # Created in a scope: the task keeps the scope's instances held while
         # it runs (its context, copied from here, refers to them).
-        frame = current()
-        if frame is not None:
+        frame = _get()
+        if frame is not None and frame.held:
             frame.use()
-        self._inherited = frame
+            self._inherited = frame
 
     def _finished(self) -> None:
         frame, self._inherited = self._inherited, None
