@@ -37,6 +37,9 @@ asyncio    ns per asyncio task step and per task created, with tasks not
            followed (the baseline), followed outside scopes, and inside one
            and three scopes, on the default loop and on uvloop
            (asyncio_steps.py).
+web        requests/s and server CPU per request of Flask under gunicorn and
+           Starlette under uvicorn, without the runtime, under it, and behind
+           the integration (web_requests.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -643,6 +646,10 @@ def print_report(res: dict) -> None:
         import asyncio_steps
 
         out.write(asyncio_steps.report(res["asyncio"]) + "\n")
+    if "web" in res:
+        import web_requests
+
+        out.write(web_requests.report(res["web"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -703,7 +710,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -713,7 +720,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -772,6 +779,10 @@ def main() -> None:
                 import asyncio_steps  # beside this script
 
                 res["asyncio"] = asyncio_steps.measure(Path(lib), quick=args.quick, repeats=repeats)
+            elif part == "web":
+                import web_requests  # beside this script
+
+                res["web"] = web_requests.measure(Path(lib), quick=args.quick, repeats=repeats)
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)
