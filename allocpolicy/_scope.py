@@ -47,6 +47,12 @@ class scope(ContextDecorator):
     ``on_oom``); every enclosing scope's budget still applies. A scope is not a
     task boundary: a ``MemoryError`` passes through unchanged.
 
+    In a coroutine the instance belongs to the asyncio task, not to the
+    thread: it is charged only while that task runs, tasks spawned inside it
+    and work handed to threads (``asyncio.to_thread``, ``run_in_executor``)
+    inherit it, and ``async with`` works the same. A decorated ``async def``
+    function runs each call in a new instance (see ``docs/asyncio.rst``).
+
     Without a preloaded runtime the block runs unscoped and an
     :class:`AllocPolicyWarning` is issued once.
     """
