@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Seven parts, each optional (--only PART, repeatable):
+Eight parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -26,6 +26,9 @@ python     an object-heavy Python workload without preload, under the preload
            preload.
 modules    ns per call into a module bound to a scope, within bound code and
            unbound, on this Python (module_scope_calls.py).
+enter      ns per `with allocpolicy.task(...): pass` and `with scope(...)`
+           against `with contextlib.nullcontext(): pass` in the same run
+           (scope_entry.py).
 libs       the hot-path cost of library scopes: malloc/free pairs with no
            library bound, with one bound that the caller is not in (a lookup
            that hits the per-thread cache), with the caller in it, and with
@@ -34,6 +37,9 @@ asyncio    ns per asyncio task step and per task created, with tasks not
            followed (the baseline), followed outside scopes, and inside one
            and three scopes, on the default loop and on uvloop
            (asyncio_steps.py).
+web        requests/s and server CPU per request of Flask under gunicorn and
+           Starlette under uvicorn, without the runtime, under it, and behind
+           the integration (web_requests.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -628,6 +634,10 @@ def print_report(res: dict) -> None:
         import module_scope_calls
 
         out.write(module_scope_calls.report(res["modules"]) + "\n")
+    if "enter" in res:
+        import scope_entry
+
+        out.write(scope_entry.report(res["enter"]) + "\n")
     if "libs" in res:
         import lib_lookup
 
@@ -636,6 +646,10 @@ def print_report(res: dict) -> None:
         import asyncio_steps
 
         out.write(asyncio_steps.report(res["asyncio"]) + "\n")
+    if "web" in res:
+        import web_requests
+
+        out.write(web_requests.report(res["web"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -673,6 +687,11 @@ def targets(res: dict) -> dict:
                     worst, where = d["ratio"], f"{pattern} {v}"
         t["C malloc/free pair, instructions"] = {"worst": worst, "where": where,
                                                  "target": C_TARGET, "met": worst <= C_TARGET}
+    if "enter" in res:
+        x = res["enter"]["ratio_to_nullcontext"]["task"]
+        t["task enter + exit, vs nullcontext"] = {"worst": x, "where": "task",
+                                                  "target": res["enter"]["target"],
+                                                  "met": x <= res["enter"]["target"]}
     if "py_instructions" in res:
         x = res["py_instructions"]["ratio"]
         t["Python workload, task scope, instructions"] = {"worst": x, "where": "task",
@@ -691,7 +710,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs", "asyncio"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -701,7 +720,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs", "asyncio"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -748,6 +767,10 @@ def main() -> None:
                 import module_scope_calls  # beside this script
 
                 res["modules"] = module_scope_calls.measure(lib, quick=args.quick, repeats=repeats)
+            elif part == "enter":
+                import scope_entry  # beside this script
+
+                res["enter"] = scope_entry.measure(lib, quick=args.quick, repeats=repeats)
             elif part == "libs":
                 import lib_lookup  # beside this script
 
@@ -756,6 +779,10 @@ def main() -> None:
                 import asyncio_steps  # beside this script
 
                 res["asyncio"] = asyncio_steps.measure(Path(lib), quick=args.quick, repeats=repeats)
+            elif part == "web":
+                import web_requests  # beside this script
+
+                res["web"] = web_requests.measure(Path(lib), quick=args.quick, repeats=repeats)
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)

@@ -255,10 +255,13 @@ typedef struct {
  * watching thread takes the slow path for every allocation and free (the
  * fast paths test both), where ap__observe_alloc/free see each event.
  *
- * Hooks that do no accounting of their own (the PyMem MEM and OBJ domains)
- * call these directly when ap__watching() says so:
- *     if (AP__UNLIKELY(ap__watching(t)) && !ap__observe_alloc(t, size, dom))
+ * Hooks that do no accounting of their own (the observing layers over the
+ * PyMem MEM and OBJ domains) call the `layered` variants directly when
+ * ap__watching() says so:
+ *     if (AP__UNLIKELY(ap__watching(t)) && !ap__observe_layered_alloc(t, size, dom))
  *         return NULL;
+ * Their events are seen by API regions only, never by a forbid scope's region
+ * (see region_sees in observe.c).
  */
 extern _Atomic uint32_t ap__watch;
 
@@ -266,6 +269,8 @@ extern _Atomic uint32_t ap__watch;
 AP__HIDDEN int ap__observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain);
 /* `size` 0 when the hook does not know it. */
 AP__HIDDEN void ap__observe_free(ap__tls_t *t, uint64_t size, ap_domain domain);
+AP__HIDDEN int ap__observe_layered_alloc(ap__tls_t *t, uint64_t size, ap_domain domain);
+AP__HIDDEN void ap__observe_layered_free(ap__tls_t *t, uint64_t size, ap_domain domain);
 
 /* Give every cached block back to the backend (thread exit). */
 AP__HIDDEN void ap__cache_flush(ap__tls_t *t);
