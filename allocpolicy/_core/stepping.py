@@ -343,9 +343,17 @@ class TaskStepper:
 
     def _end_step(self, attached: bool) -> None:
         """Detach the context's instances at the end of a step (``attached``:
-        since its start, so _seq holds the violation count of that start)."""
+        since its start, so _seq holds the violation count of that start;
+        else the innermost frame was entered during the step)."""
         end = _get()
-        status = end.rt.step_leave(end.instance, end.levels, self._seq_ref if attached else None)
+        if not attached:
+            # Entered during the step: what the thread recorded since that
+            # entry is the step's.
+            if self._seq_ref is None:
+                self._seq = ctypes.c_uint64()
+                self._seq_ref = ctypes.byref(self._seq)
+            self._seq.value = end.seq
+        status = end.rt.step_leave(end.instance, end.levels, self._seq_ref)
         if status == _native.STEP_REFUSED:
             # Kept on every frame of the chain: the MemoryError may reach the
             # boundary in a later step, when the thread's record is another's.
