@@ -44,9 +44,9 @@ CASES = {
         ("fastapi", "fastapi_app:app", "asyncio", ASYNC_BOMBS + MIDDLEWARE_BOMB, {"APP_HTTP_MIDDLEWARE": "1"}),
         marks=pytest.mark.xfail(
             strict=True,
-            reason="the late streaming bomb is refused (AllocError in the body's thread), but "
-            "BaseHTTPMiddleware ends the streamed response before it re-raises the endpoint's error, "
-            "so the client sees a complete response instead of one cut short",
+            reason="behind BaseHTTPMiddleware the late streaming bomb's response reaches the client "
+            "complete (200, first chunk only) instead of cut short; BaseHTTPMiddleware relays the "
+            "body through a stream of its own and ends it when the endpoint fails",
         ),
     ),
 }
