@@ -66,6 +66,12 @@ class scope(ContextDecorator):
     ``on_oom``); every enclosing scope's budget still applies. A scope is not a
     task boundary: a ``MemoryError`` passes through unchanged.
 
+    In a coroutine the instance belongs to the asyncio task, not to the
+    thread: it is charged only while that task runs, tasks spawned inside it
+    and work handed to threads (``asyncio.to_thread``, ``run_in_executor``)
+    inherit it, and ``async with`` works the same. A decorated ``async def``
+    function runs each call in a new instance (see ``docs/asyncio.rst``).
+
     Without a preloaded runtime the block runs unscoped and an
     :class:`AllocPolicyWarning` is issued once.
     """
@@ -144,9 +150,9 @@ class scope(ContextDecorator):
             rt = frame.rt
             left_region = rt.exit() == _native.EXIT_REGION
             # Popped after leaving, as below.
-            seq = stepping.left(frame)
+            seq, kept = stepping.left(frame)
             frame = None
-            return self._after_exit(rt, left_region, seq, exc, tb)
+            return self._after_exit(rt, left_region, seq, exc, tb, kept)
         stack = _stack()
         if not stack:
             # Entered in a task whose coroutine is being finalized elsewhere
@@ -191,19 +197,22 @@ class scope(ContextDecorator):
             "after it are"
         )
 
-    def _after_exit(self, rt, left_region, seq, exc, tb) -> bool:
+    def _after_exit(self, rt, left_region, seq, exc, tb, kept=None) -> bool:
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
                 raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
-            return self._boundary(rt, seq, exc, tb)
+            return self._boundary(rt, seq, exc, tb, kept)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
             # locals must not keep the failed task's frames (and their memory)
             # alive until the cyclic GC runs.
             exc = tb = None
 
-    def _boundary(self, rt, seq, exc, tb) -> bool:
+    def _boundary(self, rt, seq, exc, tb, kept=None) -> bool:
+        """``kept``: a refusal recorded in an earlier step inside the block
+        (a coroutine's, or a task's it spawned), for when the thread's own
+        record is not it."""
         return False
 
 
@@ -345,8 +354,10 @@ class task(scope):
         self.__exit__(None, None, None)
         return result
 
-    def _boundary(self, rt, seq, exc, tb) -> bool:
+    def _boundary(self, rt, seq, exc, tb, kept=None) -> bool:
         err = refusal.convert(exc, rt, seq, self.name)
+        if err is None and kept is not None:
+            err = refusal.convert(exc, rt, refusal.ANY, self.name, violation=kept)
         try:
             if err is not None:
                 refusal.raise_converted(err, exc)
