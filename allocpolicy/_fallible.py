@@ -171,8 +171,8 @@ class Reservation:
         try:
             self.release()
             rt = _native.runtime()
-            err = refusal.convert(exc, rt, self._seq) if rt is not None else None
-            if err is not None and err.limit == "reservation":
+            err = refusal.convert(exc, rt, self._seq, limit="reservation") if rt is not None else None
+            if err is not None:
                 refusal.raise_converted(err, exc)
             return False
         finally:

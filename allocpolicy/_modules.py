@@ -176,7 +176,7 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
     del t.depth[sid]
     rt = _rt
     refused = False
-    if exc is not None and binding.convert and isinstance(exc, MemoryError) and not isinstance(exc, AllocError):
+    if exc is not None and binding.convert and isinstance(exc, Exception) and not isinstance(exc, AllocError):
         # Did the runtime cause it? A refusal is counted on the instance that
         # was innermost, whichever limit refused; ours was entered by this
         # activation, so a count there is a refusal during it. (Reading the

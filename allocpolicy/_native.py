@@ -20,7 +20,7 @@ from typing import Any
 from . import _atfork, _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
@@ -315,6 +315,8 @@ class Runtime:
             "ap_configure": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int),
             "ap_scope_find": ([ctypes.c_char_p, u32p], ctypes.c_int),
             "ap_enter": ([ctypes.c_uint32, u32p], ctypes.c_int),
+            "ap_set_budget": ([ctypes.c_uint32, ctypes.c_int64], ctypes.c_int),
+            "ap_enter_noting": ([ctypes.c_uint32, u32p, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
             "ap_attach": ([ctypes.c_uint32], ctypes.c_int),
             "ap_hold": ([ctypes.c_uint32], ctypes.c_int),
             "ap_release": ([ctypes.c_uint32], ctypes.c_int),
@@ -355,6 +357,7 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         self._exit = handle.ap_exit
+        self._enter_noting = handle.ap_enter_noting
         # Every step of a task in a scope crosses ctypes twice (see
         # _core/stepping.py): through the handle that keeps the GIL (releasing and
         # taking it back would cost more than the call, and let other threads
@@ -411,6 +414,27 @@ class Runtime:
             return self._exit()
         except MemoryError:
             return self._exit()
+
+    def enter_noting(self, scope_id: int) -> int:
+        """:meth:`enter`, returning the thread's violation number from just
+        before the entry (what a task boundary notes) in the same call."""
+        local = self._local
+        try:
+            out, seq, out_ref, seq_ref = local.entry
+        except AttributeError:
+            # Made once per thread, outside any scope: made inside, they
+            # would be allocations of the scope entered.
+            out, seq = ctypes.c_uint32(), ctypes.c_uint64()
+            local.entry = (out, seq, ctypes.byref(out), ctypes.byref(seq))
+            out, seq, out_ref, seq_ref = local.entry
+        status = self._enter_noting(scope_id, out_ref, seq_ref)
+        if status:
+            check(status, "ap_enter", scope_id)
+        return seq.value
+
+    def set_budget(self, instance: int, budget: int) -> None:
+        """Give ``instance``, just entered on this thread, a budget of its own (0: none)."""
+        check(self._lib.ap_set_budget(instance, budget), "ap_set_budget", instance, budget)
 
     def hold(self, instance: int) -> bool:
         return self._lib.ap_hold(instance) == OK
@@ -816,6 +840,12 @@ class InprocessRuntime(Runtime):
             status = self._lib.ap_enter(scope_id, ctypes.byref(out))
         check(status, "ap_enter", scope_id)
         return out.value
+
+    def enter_noting(self, scope_id: int) -> int:
+        # The checks of in-process mode come first (enter()), so two calls.
+        seq = self.last_violation().seq
+        self.enter(scope_id)
+        return seq
 
     def attach(self, instance: int) -> None:
         before = self.before_enter

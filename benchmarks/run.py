@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Eight parts, each optional (--only PART, repeatable):
+Ten parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -34,6 +34,9 @@ python     two Python workloads, object-heavy (pymalloc's small objects) and
            peak resident memory.
 modules    ns per call into a module bound to a scope, within bound code and
            unbound, on this Python (module_scope_calls.py).
+enter      ns per `with allocpolicy.task(...): pass` and `with scope(...)`
+           against `with contextlib.nullcontext(): pass` in the same run
+           (scope_entry.py).
 libs       the hot-path cost of library scopes: malloc/free pairs with no
            library bound, with one bound that the caller is not in (a lookup
            that hits the per-thread cache), with the caller in it, and with
@@ -42,6 +45,9 @@ asyncio    ns per asyncio task step and per task created, with tasks not
            followed (the baseline), followed outside scopes, and inside one
            and three scopes, on the default loop and on uvloop
            (asyncio_steps.py).
+web        requests/s and server CPU per request of Flask under gunicorn and
+           Starlette under uvicorn, without the runtime, under it, and behind
+           the integration (web_requests.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -716,6 +722,10 @@ def print_report(res: dict) -> None:
         import module_scope_calls
 
         out.write(module_scope_calls.report(res["modules"]) + "\n")
+    if "enter" in res:
+        import scope_entry
+
+        out.write(scope_entry.report(res["enter"]) + "\n")
     if "libs" in res:
         import lib_lookup
 
@@ -724,6 +734,10 @@ def print_report(res: dict) -> None:
         import asyncio_steps
 
         out.write(asyncio_steps.report(res["asyncio"]) + "\n")
+    if "web" in res:
+        import web_requests
+
+        out.write(web_requests.report(res["web"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -769,6 +783,11 @@ def targets(res: dict) -> dict:
                     worst, where = d["ratio"][v], f"{pattern} {v}"
         t["Small blocks, resident memory"] = {"worst": worst, "where": where, "target": RSS_TARGET,
                                               "met": worst <= RSS_TARGET}
+    if "enter" in res:
+        x = res["enter"]["ratio_to_nullcontext"]["task"]
+        t["task enter + exit, vs nullcontext"] = {"worst": x, "where": "task",
+                                                  "target": res["enter"]["target"],
+                                                  "met": x <= res["enter"]["target"]}
     if "py_instructions" in res:
         x = res["py_instructions"]["ratio"]
         t["Python workload, task scope, instructions"] = {"worst": x, "where": "task",
@@ -780,7 +799,7 @@ def targets(res: dict) -> dict:
     return t
 
 
-PARTS = ["c", "callgrind", "rss", "profile", "python", "modules", "libs", "asyncio"]
+PARTS = ["c", "callgrind", "rss", "profile", "python", "modules", "enter", "libs", "asyncio", "web"]
 
 
 def main() -> None:
@@ -852,6 +871,10 @@ def main() -> None:
                 import module_scope_calls  # beside this script
 
                 res["modules"] = module_scope_calls.measure(lib, quick=args.quick, repeats=repeats)
+            elif part == "enter":
+                import scope_entry  # beside this script
+
+                res["enter"] = scope_entry.measure(lib, quick=args.quick, repeats=repeats)
             elif part == "libs":
                 import lib_lookup  # beside this script
 
@@ -860,6 +883,10 @@ def main() -> None:
                 import asyncio_steps  # beside this script
 
                 res["asyncio"] = asyncio_steps.measure(Path(lib), quick=args.quick, repeats=repeats)
+            elif part == "web":
+                import web_requests  # beside this script
+
+                res["web"] = web_requests.measure(Path(lib), quick=args.quick, repeats=repeats)
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)

@@ -58,13 +58,17 @@ STRESS_TABLE = (
     "scope=work:raise:0:0;scope=nested:raise:0:0;scope=shared:raise:0:0;"
     "scope=tight:raise:262144:0"
 )
-ESCAPES_TABLE = "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0"
+ESCAPES_TABLE = (
+    "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0;"
+    "scope=sub:raise:0:0"
+)
 
 # (program, arguments, table, what its output must say)
 RUNS = [
     ("stress", ["60000", "1"], STRESS_TABLE, "RESULT mismatches=0 corrupt=0 api_errors=0"),
     ("stress", ["12000", "2", "churn"], STRESS_TABLE, "RESULT mismatches=0 corrupt=0 api_errors=0"),
     ("escapes", ["keep", "70000"], ESCAPES_TABLE, "RESULT failures=0"),
+    ("escapes", ["nested", "70000"], ESCAPES_TABLE, "RESULT failures=0"),
     ("escapes", ["zero"], ESCAPES_TABLE, "RESULT failures=0"),
 ]
 

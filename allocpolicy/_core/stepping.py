@@ -44,6 +44,8 @@ __all__ = [
     "Stepped",
     "Frame",
     "TaskStepper",
+    "SpawnedStepper",
+    "stepper_for",
     "current",
     "enter",
     "leaving",
@@ -217,7 +219,7 @@ def running_stepper() -> "TaskStepper | None":
     if task is None:
         return None
     coro = task.get_coro()
-    if type(coro) is TaskStepper:
+    if type(coro) is TaskStepper or type(coro) is SpawnedStepper:
         return coro
     if not _warned_unfollowed:
         _warned_unfollowed = True
@@ -292,17 +294,6 @@ class TaskStepper:
         self._coro = coro
         self._seq = None
         self._seq_ref = None
-        # Created in a scope: the task keeps the scope's instances held while
-        # it runs (its context, copied from here, refers to them).
-        frame = current()
-        if frame is not None:
-            frame.use()
-        self._inherited = frame
-
-    def _finished(self) -> None:
-        frame, self._inherited = self._inherited, None
-        if frame is not None:
-            frame.unuse()
 
     # No frame is ever kept in a local variable of send() or throw(): an
     # exception that ends the task carries their frames in its traceback, and
@@ -317,10 +308,6 @@ class TaskStepper:
         # on each side of the step.
         try:
             return self._coro.send(value)
-        except BaseException:
-            # The coroutine returned (StopIteration) or raised: it is done.
-            self._finished()
-            raise
         finally:
             if _get() is not None:  # in scopes now, entered before or during the step
                 self._end_step()
@@ -332,9 +319,6 @@ class TaskStepper:
                 return self._resume_failed(failed)
         try:
             return self._coro.throw(*args)
-        except BaseException:
-            self._finished()
-            raise
         finally:
             if _get() is not None:
                 self._end_step()
@@ -380,13 +364,7 @@ class TaskStepper:
         return RuntimeError(f"allocpolicy: cannot attach the task's scope instances (status {status})")
 
     def close(self):
-        try:
-            return self._coro.close()
-        finally:
-            self._finished()
-
-    def __del__(self) -> None:
-        self._finished()
+        return self._coro.close()
 
     def __await__(self):
         return self._coro.__await__()
@@ -396,3 +374,52 @@ class TaskStepper:
 
     def __repr__(self) -> str:
         return repr(self._coro)
+
+
+class SpawnedStepper(TaskStepper):
+    """The stepper of a task created inside a scope: it keeps that scope's
+    instances held (its context, copied from there, refers to them) until its
+    coroutine finishes. A class of its own so that the tasks created outside
+    scopes, most of them, do not pay for catching the end of every task."""
+
+    __slots__ = ()
+
+    def send(self, value):
+        try:
+            return TaskStepper.send(self, value)
+        except BaseException:
+            # The coroutine returned (StopIteration) or raised: it is done.
+            self._finished()
+            raise
+
+    def throw(self, *args):
+        try:
+            return TaskStepper.throw(self, *args)
+        except BaseException:
+            self._finished()
+            raise
+
+    def close(self):
+        try:
+            return self._coro.close()
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        frame, self._inherited = self._inherited, None
+        if frame is not None:
+            frame.unuse()
+
+    def __del__(self) -> None:
+        self._finished()
+
+
+def stepper_for(coro) -> TaskStepper:
+    """The stepper for a task about to be created with ``coro``, in the running context."""
+    frame = _get()
+    if frame is None or not frame.held:
+        return TaskStepper(coro)
+    stepper = SpawnedStepper(coro)
+    frame.use()
+    stepper._inherited = frame
+    return stepper

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define AP_ABI_VERSION 1
+#define AP_ABI_VERSION 2
 
 #if defined(__GNUC__)
 #define AP_API __attribute__((visibility("default")))
@@ -203,6 +203,18 @@ AP_API ap_status ap_scope_find(const char *name, uint32_t *scope_id);
 
 /* Enter a new instance of `scope_id` on the calling thread. */
 AP_API ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id);
+
+/*
+ * Give the instance the calling thread just entered (its innermost, from
+ * ap_enter()) a per-instance budget of its own, in place of the one copied
+ * from its scope: 0 = none. Enclosing budgets still apply. For rerunning a
+ * refused task with more room; AP_ESTATE unless `instance_id` is innermost.
+ */
+AP_API ap_status ap_set_budget(uint32_t instance_id, int64_t budget);
+
+/* ap_enter(), with the calling thread's violation number (ap_violation.seq,
+ * 0 before the first) from just before the entry in *violation_seq. */
+AP_API ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *violation_seq);
 
 /* Enter an existing, active instance on the calling thread (bind()). */
 AP_API ap_status ap_attach(uint32_t instance_id);

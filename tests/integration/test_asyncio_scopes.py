@@ -87,6 +87,9 @@ both = pytest.mark.parametrize("mode", MODES)
 loops = pytest.mark.parametrize("loop", LOOPS)
 
 MIB = 1 << 20
+# What an instance may hold beyond what the test allocated: pymalloc arenas
+# (1 MiB each) are charged whole to the instance that needed one.
+SLACK = 2 * MIB
 
 
 @both
@@ -125,8 +128,8 @@ def test_three_concurrent_tasks_are_each_charged_their_own_30_mib(tmp_path, mode
     assert [type(r) for r in facts["results"]] == [dict, dict, dict], facts
     assert len({r["instance"] for r in facts["results"]}) == 3
     for r in facts["results"]:
-        assert 30 * MIB <= r["live"] < 31 * MIB, facts
-    assert facts["peak"] < 31 * MIB
+        assert 30 * MIB <= r["live"] < 30 * MIB + SLACK, facts
+    assert facts["peak"] < 30 * MIB + SLACK
     assert facts["violations"] == 0
     # and the loop's thread is back in the process scope
     assert facts["loop"] == 0
@@ -173,8 +176,9 @@ def test_a_bomb_task_is_refused_with_its_own_bytes_and_innocent_tasks_succeed(tm
     # AND the bomb was refused in its own scope, with its own live bytes
     assert bomb["scope"] == "request" and bomb["task"] == "request" and bomb["reason"] == "budget"
     assert bomb["budget"] == 64 * MIB
-    assert bomb["held"] == 60 * MIB  # 15 chunks fit, the 16th does not
-    assert 60 * MIB <= bomb["live"] < 61 * MIB, bomb
+    # 15 chunks fit the 64 MiB, the 16th does not (14 if arenas took the room)
+    assert bomb["held"] in (56 * MIB, 60 * MIB), bomb
+    assert bomb["held"] <= bomb["live"] < bomb["held"] + SLACK, bomb
     assert bomb["live"] + bomb["size"] > 64 * MIB
 
 
@@ -237,7 +241,7 @@ def test_spawned_tasks_and_thread_handoffs_inherit_the_instance(tmp_path, mode, 
         assert ok, how
     # Each child's 5 MiB came back to the instance (what stays is the loop's
     # and the thread pools' small bookkeeping made inside it)
-    assert facts["after"] < 4 * MIB
+    assert facts["after"] < 3 * MIB + SLACK
 
 
 @both
@@ -312,7 +316,7 @@ def test_the_loop_between_steps_is_not_charged_to_a_request(tmp_path, mode, loop
     # request was charged only its own 40 MiB
     assert facts["callback_instance"] == [0]
     assert facts["kept"] == 1
-    assert 40 * MIB <= facts["request_live"] < 41 * MIB
+    assert 40 * MIB <= facts["request_live"] < 40 * MIB + SLACK
 
 
 @both
@@ -359,7 +363,7 @@ def test_decorated_coroutine_functions_async_with_and_bind(tmp_path, mode, loop)
         tmp_path, mode, loop,
     )
     for r in facts["handlers"]:
-        assert 30 * MIB <= r < 31 * MIB, facts
+        assert 30 * MIB <= r < 30 * MIB + SLACK, facts
     assert facts["bomb"] == ["request", 40 * MIB + 1]
     assert facts["async_with"] is True
     assert facts["after"] == 0
@@ -449,10 +453,10 @@ def test_nested_scopes_in_interleaved_tasks_each_keep_their_own_chain(tmp_path, 
     )
     for r in facts["results"]:
         assert r["inner"] not in (0, r["outer"]) and r["back"] == r["outer"], r
-        assert 10 * MIB <= r["in_part"] < 11 * MIB, r
-        assert r["refused"][0] == "part" and 10 * MIB <= r["refused"][1] < 11 * MIB, r
+        assert 10 * MIB <= r["in_part"] < 10 * MIB + SLACK, r
+        assert r["refused"][0] == "part" and 10 * MIB <= r["refused"][1] < 10 * MIB + SLACK, r
         # the request was charged its own 40 MiB (the part's 10 were freed with it)
-        assert 40 * MIB <= r["request_live"] < 41 * MIB, r
+        assert 40 * MIB <= r["request_live"] < 40 * MIB + SLACK, r
     # THEN every instance ended with its task, and the loop's thread is in none
     assert facts["active"] == [0, 0]
     assert facts["loop"] == 0
@@ -551,7 +555,7 @@ def test_eager_tasks_are_followed_too(tmp_path, mode):
         tmp_path, mode, "asyncio",
     )
     for r in facts["lives"]:
-        assert 30 * MIB <= r < 31 * MIB, facts
+        assert 30 * MIB <= r < 30 * MIB + SLACK, facts
 
 
 @both
@@ -637,5 +641,5 @@ def test_a_task_spawned_in_a_scope_keeps_its_instance_until_it_finishes(tmp_path
         tmp_path, mode, "asyncio",
     )
     assert facts["same"] is True
-    assert 10 * MIB <= facts["charged"] < 11 * MIB
+    assert 10 * MIB <= facts["charged"] < 10 * MIB + SLACK
     assert facts["during"] == 1 and facts["after"] == 0
