@@ -18,7 +18,10 @@ same event loop.
 - If the response has started, its status cannot change any more: the
   middleware logs the refusal and returns without finishing the response, so
   the server closes the connection (the client sees a truncated response,
-  never a complete-looking one).
+  never a complete-looking one). Once a refusal was recorded in the
+  request's instance, the final body message waits for the application's
+  outcome: a framework that ends the body on the failure before raising it
+  (Starlette's BaseHTTPMiddleware) cannot make the response look complete.
 - A request whose ``Content-Length`` is over the scope's budget is answered
   ``413`` before its body is received.
 
