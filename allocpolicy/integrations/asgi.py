@@ -33,8 +33,8 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 import allocpolicy
-from .._core import stepping
 
+from .._core import stepping
 from ._http import RequestGuard, find_refusal, refusal_facts
 
 __all__ = ["AllocPolicyMiddleware", "refusal_facts", "find_refusal"]
