@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
 import functools
+import os
 import sys
 import threading
 import types
-from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
 from . import _native
@@ -32,24 +33,56 @@ _task_frame = stepping._frames.get
 _EXIT_REGION = _native.EXIT_REGION
 
 
-class _Entries(threading.local):
-    """Per-thread record of what each `with` entered, so that exits pair with
-    entries even when one scope object is used by many threads at once.
-
-    ``stack`` is flat, two slots per entry (no object is made per entry):
-    the scope object, then the thread's violation number at entry (``None``:
-    nothing was entered, no runtime). An entry whose exit came while scopes
-    entered after it were still active has its first slot replaced by
-    :data:`_ABANDONED`: the exit was reported, and its instance is left when
-    theirs are.
-    """
-
-    def __init__(self) -> None:
-        self.stack: list[Any] = []
-
-
-_entries = _Entries()
+# Per-thread record of what each `with` entered, so that exits pair with
+# entries even when one scope object is used by many threads at once.
+#
+# A thread's record is a flat list, two slots per entry (no object is made
+# per entry): the scope object, then the thread's violation number at entry
+# (``None``: nothing was entered, no runtime). An entry whose exit came while
+# scopes entered after it were still active has its first slot replaced by
+# _ABANDONED: the exit was reported, and its instance is left when theirs are.
+#
+# The lists are found by thread id, which costs a fraction of a
+# threading.local attribute on every entry and exit; a thread's list is
+# dropped when the thread ends (its _Forget, in thread-local storage, goes
+# then), and the other threads' in a forked child, before any new thread
+# could reuse their ids.
+_stacks: dict[int, list[Any]] = {}
+_get_ident = _thread.get_ident
+_forgetters = threading.local()
 _ABANDONED = object()
+
+
+class _Forget:
+    __slots__ = ("ident", "stack")
+
+    def __init__(self, ident: int, stack: list[Any]) -> None:
+        self.ident = ident
+        self.stack = stack
+
+    def __del__(self) -> None:
+        if _stacks.get(self.ident) is self.stack:
+            del _stacks[self.ident]
+
+
+def _new_stack() -> list[Any]:
+    """The calling thread's list, made at its first entry."""
+    ident = _get_ident()
+    stack = _stacks.get(ident)
+    if stack is None:
+        stack = _stacks[ident] = []
+        _forgetters.forget = _Forget(ident, stack)
+    return stack
+
+
+def _forget_other_threads() -> None:
+    mine = _stacks.get(_get_ident())
+    _stacks.clear()
+    if mine is not None:
+        _stacks[_get_ident()] = mine
+
+
+os.register_at_fork(after_in_child=_forget_other_threads)
 
 
 def _check_name(name: object, func: str) -> str:
@@ -60,7 +93,7 @@ def _check_name(name: object, func: str) -> str:
     return name
 
 
-class scope(ContextDecorator):
+class scope:
     """Run a block (or a decorated function) in a new instance of scope ``name``.
 
     The innermost scope decides what a refused allocation does (its
@@ -70,6 +103,9 @@ class scope(ContextDecorator):
     Without a preloaded runtime the block runs unscoped and an
     :class:`AllocPolicyWarning` is issued once.
     """
+
+    # Made for every unit of work: no instance dict to make.
+    __slots__ = ("name", "__weakref__")
 
     _func = "scope"
     # Whether __enter__ may take its fast path: entered by name, no retries.
@@ -86,7 +122,7 @@ class scope(ContextDecorator):
             # follows the task that awaits it (_core/stepping.py).
             @functools.wraps(func)
             async def scoped(*args, **kwargs):
-                with self._recreate_cm():
+                with self:
                     return await func(*args, **kwargs)
 
             return scoped  # type: ignore[return-value]
@@ -95,7 +131,13 @@ class scope(ContextDecorator):
                 f"{self._func}(): cannot decorate the async generator function {func.__qualname__}: "
                 "between its yields, the code that consumes it would run inside the scope"
             )
-        return super().__call__(func)
+
+        @functools.wraps(func)
+        def scoped(*args, **kwargs):
+            with self:
+                return func(*args, **kwargs)
+
+        return scoped  # type: ignore[return-value]
 
     async def __aenter__(self) -> "scope":
         return self.__enter__()
@@ -136,7 +178,9 @@ class scope(ContextDecorator):
             return self._enter()
         # Recorded before entering: inside, the list's growth would be an
         # allocation of the scope (and refused in a forbid scope).
-        stack = _entries.stack
+        stack = _stacks.get(_get_ident())
+        if stack is None:
+            stack = _new_stack()
         stack.append(self)
         stack.append(0)
         try:
@@ -153,7 +197,7 @@ class scope(ContextDecorator):
         rt = _native.runtime()
         if rt is None:
             warn_inactive()
-            _entries.stack += (self, None)
+            _new_stack().extend((self, None))
             return self
         target = self._resolve(rt)
         stepper = stepping.running_stepper()
@@ -161,7 +205,7 @@ class scope(ContextDecorator):
             # In a task: the instance follows the task (_core/stepping.py).
             stepping.enter(rt, stepper, self, target)
             return self
-        stack = _entries.stack
+        stack = _new_stack()
         stack += (self, 0)  # before entering, as in __enter__
         try:
             stack[-1] = self._open_noting(rt, target)
@@ -174,7 +218,7 @@ class scope(ContextDecorator):
         # The fast path: not in a task's scope, the innermost entry of this
         # thread is this object's, and something was entered.
         if _task_frame() is None:
-            stack = _entries.stack
+            stack = _stacks.get(_get_ident())
             if stack and stack[-2] is self and stack[-1] is not None:
                 seq = stack[-1]
                 rt = _native._runtime
@@ -201,7 +245,7 @@ class scope(ContextDecorator):
             seq = stepping.left(frame)
             frame = None
             return self._after_exit(rt, left_region, seq, exc, tb)
-        stack = _entries.stack
+        stack = _stacks.get(_get_ident())
         if not stack:
             # Entered in a task whose coroutine is being finalized elsewhere
             # (garbage collection, another task closing an async generator):
@@ -287,15 +331,18 @@ class task(scope):
     entering a task with retries in a ``with`` statement raises TypeError.
     """
 
+    __slots__ = ("retries", "escalate", "_fast")
+
     _func = "task"
-    retries = 0
-    escalate = 2.0
 
     def __init__(self, name: str = "task", *, retries: int = 0, escalate: float = 2.0) -> None:
         # Made for every unit of work: the defaults are checked at a glance.
         if name.__class__ is not str or not name:
             _check_name(name, "task")
         self.name = name
+        self.retries = 0
+        self.escalate = 2.0
+        self._fast = True
         if retries.__class__ is not int or retries or escalate != 2.0:
             self._set_retries(retries, escalate)
 
@@ -454,6 +501,8 @@ class _Bound(task):
 
     def __init__(self, handle: InstanceHandle) -> None:
         self.name = handle.scope
+        self.retries = 0
+        self.escalate = 2.0
         self._handle = handle
 
     def _resolve(self, rt: _native.Runtime) -> int:
