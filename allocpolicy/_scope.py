@@ -54,15 +54,20 @@ _ABANDONED = object()
 
 
 class _Forget:
-    __slots__ = ("ident", "stack")
+    """Drops a thread's list from _stacks when the thread's storage goes."""
+
+    # The dict is its own reference: at interpreter shutdown this module's
+    # globals may be gone by the time the main thread's storage is cleared.
+    __slots__ = ("stacks", "ident", "stack")
 
     def __init__(self, ident: int, stack: list[Any]) -> None:
+        self.stacks = _stacks
         self.ident = ident
         self.stack = stack
 
     def __del__(self) -> None:
-        if _stacks.get(self.ident) is self.stack:
-            del _stacks[self.ident]
+        if self.stacks.get(self.ident) is self.stack:
+            del self.stacks[self.ident]
 
 
 def _new_stack() -> list[Any]:
