@@ -52,7 +52,7 @@ from types import FunctionType, ModuleType
 from . import _atfork, _native
 from ._core import refusal, stepping
 from ._core.names import scope_id
-from ._errors import AllocPolicyError, AllocPolicyWarning
+from ._errors import AllocError, AllocPolicyError, AllocPolicyWarning
 
 __all__ = ["apply", "activate_from_environment", "bound_scope"]
 
@@ -159,8 +159,9 @@ def _push(key: object, binding: _Binding) -> None:
     else:
         # May raise ScopeCapacityError into the bound code; then nothing is
         # recorded and the frame's end event finds no entry of its own.
-        # The violation number comes with the entry (one native call): the
-        # exit converts a refusal made since, as a task boundary does.
+        # The violation number comes with the entry in its one native call
+        # (the cheapest entry there is): the exit's report is of a refusal
+        # made since.
         seq = _rt.enter_noting(sid)
         t.depth[sid] = 1
         t.stack.append((key, binding, seq))
@@ -178,14 +179,21 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         return
     del t.depth[sid]
     rt = _rt
+    refused = False
+    if exc is not None and binding.convert and isinstance(exc, Exception) and not isinstance(exc, AllocError):
+        # Did the runtime cause it while our instance was innermost? A
+        # refusal is counted on the instance that was innermost, whichever
+        # limit refused; ours, entered by this activation, is innermost again
+        # now that the exception left everything the bound code entered. Read
+        # before leaving: an instance that ends may be reused at once.
+        stats = rt.instance_stats(rt.current()[0])
+        refused = stats is not None and stats.violations > 0
     rt.exit()
     if _release_pending and not _inflight:
         _release_monitoring()
-    if exc is None or not binding.convert:
-        # Only a raise-mode scope turns a refused allocation into MemoryError
-        # in the first place.
-        return
-    err = refusal.convert(exc, rt, seq, binding.name)  # None unless a refusal since the entry
+    if not refused:
+        return  # no error, or a MemoryError the runtime did not cause: leave it alone
+    err = refusal.convert(exc, rt, seq, binding.name)
     try:
         if err is not None:
             refusal.raise_converted(err, exc)
