@@ -181,6 +181,12 @@ def _activate() -> None:
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    if table and ";libreport=" in table:
+        # Under `allocpolicy libs`: name the libraries loaded that end the
+        # process on a refusal, before the report.
+        from . import _offenders
+
+        _offenders.warn_at_exit(rt, table)
     # Scopes entered in coroutines follow their task: the event loops are
     # followed from the moment asyncio is imported (_loops.follow() does the
     # same, without importing _loops at every start).

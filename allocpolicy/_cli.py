@@ -36,6 +36,7 @@ from . import _stats_client
 from ._budget_checks import budget_warnings
 from ._errors import PolicyError, RuntimeLoadError
 from ._inject import ENV_INJECT
+from ._offenders import advice, found_in_environment, uncovered
 from ._policy import (
     BUILTIN_SOURCE,
     ENV_POLICY,
@@ -320,6 +321,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.flush()  # the warnings follow the description, also in a terminal
     for problem in budget_warnings(policy):
         print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    for offender, path in found_in_environment(uncovered(policy.scopes)):
+        print(f"{PROG}: {advice(offender, path)}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -30,6 +30,8 @@ MAX_DEPTH = 32
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
 EXIT_REGION = 1
+#: ap_step_leave: the thread recorded a violation during the step.
+STEP_REFUSED = 1
 ACTION_FROM_SCOPE = 0xFFFFFFFF
 MODES = ("raise", "abort", "fallible")
 REASONS = ("none", "budget", "oom", "injected", "forbidden")
@@ -368,7 +370,7 @@ class Runtime:
         # taking it back would cost more than the call, and let other threads
         # in between), and without argtypes, whose conversions cost as much
         # again; instance ids and levels are small ints, the third argument
-        # of step_enter a byref() made once per task.
+        # of step_enter and step_leave a byref() made once per task.
         self.step_enter = gil_handle.ap_step_enter
         self.step_leave = gil_handle.ap_step_leave
         self._local = _thread._local()

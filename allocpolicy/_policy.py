@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _offenders
 from ._errors import PolicyError, PolicyProblem
 from ._errors import did_you_mean as _did_you_mean
 from ._inject_settings import VALIDATORS as _INJECT_VALIDATORS
@@ -396,7 +397,7 @@ _SCOPE_KEYS: dict[str, _Key] = {
 # Every key is optional; the validators are those of allocpolicy.inject().
 _INJECT_KEYS: dict[str, _Key] = {key: _Key(check, optional=True) for key, check in _INJECT_VALIDATORS.items()}
 
-_TOP_KEYS = ("version", "process", "scopes", "inject")
+_TOP_KEYS = ("version", "include", "process", "scopes", "inject")
 
 
 def _check_fields(obj: object, keys: Mapping[str, _Key]) -> None:
@@ -885,6 +886,8 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
     if not isinstance(raw_scopes, Mapping):
         out.add("", "scopes", f"expected tables [scopes.NAME], got {_kind(raw_scopes)}")
         raw_scopes = {}
+    if "include" in data:
+        raw_scopes = _include(out, data["include"], raw_scopes)
     if len(raw_scopes) > MAX_SCOPES:
         out.add("scopes", None, f"at most {MAX_SCOPES} scopes can be declared, got {len(raw_scopes)}")
     for name, raw in raw_scopes.items():
@@ -923,6 +926,30 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
         source=source,
         inject=inject,
     )
+
+
+def _include(out: _Collector, names: object, raw_scopes: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """``raw_scopes`` with the scopes of the fragments ``include`` names
+    (see _offenders.py), after the policy's own."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        out.add("", "include", f"expected an array of fragment names, got {_kind(names)}")
+        return raw_scopes
+    merged = dict(raw_scopes)
+    for name in names:
+        try:
+            tables = _offenders.fragment(name)
+        except KeyError:
+            known = ", ".join(f'"{n}"' for n in _offenders.FRAGMENTS)
+            out.add("", "include", f"unknown fragment {name!r}{_did_you_mean(name, _offenders.FRAGMENTS)}; "
+                    f"the fragments are: {known}")
+            continue
+        for scope, table in tables.items():
+            if scope in merged:
+                out.add("", "include", f"fragment {name!r} declares the scope {scope!r}, which is declared "
+                        f"already; drop one of them")
+                continue
+            merged[scope] = table
+    return merged
 
 
 def _build_inject(out: _Collector, raw: Mapping[Any, Any], declared: set) -> InjectSettings | None:

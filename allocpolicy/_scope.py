@@ -105,6 +105,12 @@ class scope:
     ``on_oom``); every enclosing scope's budget still applies. A scope is not a
     task boundary: a ``MemoryError`` passes through unchanged.
 
+    In a coroutine the instance belongs to the asyncio task, not to the
+    thread: it is charged only while that task runs, tasks spawned inside it
+    and work handed to threads (``asyncio.to_thread``, ``run_in_executor``)
+    inherit it, and ``async with`` works the same. A decorated ``async def``
+    function runs each call in a new instance (see ``docs/asyncio.rst``).
+
     Without a preloaded runtime the block runs unscoped and an
     :class:`AllocPolicyWarning` is issued once.
     """
@@ -247,9 +253,9 @@ class scope:
             rt = frame.rt
             left_region = rt.exit() == _EXIT_REGION
             # Popped after leaving, as below.
-            seq = stepping.left(frame)
+            seq, kept = stepping.left(frame)
             frame = None
-            return self._after_exit(rt, left_region, seq, exc, tb)
+            return self._after_exit(rt, left_region, seq, exc, tb, kept)
         stack = _stacks.get(_get_ident())
         if not stack:
             # Entered in a task whose coroutine is being finalized elsewhere
@@ -293,19 +299,22 @@ class scope:
             "after it are"
         )
 
-    def _after_exit(self, rt, left_region, seq, exc, tb) -> bool:
+    def _after_exit(self, rt, left_region, seq, exc, tb, kept=None) -> bool:
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
                 raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
-            return self._boundary(rt, seq, exc, tb)
+            return self._boundary(rt, seq, exc, tb, kept)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
             # locals must not keep the failed task's frames (and their memory)
             # alive until the cyclic GC runs.
             exc = tb = None
 
-    def _boundary(self, rt, seq, exc, tb) -> bool:
+    def _boundary(self, rt, seq, exc, tb, kept=None) -> bool:
+        """``kept``: a refusal recorded in an earlier step inside the block
+        (a coroutine's, or a task's it spawned), for when the thread's own
+        record is not it."""
         return False
 
 
@@ -459,8 +468,10 @@ class task(scope):
         self.__exit__(None, None, None)
         return result
 
-    def _boundary(self, rt, seq, exc, tb) -> bool:
+    def _boundary(self, rt, seq, exc, tb, kept=None) -> bool:
         err = refusal.convert(exc, rt, seq, self.name)
+        if err is None and kept is not None:
+            err = refusal.convert(exc, rt, refusal.ANY, self.name, violation=kept)
         try:
             if err is not None:
                 refusal.raise_converted(err, exc)

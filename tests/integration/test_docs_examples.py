@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import allocpolicy as allocpolicy_package
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 TIMEOUT = 300
@@ -39,6 +41,9 @@ RUNS = {
     "inject_task.py": "inject_policy.toml",
     "task_boundaries.py": "nested_policy.toml",
     "task_retries.py": "quickstart_policy.toml",
+    "web_flask.py": "web_policy.toml",
+    "web_fastapi.py": "web_policy.toml",
+    "task_runners.py": "tasks_policy.toml",
     "observe_refusals.py": "quickstart_policy.toml",
 }
 
@@ -116,12 +121,21 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "no_alloc_regions.py",
         "library_scope.py",
         "inject_task.py",
+        "web_flask.py",
+        "web_fastapi.py",
+        "task_runners.py",
         "observe_refusals.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
     if script == "no_alloc_regions.py":
         pytest.importorskip("numpy")  # a test dependency; the example uses it
+    needs = {"web_flask.py": ["flask", "waitress"], "web_fastapi.py": ["fastapi", "uvicorn"],
+             "task_runners.py": ["distributed"]}
+    for needed in needs.get(script, []):
+        pytest.importorskip(needed)  # test dependencies (the [test] extra)
+    if script == "web_fastapi.py" and not hasattr(allocpolicy_package.task, "__aenter__"):
+        pytest.skip("needs scope instances that follow asyncio tasks")
     # GIVEN an example script and the output recorded next to it for the docs
     # WHEN it runs under the runtime with its policy
     proc = run_example(script, tmp_path)

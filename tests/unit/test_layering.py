@@ -23,7 +23,7 @@ LAYERS = [
     ),
     ("native", {"allocpolicy._native"}),
     ("core", {"allocpolicy._core", "allocpolicy._core.*"}),
-    ("model", {"allocpolicy._inject_settings", "allocpolicy._policy"}),
+    ("model", {"allocpolicy._inject_settings", "allocpolicy._offenders", "allocpolicy._policy"}),
     (
         "features",
         {
@@ -41,7 +41,6 @@ LAYERS = [
             "allocpolicy._budget_checks",
         },
     ),
-    ("integrations", {"allocpolicy.integrations", "allocpolicy.integrations.*"}),
     (
         "entry points",
         {
@@ -56,6 +55,9 @@ LAYERS = [
             "allocpolicy.metrics.*",
         },
     ),
+    # On top: they build on the public namespace (allocpolicy itself), which
+    # never imports them.
+    ("integrations", {"allocpolicy.integrations", "allocpolicy.integrations.*"}),
 ]
 
 #: What an integration may import from the package: the public namespace and the core.

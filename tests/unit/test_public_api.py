@@ -5,8 +5,9 @@ import allocpolicy
 
 # Public modules of their own: attributes of the package once imported, never
 # imported by it. The pytest plugin is loaded by pytest through the pytest11
-# entry point; the metrics package when a program exports metrics.
-SUBMODULES = {"pytest_plugin", "metrics"}
+# entry point; the metrics package when a program exports metrics; the
+# integrations package when a program uses one.
+SUBMODULES = {"pytest_plugin", "metrics", "integrations"}
 
 
 def test_all_is_exactly_the_public_namespace():
