@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define AP_ABI_VERSION 2
+#define AP_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define AP_API __attribute__((visibility("default")))
@@ -215,6 +215,12 @@ AP_API ap_status ap_set_budget(uint32_t instance_id, int64_t budget);
 /* ap_enter(), with the calling thread's violation number (ap_violation.seq,
  * 0 before the first) from just before the entry in *violation_seq. */
 AP_API ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *violation_seq);
+
+/* ap_enter_noting() for callers to whom out-parameters are expensive (a task
+ * boundary entered from Python through ctypes): returns the violation number
+ * (0 or more; it never reaches 2^63) on success, the negative ap_status
+ * otherwise. The one function that breaks the out-parameter convention. */
+AP_API int64_t ap_enter_seq(uint32_t scope_id);
 
 /* Enter an existing, active instance on the calling thread (bind()). */
 AP_API ap_status ap_attach(uint32_t instance_id);
