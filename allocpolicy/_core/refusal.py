@@ -22,7 +22,7 @@ from .._errors import AllocError
 from .names import scope_name
 from .refusal_hooks import notify
 
-__all__ = ["ANY", "seq", "from_violation", "since", "convert", "raise_converted"]
+__all__ = ["ANY", "seq", "from_violation", "since", "convert", "raise_converted", "Watch"]
 
 _INJECTED = _native.REASONS.index("injected")
 
@@ -195,3 +195,35 @@ def raise_converted(err: AllocError, exc: BaseException) -> None:
         # must not keep the failed work's frames (and their memory) alive
         # until the cyclic GC runs.
         err = exc = tb = None
+
+
+class Watch:
+    """The start of a unit of work whose exception a framework hands to a hook
+    (Django's ``process_exception``, a ``got_request_exception`` receiver)
+    instead of letting it leave a ``with`` block.
+
+    Make it where the work starts, on the thread that runs the work;
+    :meth:`convert`, on that thread, is the boundary's conversion: the
+    :class:`AllocError` the exception stands for, or ``None``.
+    """
+
+    __slots__ = ("_rt", "_seq", "task")
+
+    def __init__(self, task: str | None = None) -> None:
+        self._rt = _native.runtime()
+        self._seq = seq(self._rt) if self._rt is not None else ANY
+        self.task = task
+
+    def convert(self, exc: BaseException | None) -> AllocError | None:
+        """The refusal ``exc`` carries, as :func:`convert` decides, reported
+        to the :func:`~allocpolicy.on_refusal` callbacks as a boundary
+        reports it; the finished frames of its traceback are cleared (the
+        error is kept for a response and a log line, its locals are not)."""
+        if self._rt is None or exc is None:
+            return None
+        err = convert(exc, self._rt, self._seq, self.task)
+        if err is None:
+            return None
+        notify(err)
+        _release_frames(exc.__traceback__)
+        return err.with_traceback(exc.__traceback__)
