@@ -1,5 +1,6 @@
 """The Django app of the web tests, settings and URLs in one module:
-``allocpolicy run -- gunicorn django_app:application``."""
+``allocpolicy run -- gunicorn django_app:application`` (WSGI), or
+``allocpolicy run -- uvicorn django_app:asgi_application`` (ASGI)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ urlpatterns = [
     path("stats", stats),
 ]
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402  (after settings)
+from django.core.asgi import get_asgi_application  # noqa: E402  (after settings)
+from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 application = get_wsgi_application()
+asgi_application = get_asgi_application()
