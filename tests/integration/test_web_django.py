@@ -35,15 +35,7 @@ SERVERS = {
     "gunicorn-sync": (GUNICORN, 2, ()),
     # Under ASGI Django reads the whole body before any middleware runs, so no
     # middleware can refuse a declared length unread (docs/web.rst).
-    "uvicorn-asgi": pytest.param(
-        (UVICORN, 1, ("body",)),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="under ASGI a refused view is answered 500: the coroutine of Django's async "
-            "middleware chain is awaited again after the refusal (RuntimeError: cannot reuse "
-            "already awaited coroutine)",
-        ),
-    ),
+    "uvicorn-asgi": (UVICORN, 1, ("body",)),
 }
 
 
