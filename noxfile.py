@@ -1,7 +1,7 @@
 """Development sessions: tests on every supported Python, docs, benchmarks.
 
-    nox -s tests docs sanitize     # what CI runs (README step 2): 10-15 min on 2 cores
-    nox -s quick                   # the development loop: about 2 min
+    nox -s tests docs sanitize     # what CI runs (README step 2): ~15 min on 2 idle cores
+    nox -s quick                   # the development loop: 2-3 min
     nox -s quick -- -k budget      # arguments after -- go to pytest
     nox -s tests-3.12 -- -k budget
     nox -s bench

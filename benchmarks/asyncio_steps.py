@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from run import preload_env  # beside this script
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,10 +133,7 @@ def measure(lib: Path, *, quick: bool = False, repeats: int | None = None) -> di
     steps = 20_000 if quick else 100_000
     spawns = 2_000 if quick else 10_000
     repeats = repeats or (3 if quick else 7)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC")
-           and not k.startswith("ALLOCPOLICY_")}
-    env["LD_PRELOAD"] = str(lib)
-    env["ALLOCPOLICY_TABLE"] = "v=1;process=raise:0"
+    env = preload_env(lib, "v=1;process=raise:0")
     out: dict = {"python": sys.version.split()[0], "steps": steps, "spawns": spawns,
                  "repeats": repeats, "loops": {}}
     for loop_name in _loops():
