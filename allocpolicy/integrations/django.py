@@ -20,6 +20,12 @@ in a ``got_request_exception`` receiver for the code of the other middleware,
 whose ``500`` it then answers with the ``507``. Put it first in
 ``MIDDLEWARE``, so that the instance covers every other middleware too.
 
+The middleware is synchronous. Under WSGI it runs on the thread that serves
+the request; under ASGI Django runs it, and the sync views, in the request's
+own thread, and the refusal of a sync view is answered the same way (Django
+reads the whole body there before any middleware, so the ``413`` is for WSGI
+servers). Async views are not covered.
+
 Settings, all optional, in a ``ALLOCPOLICY_MIDDLEWARE`` dict: ``scope`` (default
 ``"request"``), ``status``, ``too_large_status``, ``max_body`` and ``logger``,
 as for :class:`~allocpolicy.integrations.wsgi.AllocPolicyMiddleware`.
