@@ -36,7 +36,7 @@ extensions = [
 
 # The integrations import their frameworks, which the docs build need not
 # install.
-autodoc_mock_imports = ["flask", "werkzeug", "dask", "distributed", "starlette"]
+autodoc_mock_imports = ["flask", "werkzeug", "django", "dask", "distributed", "starlette"]
 
 root_doc = "index"
 exclude_patterns = ["_build", "examples", "Thumbs.db", ".DS_Store"]

@@ -22,7 +22,7 @@ from .._errors import AllocError
 from .names import scope_name
 from .refusal_hooks import notify
 
-__all__ = ["ANY", "seq", "from_violation", "since", "convert", "raise_converted"]
+__all__ = ["ANY", "seq", "from_violation", "since", "convert", "raise_converted", "release_frames", "Watch"]
 
 _INJECTED = _native.REASONS.index("injected")
 
@@ -166,16 +166,37 @@ def convert(
     return err
 
 
-def _release_frames(tb) -> None:
+# Clearing the frame of a suspended generator or coroutine finalizes it on
+# 3.11 and 3.12 (3.13 refuses with RuntimeError). A traceback holds such a
+# frame when a coroutine caught the error and went on to await something
+# (asgiref re-raises a thread's exception in the coroutine awaiting it, which
+# then awaits its error handling: Django under ASGI). Suspended, the frame's
+# last instruction is a yield; a finished one (the error went through it)
+# stopped elsewhere, and is cleared.
+_RESUMABLE = 0x20 | 0x80 | 0x100 | 0x200  # GENERATOR, COROUTINE, ITERABLE_COROUTINE, ASYNC_GENERATOR
+_YIELD = opcode.opmap["YIELD_VALUE"]
+
+
+def _suspended(frame) -> bool:
+    if not frame.f_code.co_flags & _RESUMABLE:
+        return False
+    code = frame.f_code.co_code
+    return 0 <= frame.f_lasti < len(code) and code[frame.f_lasti] == _YIELD
+
+
+def release_frames(tb) -> None:
     """Clear the locals of the finished frames in ``tb``: the traceback of a
-    kept AllocError (a Future's exception, a log record) must not keep the
-    failed work's objects, and its memory, alive. Frames still running (the
-    boundary's own caller) refuse and keep theirs."""
+    kept AllocError (a Future's exception, a log record, a response) must not
+    keep the failed work's objects, and its memory, alive. Frames still
+    running (the boundary's own caller) refuse and keep theirs, and those of
+    suspended generators and coroutines are left alone (see above)."""
     while tb is not None:
-        try:
-            tb.tb_frame.clear()
-        except RuntimeError:
-            pass
+        frame = tb.tb_frame
+        if not _suspended(frame):
+            try:
+                frame.clear()
+            except RuntimeError:
+                pass
         tb = tb.tb_next
 
 
@@ -188,7 +209,7 @@ def raise_converted(err: AllocError, exc: BaseException) -> None:
     """
     notify(err)
     tb = exc.__traceback__
-    _release_frames(tb)
+    release_frames(tb)
     try:
         if err.__cause__ is not None:
             raise err.with_traceback(tb)
@@ -198,3 +219,35 @@ def raise_converted(err: AllocError, exc: BaseException) -> None:
         # must not keep the failed work's frames (and their memory) alive
         # until the cyclic GC runs.
         err = exc = tb = None
+
+
+class Watch:
+    """The start of a unit of work whose exception a framework hands to a hook
+    (Django's ``process_exception``, a ``got_request_exception`` receiver)
+    instead of letting it leave a ``with`` block.
+
+    Make it where the work starts, on the thread that runs the work;
+    :meth:`convert`, on that thread, is the boundary's conversion: the
+    :class:`AllocError` the exception stands for, or ``None``.
+    """
+
+    __slots__ = ("_rt", "_seq", "task")
+
+    def __init__(self, task: str | None = None) -> None:
+        self._rt = _native.runtime()
+        self._seq = seq(self._rt) if self._rt is not None else ANY
+        self.task = task
+
+    def convert(self, exc: BaseException | None) -> AllocError | None:
+        """The refusal ``exc`` carries, as :func:`convert` decides, reported
+        to the :func:`~allocpolicy.on_refusal` callbacks as a boundary
+        reports it; the finished frames of its traceback are cleared (the
+        error is kept for a response and a log line, its locals are not)."""
+        if self._rt is None or exc is None:
+            return None
+        err = convert(exc, self._rt, self._seq, self.task)
+        if err is None:
+            return None
+        notify(err)
+        release_frames(exc.__traceback__)
+        return err.with_traceback(exc.__traceback__)

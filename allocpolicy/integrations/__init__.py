@@ -14,6 +14,8 @@ module                                what it protects                          
 ``allocpolicy.integrations.wsgi``     any WSGI application, one task boundary per request     ``wsgi``
                                       (gunicorn, waitress)
 ``allocpolicy.integrations.flask``    Flask: the refusal survives Flask's error handling      ``flask``
+``allocpolicy.integrations.django``   Django: a middleware; the refusal survives Django's     ``django``
+                                      error handling (tested with gunicorn)
 ``allocpolicy.integrations.asgi``     any ASGI application (Starlette, FastAPI, ...)          ``asgi``
 ``allocpolicy.integrations.futures``  ``concurrent.futures`` executors, one scope per task    (stdlib)
 ``allocpolicy.integrations.pool``     ``multiprocessing.Pool``, one scope per task            (stdlib)

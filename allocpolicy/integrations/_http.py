@@ -10,10 +10,10 @@ from __future__ import annotations
 import http
 import json
 import logging
-import traceback
 from typing import Any
 
 import allocpolicy
+from allocpolicy._core.refusal import release_frames
 
 __all__ = ["RequestGuard", "refusal_facts", "find_refusal", "LOGGER_NAME"]
 
@@ -191,4 +191,4 @@ def _release(err: BaseException) -> None:
     cyclic garbage collector breaks, some time later; until then the frames
     keep what the request built, the very memory it was refused more of.
     Clearing them frees it now (frames still running are left alone)."""
-    traceback.clear_frames(err.__traceback__)
+    release_frames(err.__traceback__)

@@ -26,7 +26,6 @@ does not keep the memory.
 
 from __future__ import annotations
 
-import traceback
 import warnings
 from concurrent.futures import Executor
 from typing import Any, Callable
@@ -36,6 +35,7 @@ from distributed import WorkerPlugin
 from distributed.core import error_message
 
 import allocpolicy
+from allocpolicy._core.refusal import release_frames
 
 from ._process_budget import set_process_budget
 from .futures import _check_scope
@@ -116,7 +116,7 @@ def _failure(report: dict | None, err: allocpolicy.AllocError) -> dict:
             failed[key] = report[key]
     # The worker keeps the error (and its traceback) with the task's state;
     # its frames' locals are the memory the task was refused more of.
-    traceback.clear_frames(err.__traceback__)
+    release_frames(err.__traceback__)
     return failed
 
 

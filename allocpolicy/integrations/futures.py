@@ -20,13 +20,13 @@ function does.
 from __future__ import annotations
 
 import functools
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import process as _process
 from typing import Any
 
 import allocpolicy
+from allocpolicy._core.refusal import release_frames
 
 __all__ = ["ScopedCall", "ScopedThreadPoolExecutor", "ScopedProcessPoolExecutor"]
 
@@ -78,7 +78,7 @@ class ScopedCall:
             # as long as the caller holds it); through its traceback it would
             # keep the failed task's locals, the very memory that was refused
             # more of. The traceback keeps its lines; the locals go now.
-            traceback.clear_frames(err.__traceback__)
+            release_frames(err.__traceback__)
             raise
 
     def __reduce__(self):

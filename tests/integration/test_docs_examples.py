@@ -43,6 +43,7 @@ RUNS = {
     "task_retries.py": "quickstart_policy.toml",
     "web_flask.py": "web_policy.toml",
     "web_fastapi.py": "web_policy.toml",
+    "web_django.py": "web_policy.toml",
     "task_runners.py": "tasks_policy.toml",
     "observe_refusals.py": "quickstart_policy.toml",
 }
@@ -123,6 +124,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "inject_task.py",
         "web_flask.py",
         "web_fastapi.py",
+        "web_django.py",
         "task_runners.py",
         "observe_refusals.py",
     ],
@@ -131,6 +133,7 @@ def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
     if script == "no_alloc_regions.py":
         pytest.importorskip("numpy")  # a test dependency; the example uses it
     needs = {"web_flask.py": ["flask", "waitress"], "web_fastapi.py": ["fastapi", "uvicorn"],
+             "web_django.py": ["django", "waitress"],
              "task_runners.py": ["distributed"]}
     for needed in needs.get(script, []):
         pytest.importorskip(needed)  # test dependencies (the [test] extra)

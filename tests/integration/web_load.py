@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -252,3 +253,47 @@ def check_live_back(before: dict[int, dict], after: dict[int, dict]) -> None:
         if pid in before:
             grown = facts["live"] - before[pid]["live"]
             assert grown <= LIVE_SLACK, f"worker {pid}: request scope holds {grown} bytes more than at the start"
+
+
+@dataclass
+class Bombarded:
+    """What a server did with ordinary requests and bombs (see :func:`bombard`)."""
+
+    requests: list[Request]
+    results: list[Result]
+    before: dict[int, dict]  #: the request scope's counters per worker, warm, before the bombs
+    after: dict[int, dict]
+    alive: bool
+    output: str  #: the server's log
+
+
+def bombard(command: list[str], requests: list[Request], workers: int = 1,
+            env: dict[str, str] | None = None) -> Bombarded:
+    """Start the server, warm it, note its counters, send ``requests`` from 8
+    clients at once, and note the counters again."""
+    with Server(command, env=env) as srv:
+        send(srv.url, mixed_requests(20, every=1000), clients=4)
+        before = srv.stats(workers)
+        results = send(srv.url, requests, clients=8)
+        after = srv.stats(workers)
+        alive = srv.alive()
+    return Bombarded(requests, results, before, after, alive, srv.output)
+
+
+def check_survived(run: Bombarded) -> None:
+    """Each bomb failed alone with its status and facts and was logged, the
+    server lives, the runtime refused the bombs, and the request scope's live
+    bytes are back at their baseline."""
+    check_results(run.results)
+    assert run.alive, run.output
+    n_bombs = sum(1 for r in run.requests if r.kind != "normal")
+    assert refusal_lines(run.output) == n_bombs, run.output[-3000:]
+    # A 413 is answered before anything is allocated: no refusal for it.
+    refused = sum(1 for r in run.requests if r.expect == 507)
+    assert sum(f["violations"] for f in run.after.values()) >= refused
+    check_live_back(run.before, run.after)
+
+
+def gunicorn_workers(output: str) -> set[int]:
+    """The pids of the workers gunicorn booted, from its log."""
+    return {int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", output)}

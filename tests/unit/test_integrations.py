@@ -14,7 +14,7 @@ import allocpolicy
 from allocpolicy.integrations._http import RequestGuard, find_refusal, refusal_facts
 from allocpolicy.integrations.futures import ScopedCall
 
-FRAMEWORKS = ("flask", "werkzeug", "dask", "distributed", "starlette", "fastapi", "uvicorn", "gunicorn", "waitress")
+FRAMEWORKS = ("flask", "werkzeug", "django", "dask", "distributed", "starlette", "fastapi", "uvicorn", "gunicorn", "waitress")
 
 
 @pytest.mark.parametrize("module", ["allocpolicy", "allocpolicy.integrations"])
