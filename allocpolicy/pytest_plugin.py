@@ -456,6 +456,19 @@ def _call_body(item: pytest.Function) -> None:
     item.obj(**{arg: funcargs[arg] for arg in item._fixtureinfo.argnames})
 
 
+def _observe_python(rt: _native.Runtime) -> None:
+    """Number the requests of Python's MEM and OBJ domains too.
+
+    Small objects come from pymalloc's pools, which never call ``malloc``:
+    without these observing layers (native/src/hooks_pymem.c) a sweep would
+    see only what reaches ``malloc`` and Python's RAW domain, and miss most
+    of what ordinary Python code allocates. Installed once, before any child
+    is forked, so that every child inherits them; put back if a tool such as
+    tracemalloc took them off.
+    """
+    rt.install_domain_hooks()
+
+
 def _injection(rt: _native.Runtime, index: int | None, persistent: bool) -> _native.InjectConfigC:
     """The runtime's setting that numbers the body's allocations (and fails ``index``)."""
     from ._inject import InjectSettings
@@ -506,6 +519,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     marker = pyfuncitem.get_closest_marker("oom_sweep")
     persistent = bool(marker is not None and marker.kwargs.get("persistent"))
     _declare_scope(rt, plan.budget)
+    _observe_python(rt)
     config = _injection(rt, plan.replay, persistent)
     previous = _inject.current()
     try:
@@ -533,11 +547,29 @@ def _say(config: pytest.Config, line: str) -> None:
         reporter.write_line(line)
 
 
+#: How a report names the entry point each allocator domain stands for.
+_ENTRY_POINTS = {
+    "libc": "malloc",
+    "py_raw": "PyMem_RawMalloc",
+    "py_mem": "PyMem_Malloc",
+    "py_obj": "PyObject_Malloc",
+    "numpy": "NumPy's data allocator",
+    "py_arena": "a pymalloc arena",
+}
+
+
+def _what_failed(run: "_Run") -> str:
+    """'56 bytes from PyObject_Malloc': the failed request and where it came in."""
+    where = _ENTRY_POINTS.get(run.first_domain, run.first_domain)
+    return f"{run.first_size} bytes from {where}" if where else f"{run.first_size} bytes"
+
+
 class _Run:
     """What one forked run of the body did."""
 
     __slots__ = ("index", "status", "outcome", "exc_type", "message", "frames", "allowed", "seen",
-                 "injected", "objects", "blocks", "net_bytes", "output", "seconds", "first_size")
+                 "injected", "objects", "blocks", "net_bytes", "output", "seconds", "first_size",
+                 "first_domain")
 
     def __init__(self, index: int | None) -> None:
         self.index = index
@@ -547,6 +579,7 @@ class _Run:
         self.frames: list[str] = []
         self.allowed = False
         self.seen = self.injected = self.objects = self.blocks = self.net_bytes = self.first_size = 0
+        self.first_domain = ""  # the allocator domain the failed allocation came through
         self.output = ""
         self.seconds = 0.0
 
@@ -603,6 +636,7 @@ class _Sweeper:
             from ._core.names import scope_id, scope_name
 
             _declare_scope(self.rt, self.plan.budget)
+            _observe_python(self.rt)
             scope_name(self.rt, scope_id(self.rt, SCOPE))
             self.rt.last_violation()
             self.rt.region_enter(_COUNT, True, _ARENAS_ONLY)
@@ -687,7 +721,7 @@ class _Sweeper:
                  f"{baseline.seen} allocations in scope {SCOPE!r})"]
         for run, problem in problems[:10]:
             lines.append("")
-            size = f" ({run.first_size} bytes)" if run.first_size else ""
+            size = f" ({_what_failed(run)})" if run.first_size else ""
             lines.append(f"allocation #{run.index}{size} failed: {problem}")
             if run.outcome == "raised" and run.frames:
                 lines.append(f"  the body raised {run.exc_type}: {run.message}")
@@ -809,7 +843,9 @@ class _Sweeper:
         record.update(seen=s.seen, injected=s.injected)
         if index is not None:
             v = rt.last_violation()
-            record["first_size"] = v.requested if v.index == index else 0
+            if v.index == index:
+                record["first_size"] = v.requested
+                record["first_domain"] = _native.DOMAINS[v.domain]
         # Written now, so that a crash while measuring still reports it.
         line = json.dumps(record).encode() + b"\n"
         del record
