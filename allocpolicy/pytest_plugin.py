@@ -65,6 +65,13 @@ _PLAN = pytest.StashKey["_Plan"]()
 _STATS = pytest.StashKey["AllocStats"]()
 
 _HOW_TO_RUN = "run pytest under the runtime: `allocpolicy run -- python -m pytest ...`"
+_IN_PROCESS_NOTE = (
+    "allocpolicy: runtime installed in this process (not preloaded): budgets, no_alloc and "
+    "sweeps see Python's allocator domains and NumPy's data, not native allocations "
+    "(malloc from C code); for those, `allocpolicy run -- python -m pytest ...`"
+)
+_INSTALLED = pytest.StashKey[bool]()  # the plugin installed the runtime in-process
+_NO_RUNTIME = pytest.StashKey[str]()  # why it could not
 _ARENAS_ONLY = 1 << _native.DOMAINS.index("py_arena")
 # What a run keeps is compared with what a passing run keeps. Objects the
 # garbage collector tracks (instances, containers) and malloc bytes compare
@@ -176,25 +183,60 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("the alloc_budget_threads ini value must be 'current' or 'all'")
     if config.getini("allocpolicy_unavailable") not in ("skip", "fail"):
         raise pytest.UsageError("the allocpolicy_unavailable ini value must be 'skip' or 'fail'")
-    if asked and _native.runtime() is None:
-        raise pytest.UsageError(
-            f"{', '.join(asked)} needs the allocpolicy runtime, which is not preloaded; {_HOW_TO_RUN}"
-        )
-    if ini_budget and _native.runtime() is None:
-        config.issue_config_time_warning(
-            pytest.PytestConfigWarning(
-                f"the alloc_budget ini value ({ini_budget}) is not enforced: the allocpolicy runtime "
-                f"is not preloaded; {_HOW_TO_RUN}"
-            ),
-            stacklevel=2,
-        )
+    if asked or ini_budget:
+        # Every test may need it: in place before the first one runs.
+        if _runtime(config, say=False) is None:
+            raise pytest.UsageError(
+                f"{', '.join(asked) or 'the alloc_budget ini value'} needs the allocpolicy runtime, "
+                f"which could not be installed in this process ({config.stash[_NO_RUNTIME]}); "
+                f"{_HOW_TO_RUN}"
+            )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(_INSTALLED, False):
+        from . import _inprocess
+
+        # A test that left a scope entered keeps the hooks in place, which
+        # is harmless at exit; uninstall() says so by refusing.
+        with contextlib.suppress(RuntimeError):
+            _inprocess.uninstall()
+        config.stash[_INSTALLED] = False
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
     rt = _native.runtime()
     if rt is None:
         return None
+    if config.stash.get(_INSTALLED, False):
+        return _IN_PROCESS_NOTE
     return f"allocpolicy: runtime preloaded ({rt.path or 'in the executable'})"
+
+
+def _runtime(config: pytest.Config, say: bool = True) -> _native.Runtime | None:
+    """The runtime: the preloaded one, else installed into this process on
+    first need (allocpolicy.install()); None if neither is possible.
+
+    Installed, it sees what Python's allocator domains and NumPy's data
+    handler allocate, not what native code takes from ``malloc`` directly;
+    that is said once: by the report header when pytest_configure installs
+    it (``say=False``), else on the terminal when a test first needs it.
+    """
+    rt = _native.runtime()
+    if rt is not None or _NO_RUNTIME in config.stash:
+        return rt
+    from . import _inprocess
+    from ._errors import RuntimeLoadError
+
+    try:
+        _inprocess.install()
+    except RuntimeLoadError as exc:
+        config.stash[_NO_RUNTIME] = str(exc)
+        return None
+    config.stash[_INSTALLED] = True
+    if say:
+        _say(config, _IN_PROCESS_NOTE)
+    return _native.runtime()
 
 
 def _parse_budget(value: object, where: str, error: type[Exception] = ValueError) -> int:
@@ -304,7 +346,11 @@ def _plan(item: pytest.Item) -> _Plan:
 
 
 def _unavailable(item: pytest.Item) -> None:
-    message = f"needs the allocpolicy runtime, which is not preloaded; {_HOW_TO_RUN}"
+    why = item.config.stash.get(_NO_RUNTIME, "")
+    message = (
+        f"needs the allocpolicy runtime, which is not preloaded and could not be installed in "
+        f"this process ({why}); {_HOW_TO_RUN}"
+    )
     if item.config.getini("allocpolicy_unavailable") == "fail":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
@@ -315,13 +361,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not isinstance(item, pytest.Function):
         return
     plan = _plan(item)
-    if _native.runtime() is None and plan.default_budget:
-        # A default budget in the ini file is no reason to skip every test
-        # of a run without the runtime (pytest_configure warned once).
-        plan.budget = None
     if not plan.wanted():
         return
-    if _native.runtime() is None:
+    if _runtime(item.config) is None:
         _unavailable(item)
     item.stash[_PLAN] = plan
     item.stash[_STATS] = AllocStats()
@@ -396,7 +438,7 @@ def no_alloc_fixture(request: pytest.FixtureRequest):
             with no_alloc():
                 hot_path(data)
     """
-    if _native.runtime() is None:
+    if _runtime(request.config) is None:
         _unavailable(request.node)
     import allocpolicy
 
