@@ -564,10 +564,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     _observe_python(rt)
     config = _injection(rt, plan.replay, persistent)
     previous = _inject.current()
+    _held_before(rt)
     try:
         with _body_scope(rt, plan, stats):
             _call_numbered(rt, config, pyfuncitem)
     finally:
+        rt.region_exit()
         seen = rt.inject_stats()
         _inject.reapply(rt, previous)
         _say(pyfuncitem.config, f"[oom_replay] {pyfuncitem.nodeid}: allocation #{plan.replay} "
@@ -652,6 +654,32 @@ def _describe(exc: BaseException, allow: tuple, body: object) -> dict[str, Any]:
         "frames": frames,
         "allowed": isinstance(exc, allow),
     }
+
+
+def _held_before(rt: _native.Runtime) -> tuple[int, int, int]:
+    """Bring the process to the state every numbered run starts from, and
+    measure what it holds: (objects the collector tracks, pymalloc blocks,
+    live bytes). Leaves a region open that counts pymalloc's arena events.
+
+    A sweep's child and a replay both start here, so that the same index
+    names the same allocation in both: a full collection also empties
+    CPython's free lists (tuples, lists, dicts, floats), and which requests
+    a free list answers without allocating decides the numbering.
+    """
+    # An exception caught in the caller gives its frame a frame object, which
+    # lives as long as the frame: make it exist in every run.
+    sys._getframe(1)
+    gc.collect()
+    objects = len(gc.get_objects())
+    blocks = sys.getallocatedblocks()
+    rt.flush()
+    live = rt.process_stats().live
+    # What the run keeps of native memory is the change of the process's
+    # live bytes, less pymalloc's arenas (1 MiB at a time, opened and
+    # released as Python objects come and go, which the block count already
+    # sees): a region counting arena events gives those.
+    rt.region_enter(_COUNT, True, _ARENAS_ONLY)
+    return objects, blocks, live
 
 
 class _Sweeper:
@@ -861,19 +889,7 @@ class _Sweeper:
         sweep = self.sweep
         _declare_scope(rt, self.plan.budget)
         config = _injection(rt, index, sweep.persistent)
-        # An exception caught here gives this running frame a frame object,
-        # which lives as long as the frame: make it exist in every run.
-        sys._getframe()
-        gc.collect()
-        objects = len(gc.get_objects())
-        blocks = sys.getallocatedblocks()
-        rt.flush()
-        live = rt.process_stats().live
-        # What the run keeps of native memory is the change of the process's
-        # live bytes, less pymalloc's arenas (1 MiB at a time, opened and
-        # released as Python objects come and go, which the block count
-        # already sees): a region counting arena events gives those.
-        rt.region_enter(_COUNT, True, _ARENAS_ONLY)
+        objects, blocks, live = _held_before(rt)
         record: dict[str, Any] = {"outcome": "passed"}
         try:
             with _body_scope(rt, self.plan, stats):
