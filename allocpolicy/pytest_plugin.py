@@ -24,9 +24,13 @@ Markers
         process budget: the process may grow by at most ``size``).
     ``no_alloc(frees=False, domains=None)``
         The test body must not allocate (:func:`allocpolicy.no_alloc`).
-    ``oom_sweep(max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), timeout=None)``
+    ``oom_sweep(max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), timeout=None,
+    jobs=None, sample=None, seed=None)``
         Run the body once to count its allocations, then again failing
-        allocation 1, 2, ... N in turn, each run in a forked child.
+        allocation 1, 2, ... N in turn, each run in a forked child, up to
+        ``jobs`` (default: one per CPU) at once. Allocations are numbered in
+        every domain the runtime sees: Python's RAW, MEM and OBJ domains and
+        NumPy's data handler always, native ``malloc`` under the preload.
 
 Fixtures
     ``alloc_stats``: live, peak and count of the test body's allocations.
@@ -50,6 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from typing import Any, Iterator
 
 import pytest
@@ -96,8 +101,9 @@ _MARKERS = {
     ),
     "oom_sweep": (
         "oom_sweep(max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), "
-        "timeout=None): count the test body's allocations, then rerun it failing allocation "
-        "1, 2, ... N in turn, each in a forked child; a crash, an exception other than "
+        "timeout=None, jobs=None, sample=None, seed=None): count the test body's allocations, then rerun it failing allocation "
+        "1, 2, ... N in turn, each in a forked child (jobs at once, default one per CPU; "
+        "stride, sample, max_runs and time_budget bound long sweeps); a crash, an exception other than "
         "MemoryError (or `allow`), or memory still held after the failure fails the test with "
         "the allocation index that reproduces it (--oom-replay=INDEX)."
     ),
@@ -135,6 +141,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="stop a test's sweep after this many seconds (what was covered is reported)",
     )
     group.addoption(
+        "--oom-sweep-sample", metavar="N", type=int, default=None,
+        help="fail N allocations drawn at random (after the stride), the same ones on every "
+        "run unless --oom-sweep-seed changes them",
+    )
+    group.addoption(
+        "--oom-sweep-seed", metavar="SEED", type=int, default=None,
+        help="seed of --oom-sweep-sample (default: derived from each test's id)",
+    )
+    group.addoption(
+        "--oom-sweep-jobs", metavar="N", type=int, default=None,
+        help="forked runs at once (default: one per CPU this process may use)",
+    )
+    group.addoption(
         "--oom-replay", metavar="INDEX", type=int, default=None,
         help="run the selected tests once, in this process, with allocation INDEX of their "
         "body failing (the index an oom_sweep failure names)",
@@ -168,10 +187,14 @@ def pytest_configure(config: pytest.Config) -> None:
     for flag, value in (
         ("--oom-sweep-max-runs", opt.oom_sweep_max_runs),
         ("--oom-sweep-stride", opt.oom_sweep_stride),
+        ("--oom-sweep-sample", opt.oom_sweep_sample),
+        ("--oom-sweep-jobs", opt.oom_sweep_jobs),
         ("--oom-replay", opt.oom_replay),
     ):
         if value is not None and value < 1:
             raise pytest.UsageError(f"{flag} must be at least 1, got {value}")
+    if opt.oom_sweep_seed is not None and opt.oom_sweep_seed < 0:
+        raise pytest.UsageError(f"--oom-sweep-seed must be at least 0, got {opt.oom_sweep_seed}")
     if opt.oom_sweep_time is not None and opt.oom_sweep_time <= 0:
         raise pytest.UsageError(f"--oom-sweep-time must be positive, got {opt.oom_sweep_time}")
     if opt.alloc_budget:
@@ -255,12 +278,17 @@ def _parse_budget(value: object, where: str, error: type[Exception] = ValueError
 
 
 class _Sweep:
-    __slots__ = ("max_runs", "stride", "time_budget", "persistent", "allow", "timeout")
+    __slots__ = ("max_runs", "stride", "time_budget", "persistent", "allow", "timeout", "jobs",
+                 "sample", "seed")
 
-    def __init__(self, max_runs=None, stride=1, time_budget=None, persistent=False, allow=(), timeout=None):
-        for name, value in (("max_runs", max_runs), ("stride", stride)):
+    def __init__(self, max_runs=None, stride=1, time_budget=None, persistent=False, allow=(),
+                 timeout=None, jobs=None, sample=None, seed=None):
+        for name, value in (("max_runs", max_runs), ("stride", stride), ("jobs", jobs),
+                            ("sample", sample)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"oom_sweep: argument {name!r} must be a whole number >= 1, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"oom_sweep: argument 'seed' must be a whole number >= 0, got {seed!r}")
         for name, value in (("time_budget", time_budget), ("timeout", timeout)):
             if value is not None and (not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"oom_sweep: argument {name!r} must be a positive number of seconds")
@@ -274,6 +302,39 @@ class _Sweep:
         self.persistent = bool(persistent)
         self.allow = (MemoryError, *tuple(allow))
         self.timeout = timeout
+        self.jobs = jobs  # None: one child per core
+        self.sample = sample
+        self.seed = seed
+
+    def indices(self, total: int, nodeid: str) -> tuple[list[int], str]:
+        """The indices to fail, of ``total``, and how they were chosen ('' for all).
+
+        The stride comes first, then the sample (drawn with ``seed``, by
+        default one derived from the test's id, so that the same test samples
+        the same indices on every run), then ``max_runs``.
+        """
+        indices = list(range(1, total + 1, self.stride))
+        how = []
+        if self.stride > 1:
+            how.append(f"stride {self.stride}")
+        if self.sample is not None and self.sample < len(indices):
+            import random
+
+            seed = self.seed if self.seed is not None else zlib.crc32(nodeid.encode())
+            indices = sorted(random.Random(seed).sample(indices, self.sample))
+            how.append(f"a sample of {self.sample}, seed {seed}")
+        if self.max_runs is not None and self.max_runs < len(indices):
+            indices = indices[: self.max_runs]
+            how.append(f"max_runs {self.max_runs}")
+        return indices, ", ".join(how)
+
+
+def _cores() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Plan:
@@ -331,6 +392,9 @@ def _plan(item: pytest.Item) -> _Plan:
             ("max_runs", opt.oom_sweep_max_runs),
             ("stride", opt.oom_sweep_stride),
             ("time_budget", opt.oom_sweep_time),
+            ("sample", opt.oom_sweep_sample),
+            ("seed", opt.oom_sweep_seed),
+            ("jobs", opt.oom_sweep_jobs),
         ):
             if value is not None:
                 kwargs[key] = value  # the command line bounds every sweep of this run
@@ -595,6 +659,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         _run_body(rt, plan, stats, pyfuncitem, config)
     finally:
         rt.region_exit()
+        gc.unfreeze()
         seen = rt.inject_stats()
         _inject.reapply(rt, previous)
         _say(pyfuncitem.config, f"[oom_replay] {pyfuncitem.nodeid}: allocation #{plan.replay} "
@@ -631,6 +696,21 @@ def _what_failed(run: "_Run") -> str:
     """'56 bytes from PyObject_Malloc': the failed request and where it came in."""
     where = _ENTRY_POINTS.get(run.first_domain, run.first_domain)
     return f"{run.first_size} bytes from {where}" if where else f"{run.first_size} bytes"
+
+
+class _Child:
+    """A forked run still going: what the parent keeps of it."""
+
+    __slots__ = ("run", "pid", "rfd", "out", "started", "deadline", "data")
+
+    def __init__(self, run: "_Run", pid: int, rfd: int, out: Any, started: float, deadline: float) -> None:
+        self.run = run
+        self.pid = pid
+        self.rfd = rfd
+        self.out = out  # the file its stdout and stderr go to
+        self.started = started
+        self.deadline = deadline
+        self.data = bytearray()  # what it wrote to its pipe
 
 
 class _Run:
@@ -703,6 +783,10 @@ def _held_before(rt: _native.Runtime) -> tuple[int, int, int]:
     # lives as long as the frame: make it exist in every run.
     sys._getframe(1)
     gc.collect()
+    # Everything alive now is out of the collector's sight until the run
+    # ends (gc.unfreeze): its collections during the body and the counts
+    # below then cost what the run made, not what the whole session holds.
+    gc.freeze()
     objects = len(gc.get_objects())
     blocks = sys.getallocatedblocks()
     rt.flush()
@@ -726,76 +810,89 @@ class _Sweeper:
 
     def run(self) -> str | None:
         """Sweep; a failure report, or None if every run behaved."""
-        item, sweep = self.item, self.sweep
-        with tempfile.TemporaryFile() as out:
-            self.out = out
-            started = time.monotonic()
-            # Resolved here, once: the error path of every child would
-            # otherwise fill these caches, and look like it kept memory.
-            # So are the modules the children use, and the runtime's
-            # per-thread buffers: made in each child, they would count as
-            # memory its run kept.
-            from . import _inject, _regions, _scope  # noqa: F401
-            if inspect.iscoroutinefunction(item.obj):
-                import asyncio  # noqa: F401 - once, not in every child
-            from ._core.names import scope_id, scope_name
+        # Each child's first full collection would walk every object of the
+        # session, and touch (copy) every page that holds one: once here,
+        # and frozen, each child collects only what its run makes.
+        gc.collect()
+        gc.freeze()
+        try:
+            return self.sweep_all()
+        finally:
+            gc.unfreeze()
 
-            _declare_scope(self.rt, self.plan.budget)
-            _observe_python(self.rt)
-            scope_name(self.rt, scope_id(self.rt, SCOPE))
-            self.rt.last_violation()
-            self.rt.region_enter(_COUNT, True, _ARENAS_ONLY)
-            self.rt.region_exit()
-            baseline = self.fork(None, timeout=sweep.timeout or 600)
-            if baseline.outcome == "raised":
-                # The body does not pass as it is: the ordinary run that
-                # follows reports that, with pytest's own traceback.
-                return None
-            broken = self.judge(baseline, baseline)
-            if broken:
-                return (
-                    f"oom_sweep: the counting run (no failure injected) {broken}; a forked copy "
-                    "of this process cannot run the test body\n"
-                    + "\n".join(f"    | {text}" for text in baseline.output.strip().splitlines()[:16])
-                )
-            total = baseline.seen
-            indices = list(range(1, total + 1, sweep.stride))
-            if sweep.max_runs is not None:
-                indices = indices[: sweep.max_runs]
-            timeout = sweep.timeout or max(60.0, 20 * baseline.seconds)
-            _say(item.config, f"[oom_sweep] {item.nodeid}: {total} allocations in the test body; "
-                 f"failing {len(indices)} of them in turn")
-            problems: list[tuple[_Run, str]] = []
-            done = stepping = 0
-            last_report = time.monotonic()
-            stopped = None
-            for index in indices:
-                if sweep.time_budget is not None and time.monotonic() - started > sweep.time_budget:
-                    stopped = f"stopped by the time budget ({sweep.time_budget:g} s) after index {index - sweep.stride}"
-                    break
-                result = self.fork(index, timeout)
-                done += 1
-                if result.outcome == "stepping":
-                    stepping += 1
-                    continue
-                problem = self.judge(result, baseline)
-                if problem:
-                    problems.append((result, problem))
-                if time.monotonic() - last_report > 5:
-                    last_report = time.monotonic()
-                    _say(item.config, f"[oom_sweep] {item.nodeid}: {done}/{len(indices)} runs, "
-                         f"{len(problems)} problem(s)")
-            elapsed = time.monotonic() - started
-            covered = f"{done} of {total} allocations failed in turn"
-            if stopped:
-                covered += f" ({stopped})"
-            elif len(indices) < len(range(1, total + 1)):
-                covered += f" (stride {sweep.stride}, max_runs {sweep.max_runs})"
-            if stepping:
-                covered += (f"; {stepping} of them were allocpolicy's own, between the task's steps, "
-                            "and are not judged")
-            _say(item.config, f"[oom_sweep] {item.nodeid}: {covered}, {len(problems)} problem(s), "
-                 f"{elapsed:.1f} s")
+    def sweep_all(self) -> str | None:
+        item, sweep = self.item, self.sweep
+        started = time.monotonic()
+        self.stopped: str | None = None
+        # Resolved here, once: the error path of every child would otherwise
+        # fill these caches, and look like it kept memory. So are the
+        # modules the children use, and the runtime's per-thread buffers:
+        # made in each child, they would count as memory its run kept.
+        from . import _inject, _regions, _scope  # noqa: F401
+        if inspect.iscoroutinefunction(item.obj):
+            import asyncio  # noqa: F401 - once, not in every child
+        from ._core.names import scope_id, scope_name
+
+        _declare_scope(self.rt, self.plan.budget)
+        _observe_python(self.rt)
+        scope_name(self.rt, scope_id(self.rt, SCOPE))
+        self.rt.last_violation()
+        self.rt.region_enter(_COUNT, True, _ARENAS_ONLY)
+        self.rt.region_exit()
+        baseline = self.run_one(None, timeout=sweep.timeout or 600)
+        if baseline.outcome == "raised":
+            # The body does not pass as it is: the ordinary run that
+            # follows reports that, with pytest's own traceback.
+            return None
+        broken = self.judge(baseline, baseline)
+        if broken:
+            return (
+                f"oom_sweep: the counting run (no failure injected) {broken}; a forked copy "
+                "of this process cannot run the test body\n"
+                + "\n".join(f"    | {text}" for text in baseline.output.strip().splitlines()[:16])
+            )
+        total = baseline.seen
+        indices, chosen = sweep.indices(total, item.nodeid)
+        timeout = sweep.timeout or max(60.0, 20 * baseline.seconds)
+        jobs = min(sweep.jobs or _cores(), max(1, len(indices)))
+        _say(item.config, f"[oom_sweep] {item.nodeid}: {total} allocations in the test body; "
+             f"failing {len(indices)} of them in turn" + (f" ({chosen})" if chosen else "")
+             + (f", {jobs} at a time" if jobs > 1 else ""))
+        problems: list[tuple[_Run, str]] = []
+        done = stepping = 0
+        last_report = time.monotonic()
+        by_domain: dict[str, int] = {}
+        for result in self.runs(indices, timeout, jobs, started):
+            done += 1
+            if result.first_domain:
+                by_domain[result.first_domain] = by_domain.get(result.first_domain, 0) + 1
+            if result.outcome == "stepping":
+                stepping += 1
+                continue
+            problem = self.judge(result, baseline)
+            if problem:
+                problems.append((result, problem))
+            if time.monotonic() - last_report > 5:
+                last_report = time.monotonic()
+                _say(item.config, f"[oom_sweep] {item.nodeid}: {done}/{len(indices)} runs, "
+                     f"{len(problems)} problem(s)")
+        problems.sort(key=lambda pair: pair[0].index)
+        elapsed = time.monotonic() - started
+        covered = f"{done} of {total} allocations failed in turn"
+        if self.stopped:
+            covered += f" ({self.stopped}, {len(indices) - done} not run)"
+        elif chosen:
+            covered += f" ({chosen})"
+        if by_domain:
+            covered += " [" + ", ".join(
+                f"{_ENTRY_POINTS.get(name, name)}: {n}" for name, n in sorted(by_domain.items())
+            ) + "]"
+        if stepping:
+            covered += (f"; {stepping} of them were allocpolicy's own, between the task's steps, "
+                        "and are not judged")
+        rate = f", {done / elapsed:.1f} runs/s" if elapsed > 0 and done else ""
+        _say(item.config, f"[oom_sweep] {item.nodeid}: {covered}, {len(problems)} problem(s), "
+             f"{elapsed:.1f} s{rate}")
         if not problems:
             return None
         return self.report(problems, covered, baseline)
@@ -849,20 +946,78 @@ class _Sweeper:
                          + (" ..." if len(rest) > 40 else ""))
         return "\n".join(lines)
 
-    def fork(self, index: int | None, timeout: float) -> _Run:
-        run = _Run(index)
-        self.out.seek(0)
-        self.out.truncate()
+    def runs(self, indices: list[int], timeout: float, jobs: int, started: float) -> Iterator[_Run]:
+        """The run of each index, as they end, with up to ``jobs`` children at once.
+
+        Sets ``self.stopped`` when the time budget ran out before every index
+        was started; children already running are waited for.
+        """
+        pending = iter(indices)
+        flying: dict[int, _Child] = {}  # by the read end of each child's pipe
+        budget = self.sweep.time_budget
+        try:
+            while True:
+                while not self.stopped and len(flying) < jobs:
+                    if budget is not None and time.monotonic() - started > budget:
+                        self.stopped = f"stopped by the time budget ({budget:g} s)"
+                        break
+                    index = next(pending, None)
+                    if index is None:
+                        break
+                    child = self.start(index, timeout, flying)
+                    flying[child.rfd] = child
+                if not flying:
+                    return
+                wait = max(0.0, min(c.deadline for c in flying.values()) - time.monotonic())
+                ready, _, _ = select.select(list(flying), [], [], wait)
+                for rfd in ready:
+                    chunk = os.read(rfd, 65536)
+                    if chunk:
+                        flying[rfd].data += chunk
+                    else:
+                        yield self.finish(flying.pop(rfd), killed=False)
+                now = time.monotonic()
+                for rfd in [rfd for rfd, c in flying.items() if now >= c.deadline]:
+                    child = flying.pop(rfd)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
+                    yield self.finish(child, killed=True)
+        finally:
+            # Interrupted (Ctrl-C, an error in the parent): no child outlives it.
+            for child in flying.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                self.finish(child, killed=True)
+
+    def run_one(self, index: int | None, timeout: float) -> _Run:
+        child = self.start(index, timeout, {})
+        ready = True
+        while ready:
+            left = child.deadline - time.monotonic()
+            ready = left > 0 and bool(select.select([child.rfd], [], [], left)[0])
+            if ready:
+                chunk = os.read(child.rfd, 65536)
+                if not chunk:
+                    return self.finish(child, killed=False)
+                child.data += chunk
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        return self.finish(child, killed=True)
+
+    def start(self, index: int | None, timeout: float, others: dict[int, _Child]) -> _Child:
+        out = tempfile.TemporaryFile()
         sys.stdout.flush()
         sys.stderr.flush()
         rfd, wfd = os.pipe()
         started = time.monotonic()
         pid = os.fork()
         if pid == 0:  # the child never returns
-            os.close(rfd)
             code = 70
             try:
-                self.child(index, wfd)
+                os.close(rfd)
+                for fd in others:  # the other children's pipes are theirs
+                    os.close(fd)
+                self.child(index, wfd, out)
                 code = 0
             except BaseException:  # noqa: BLE001 - the harness itself failed
                 with contextlib.suppress(BaseException):
@@ -870,56 +1025,44 @@ class _Sweeper:
             finally:
                 os._exit(code)
         os.close(wfd)
-        data = bytearray()
-        deadline = started + timeout
-        killed = False
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = True
+        return _Child(_Run(index), pid, rfd, out, started, started + timeout)
+
+    def finish(self, child: _Child, killed: bool) -> _Run:
+        """Collect a child that closed its pipe (or was killed)."""
+        os.close(child.rfd)
+        status = 0
+        while True:
+            try:
+                _, status = os.waitpid(child.pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ECHILD:
                     break
-                ready, _, _ = select.select([rfd], [], [], left)
-                if not ready:
-                    continue
-                chunk = os.read(rfd, 65536)
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            os.close(rfd)
-            while True:
-                try:
-                    _, status = os.waitpid(pid, 0)
-                    break
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.ECHILD:
-                        status = 0
-                        break
-                    raise
-        run.seconds = time.monotonic() - started
+                raise
+        run = child.run
+        run.seconds = time.monotonic() - child.started
         run.status = None if killed else status
-        for line in bytes(data).splitlines():
+        for line in bytes(child.data).splitlines():
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 for key, value in record.items():
                     setattr(run, key, value)
-        self.out.seek(0)
-        run.output = self.out.read(1 << 20).decode("utf-8", "replace")
+        with child.out:
+            child.out.seek(0)
+            run.output = child.out.read(1 << 20).decode("utf-8", "replace")
         return run
 
     # -- child side --
 
-    def child(self, index: int | None, wfd: int) -> None:
+    def child(self, index: int | None, wfd: int, out: Any) -> None:
         """Run the body once in this forked child and write what happened to ``wfd``."""
         rt = self.rt
         # Output of this run goes to a file the parent reads back, not into
         # the test's captured output (which would repeat it once per run).
-        os.dup2(self.out.fileno(), 1)
-        os.dup2(self.out.fileno(), 2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
         sys.stdout = sys.stderr = open(os.dup(1), "w", buffering=1, errors="replace")
         # pytest's faulthandler writes to its own copy of the terminal.
         import faulthandler
