@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Five parts, each optional (--only PART, repeatable):
+Six parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -30,6 +30,9 @@ libs       the hot-path cost of library scopes: malloc/free pairs with no
            library bound, with one bound that the caller is not in (a lookup
            that hits the per-thread cache), with the caller in it, and with
            the libraries report on (lib_lookup.py).
+sweeps     forked runs per second of an OOM sweep of a test of about 200
+           allocations, preloaded and in-process, one job and one per CPU
+           (sweeps.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -628,6 +631,10 @@ def print_report(res: dict) -> None:
         import lib_lookup
 
         out.write(lib_lookup.report(res["libs"]) + "\n")
+    if "sweeps" in res:
+        import sweeps
+
+        out.write(sweeps.report(res["sweeps"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -683,7 +690,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs", "sweeps"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -693,7 +700,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs", "sweeps"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -744,6 +751,10 @@ def main() -> None:
                 import lib_lookup  # beside this script
 
                 res["libs"] = lib_lookup.measure(Path(lib), pairs=pairs, repeats=repeats)
+            elif part == "sweeps":
+                import sweeps  # beside this script
+
+                res["sweeps"] = sweeps.measure(Path(lib), quick=args.quick, repeats=min(repeats, 5))
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)
