@@ -650,8 +650,11 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     marker = pyfuncitem.get_closest_marker("oom_sweep")
     persistent = bool(marker is not None and marker.kwargs.get("persistent"))
+    gc.collect()
+    gc.freeze()
+    _prepare(rt, plan, pyfuncitem)
+    AllocStats()
     _declare_scope(rt, plan.budget)
-    _observe_python(rt)
     config = _injection(rt, plan.replay, persistent)
     previous = _inject.current()
     _held_before(rt)
@@ -769,6 +772,28 @@ def _describe(exc: BaseException, allow: tuple, body: object) -> dict[str, Any]:
     }
 
 
+def _prepare(rt: _native.Runtime, plan: _Plan, item: pytest.Function) -> None:
+    """What a sweep does once before its first child, and a replay before its run.
+
+    Resolved here, once: the error path of every child would otherwise fill
+    these caches, and look like it kept memory. So are the modules the
+    children use, and the runtime's per-thread buffers: made in each child,
+    they would count as memory its run kept. A replay does the same, so that
+    it starts from the state the sweep's children started from.
+    """
+    from . import _inject, _regions, _scope  # noqa: F401
+    if inspect.iscoroutinefunction(item.obj):
+        import asyncio  # noqa: F401 - once, not in every child
+    from ._core.names import scope_id, scope_name
+
+    _declare_scope(rt, plan.budget)
+    _observe_python(rt)
+    scope_name(rt, scope_id(rt, SCOPE))
+    rt.last_violation()
+    rt.region_enter(_COUNT, True, _ARENAS_ONLY)
+    rt.region_exit()
+
+
 def _held_before(rt: _native.Runtime) -> tuple[int, int, int]:
     """Bring the process to the state every numbered run starts from, and
     measure what it holds: (objects the collector tracks, pymalloc blocks,
@@ -824,21 +849,7 @@ class _Sweeper:
         item, sweep = self.item, self.sweep
         started = time.monotonic()
         self.stopped: str | None = None
-        # Resolved here, once: the error path of every child would otherwise
-        # fill these caches, and look like it kept memory. So are the
-        # modules the children use, and the runtime's per-thread buffers:
-        # made in each child, they would count as memory its run kept.
-        from . import _inject, _regions, _scope  # noqa: F401
-        if inspect.iscoroutinefunction(item.obj):
-            import asyncio  # noqa: F401 - once, not in every child
-        from ._core.names import scope_id, scope_name
-
-        _declare_scope(self.rt, self.plan.budget)
-        _observe_python(self.rt)
-        scope_name(self.rt, scope_id(self.rt, SCOPE))
-        self.rt.last_violation()
-        self.rt.region_enter(_COUNT, True, _ARENAS_ONLY)
-        self.rt.region_exit()
+        _prepare(self.rt, self.plan, item)
         baseline = self.run_one(None, timeout=sweep.timeout or 600)
         if baseline.outcome == "raised":
             # The body does not pass as it is: the ordinary run that
