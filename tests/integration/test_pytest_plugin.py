@@ -24,6 +24,7 @@ import allocpolicy
 PACKAGE_ROOT = str(Path(allocpolicy.__file__).resolve().parents[1])
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "oom_sweep_demo"
+STDLIB_SHOWCASE = REPO / "examples" / "sweep_stdlib"
 TIMEOUT = 300
 LOAD_PLUGIN = ("-p", "no:allocpolicy", "-p", "allocpolicy.pytest_plugin")
 HOW_TO_RUN = "run pytest under the runtime: `allocpolicy run -- python -m pytest ...`"
@@ -696,3 +697,23 @@ def test_sampled_sweeps_pick_the_same_indices_whatever_the_number_of_jobs(tmp_pa
     drawn = sorted(random.Random(5).sample(range(1, total + 1), 8))
     assert found[0] == found[1], found
     assert set(found[0]) <= set(drawn) and len(found[0]) >= 6, (found, drawn)
+
+
+def test_the_stdlib_showcase_finds_csv_losing_its_memory_error_and_replays_it(tmp_path):
+    # GIVEN the documented sweep of csv.DictReader (docs/testing.rst)
+    shutil.copytree(STDLIB_SHOWCASE, tmp_path / "show", ignore=shutil.ignore_patterns("__pycache__"))
+    where = tmp_path / "show"
+    (where / "pytest.ini").write_text("[pytest]\n")
+    # WHEN it is swept
+    proc = pytest_in(where, "-k", "csv")
+    # THEN the last allocation's failure comes out as CPython's SystemError,
+    # not MemoryError, and the replay reproduces it
+    assert outcome(proc) == "1 failed, 3 deselected", explain(proc)
+    found = re.findall(r"allocation #(\d+) \(\d+ bytes from PyObject_Malloc\) failed: raised builtins.SystemError: "
+                       r"<function DictReader.__next__ at 0x[0-9a-f]+> returned NULL without setting an exception",
+                       proc.stdout)
+    total = re.search(r"test_csv_reader: (\d+) allocations in the test body", proc.stdout)
+    assert found and total and found[-1] == total[1], explain(proc)
+    replay = pytest_in(where, f"--oom-replay={found[-1]}", "-k", "csv")
+    assert f"[oom_replay] test_stdlib_sweep.py::test_csv_reader: allocation #{found[-1]} failed" in replay.stdout
+    assert "SystemError: <function DictReader.__next__" in replay.stdout, explain(replay)
