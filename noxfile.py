@@ -1,7 +1,7 @@
 """Development sessions: tests on every supported Python, docs, benchmarks.
 
-    nox -s tests docs              # what CI runs (README step 2): 10-15 min on 2 cores
-    nox -s quick                   # the development loop: about 2 min
+    nox -s tests docs sanitize     # what CI runs (README step 2): ~15 min on 2 idle cores
+    nox -s quick                   # the development loop: 2-3 min
     nox -s quick -- -k budget      # arguments after -- go to pytest
     nox -s tests-3.12 -- -k budget
     nox -s bench
@@ -31,7 +31,7 @@ HEAVY_PYTHON = "3.11"
 #: Every worker is a process, and most tests wait on children of their own.
 WORKERS = ["-n", "auto"]
 
-nox.options.sessions = ["tests", "docs"]
+nox.options.sessions = ["tests", "docs", "sanitize"]
 nox.options.reuse_venv = "yes"
 
 # pyenv keeps interpreters out of PATH unless selected; make every installed
@@ -75,6 +75,13 @@ def docs(session: nox.Session) -> None:
         "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
         *session.posargs,
     )
+
+
+@nox.session(python="3.11")
+def sanitize(session: nox.Session) -> None:
+    """The runtime and its native stress programs under ThreadSanitizer, then ASan+UBSan."""
+    _system_deps(session)
+    session.run("python", "tests/sanitize.py", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -30,6 +30,7 @@ from ._errors import (
     PolicyProblem,
     RuntimeLoadError,
     ScopeCapacityError,
+    ScopeMismatchError,
     UnknownScopeError,
 )
 from ._native import library_path
@@ -51,6 +52,7 @@ __all__ = [
     "Reservation",
     "RuntimeLoadError",
     "ScopeCapacityError",
+    "ScopeMismatchError",
     "ScopePolicy",
     "ScopeStats",
     "Stats",
@@ -104,7 +106,7 @@ _LAZY = {
     "load_policy": "_policy",
     "Reservation": "_fallible",
     "Unstored": "_fallible",
-    "machine_headroom": "_fallible",
+    "machine_headroom": "_machine",
     "reserve": "_fallible",
     "try_append": "_fallible",
     "try_bytearray": "_fallible",
@@ -148,8 +150,9 @@ def __dir__():
 
 
 def _activate() -> None:
-    """Under a preloaded runtime: count Python's small objects and make sure an
-    abort diagnostic is followed by the Python traceback, on the same fd."""
+    """Under a preloaded runtime: put the policy handed over in force, count
+    Python's small objects and make sure an abort diagnostic is followed by
+    the Python traceback, on the same fd."""
     rt = _native.runtime()
     if rt is None:
         return
@@ -165,25 +168,39 @@ def _activate() -> None:
                 AllocPolicyWarning,
                 stacklevel=2,
             )
+    else:
+        # A bare LD_PRELOAD (a container entry point, a systemd unit): the
+        # library knows no policy, so Python applies the one ALLOCPOLICY_POLICY
+        # names, or the built-in default, before the program runs.
+        from . import _configure
+
+        _configure.start(rt)
     if _os.environ.get("ALLOCPOLICY_INJECT"):
         # After the table: the setting may name a scope it declares.
         from . import _inject
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    if table and ";libreport=" in table:
+        # Under `allocpolicy libs`: name the libraries loaded that end the
+        # process on a refusal, before the report.
+        from . import _offenders
+
+        _offenders.warn_at_exit(rt, table)
     # Scopes entered in coroutines follow their task: the event loops are
     # followed from the moment asyncio is imported (_loops.follow() does the
     # same, without importing _loops at every start).
     _postimport.after_import("asyncio.base_events", "allocpolicy._loops:follow_asyncio")
     if not _faulthandler.is_enabled():
         _faulthandler.enable(file=rt.process_stats().report_fd, all_threads=True)
-    source = _os.environ.get("ALLOCPOLICY_POLICY")
-    if source and not source.startswith("<"):
+    text = _os.environ.get("ALLOCPOLICY_POLICY_TOML")
+    source = _os.environ.get("ALLOCPOLICY_POLICY", "")
+    if table and (text is not None or source[:1] not in ("", "<")):
         # A policy file may bind scopes to modules, which must hold before the
         # program imports them; the built-in policy binds none.
         from . import _modules
 
-        _modules.activate_from_environment(source)
+        _modules.activate_from_environment(text)
     if _os.environ.get("ALLOCPOLICY_STATS_SOCKET"):
         # Asked for (`run --stats-socket`): only then is there a thread.
         from . import _stats_socket

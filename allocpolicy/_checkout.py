@@ -79,7 +79,7 @@ def library(package_dir: str, native: str, names: list[str]) -> str:
     os.makedirs(build, exist_ok=True)
     # Several processes (pytest workers, parallel commands) may find the
     # library stale at once: one builds, the others wait and then see it fresh.
-    with open(os.path.join(build, ".lock"), "w") as lock:
+    with open(os.path.join(build, ".lock"), "wb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _stale(native, outputs):
             print(f"allocpolicy: building the runtime library of the source checkout "

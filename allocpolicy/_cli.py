@@ -24,6 +24,7 @@ __all__ = ["main", "BACKENDS"]
 import argparse
 import ctypes.util
 import dataclasses
+import fcntl
 import os
 import platform
 import sys
@@ -35,7 +36,18 @@ from . import _stats_client
 from ._budget_checks import budget_warnings
 from ._errors import PolicyError, RuntimeLoadError
 from ._inject import ENV_INJECT
-from ._policy import BUILTIN_SOURCE, ENV_POLICY, ENV_TABLE, MAX_FD, Policy, default_policy, load_policy
+from ._offenders import advice, found_in_environment, uncovered
+from ._policy import (
+    BUILTIN_SOURCE,
+    ENV_POLICY,
+    ENV_POLICY_TOML,
+    ENV_TABLE,
+    MAX_FD,
+    Policy,
+    default_policy,
+    load_policy,
+    load_policy_text,
+)
 from ._stats_socket import DEFAULT_ADDRESS, ENV_STATS_SOCKET
 
 PROG = "allocpolicy"
@@ -148,11 +160,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UserError("run: no command given; usage: allocpolicy run [options] -- COMMAND [ARG ...]")
-    policy = _load(args.policy)
+    # Read once, here: the command gets the text, so any readable source
+    # works (a pipe, `<(...)`) and the command sees what was compiled.
+    policy, text = load_policy_text(args.policy) if args.policy is not None else (default_policy(), None)
+    if text is not None:
+        _check_can_hand_over(args.policy, text)
     if args.report_fd is not None:
         policy = dataclasses.replace(
             policy, process=dataclasses.replace(policy.process, report_fd=args.report_fd)
         )
+    _check_report_fd(policy, args.report_fd is not None)
     inject_text = args.inject if args.inject is not None else os.environ.get(ENV_INJECT)
     if inject_text:
         policy = _with_injection(policy, inject_text)
@@ -170,6 +187,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     env["LD_PRELOAD"] = _preload(library, backend, env.get("LD_PRELOAD", ""))
     env[ENV_TABLE] = table
     env[ENV_POLICY] = os.path.abspath(args.policy) if args.policy is not None else BUILTIN_SOURCE
+    if text is not None:
+        env[ENV_POLICY_TOML] = text
+    else:
+        env.pop(ENV_POLICY_TOML, None)
     if args.stats_socket:
         env[ENV_STATS_SOCKET] = DEFAULT_ADDRESS
     if inject_text:
@@ -189,6 +210,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot execute {command[0]}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Linux limits one environment string (NAME=value) to 32 pages.
+_ENV_STRING_MAX = 32 * 4096
+
+
+def _check_can_hand_over(source: str, text: str) -> None:
+    if "\0" in text:
+        raise UserError(f"run: --policy {source}: the policy file contains a NUL byte")
+    size = len(ENV_POLICY_TOML) + 1 + len(text.encode("utf-8")) + 1
+    if size > _ENV_STRING_MAX:
+        raise UserError(
+            f"run: --policy {source}: the policy is {size} bytes, more than the "
+            f"{_ENV_STRING_MAX // 1024} KiB that the environment can hand to the command"
+        )
+
+
+def _check_report_fd(policy: Policy, from_option: bool) -> None:
+    """The command writes its diagnostics to the report descriptor: one that
+    is not open for writing would lose the only account of an abort, so
+    refuse to start. It is made inheritable, or exec would close it."""
+    fd = policy.process.report_fd
+    where = f"--report-fd {fd}" if from_option else f"report_fd = {fd} in {policy.source} [process]"
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise UserError(
+            f"run: {where}: descriptor {fd} is not open, so diagnostics would be lost; "
+            f"open it for the command (for example `{fd}>>report.log`) or choose another"
+        ) from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise UserError(f"run: {where}: descriptor {fd} is open for reading only; diagnostics are written to it")
+    if fd > 2:
+        os.set_inheritable(fd, True)
 
 
 def _not_executable(name: str, path: str) -> str:
@@ -266,6 +321,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.flush()  # the warnings follow the description, also in a terminal
     for problem in budget_warnings(policy):
         print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    for offender, path in found_in_environment(uncovered(policy.scopes)):
+        print(f"{PROG}: {advice(offender, path)}", file=sys.stderr)
     return EXIT_OK
 
 

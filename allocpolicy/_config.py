@@ -10,11 +10,12 @@ through :func:`put_in_force`.
 
 from __future__ import annotations
 
-import threading
+import os
 import warnings
 from typing import TYPE_CHECKING
 
-from . import _native
+from . import _atfork, _native
+from ._core.names import declared_scopes
 from ._errors import AllocPolicyWarning, PolicyError
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["active_policy", "is_active", "put_in_force"]
 
 
-_lock = threading.Lock()
+_lock = _atfork.lock()
 _active: Policy | None = None
 
 
@@ -34,28 +35,55 @@ def is_active() -> bool:
 
 def active_policy() -> Policy:
     """The policy in force: the last one configured, the one handed over by
-    ``allocpolicy run``, or the built-in default."""
+    ``allocpolicy run`` or named by ``ALLOCPOLICY_POLICY``, or the built-in default."""
     global _active
     if _active is None:
-        from ._policy import default_policy, policy_from_environment
-
         with _lock:
             if _active is None:
-                try:
-                    _active = policy_from_environment() or default_policy()
-                except PolicyError as err:
-                    # The file changed after `allocpolicy run` compiled it: the
-                    # runtime keeps what it was handed; say so, don't fail, and
-                    # describe what the runtime really enforces.
-                    warnings.warn(
-                        f"the policy file named in the environment no longer loads; "
-                        f"the runtime keeps the policy it was started with:\n{err}",
-                        AllocPolicyWarning,
-                        stacklevel=2,
-                    )
-                    rt = _native.runtime()
-                    _active = _policy_from_runtime(rt) if rt else default_policy()
+                _active = _starting_policy()
     return _active
+
+
+def _starting_policy() -> Policy:
+    """What holds before anything is configured in this process, read from the
+    environment once (a mistake there is one warning, at the first use)."""
+    from ._policy import ENV_POLICY, ENV_POLICY_TOML, ENV_TABLE, default_policy, policy_from_environment
+
+    rt = _native.runtime()
+    handed_table = rt is not None and bool(os.environ.get(ENV_TABLE))
+    try:
+        policy = policy_from_environment()
+    except PolicyError as err:
+        if handed_table:
+            consequence = "the runtime keeps the compiled policy it was started with"
+        else:
+            consequence = "the built-in default policy applies instead"
+        warnings.warn(
+            f"the policy in the environment ({ENV_POLICY}) does not load; {consequence}:\n{err}",
+            AllocPolicyWarning,
+            stacklevel=4,
+        )
+        policy = None
+    if policy is not None and handed_table and ENV_POLICY_TOML not in os.environ:
+        # Both set by hand: the table is what the runtime enforces, and a file
+        # that declares other scopes does not describe it.
+        undeclared = sorted(set(policy.scopes) - set(declared_scopes(rt)))
+        if undeclared:
+            warnings.warn(
+                f"the policy {policy.source} ({ENV_POLICY}) declares scopes that {ENV_TABLE} does "
+                f"not ({', '.join(undeclared)}); the runtime enforces the table, and "
+                "active_policy() describes it",
+                AllocPolicyWarning,
+                stacklevel=4,
+            )
+            policy = None
+    if policy is not None:
+        return policy
+    if handed_table:
+        # A table set by hand, with no policy to go with it: describe what the
+        # runtime really enforces.
+        return _policy_from_runtime(rt)
+    return default_policy()
 
 
 def _policy_from_runtime(rt: _native.Runtime) -> Policy:

@@ -7,7 +7,8 @@
      ├── PolicyError         (also a ValueError)   a policy file or mapping is wrong
      ├── UnknownScopeError   (also a LookupError)  a scope name the policy does not declare
      ├── RuntimeLoadError    (also an OSError)     the native library cannot be used
-     └── ScopeCapacityError  (also a RuntimeError) too many nested or live scope instances
+     ├── ScopeCapacityError  (also a RuntimeError) too many nested or active scope instances
+     └── ScopeMismatchError  (also a RuntimeError) a scope left out of the order of entries
 
 ``AllocError`` subclasses ``MemoryError`` so that existing ``except MemoryError``
 handlers keep working; ``PolicyError`` subclasses ``ValueError`` because it is
@@ -25,6 +26,7 @@ __all__ = [
     "UnknownScopeError",
     "RuntimeLoadError",
     "ScopeCapacityError",
+    "ScopeMismatchError",
 ]
 
 #: Reasons an allocation can be refused, as carried by :attr:`AllocError.reason`.
@@ -228,4 +230,13 @@ class RuntimeLoadError(AllocPolicyError, OSError):
 
 class ScopeCapacityError(AllocPolicyError, RuntimeError):
     """A scope cannot be entered: 32 nested scopes on one thread, or 65536
-    scope instances alive at once, is the runtime's fixed capacity."""
+    scope instances active at once, is the runtime's fixed capacity (ended
+    instances hold none, whatever memory they left behind)."""
+
+
+class ScopeMismatchError(AllocPolicyError, RuntimeError):
+    """A ``with scope()``/``task()`` block was left while a scope entered
+    after it on the same thread was still active (generators or coroutines
+    that hold scopes across ``yield``/``await`` and are resumed in another
+    order). The message names both scopes; no other scope's instance is
+    left in its place."""

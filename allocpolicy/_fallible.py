@@ -31,7 +31,6 @@ from ._errors import AllocError, AllocPolicyWarning
 __all__ = [
     "Reservation",
     "Unstored",
-    "machine_headroom",
     "reserve",
     "try_append",
     "try_bytearray",
@@ -42,75 +41,6 @@ __all__ = [
 ]
 
 _ACTION_CODES = {name: i for i, name in enumerate(_native.ACTIONS)}
-
-# --- The machine's headroom ------------------------------------------------------
-#
-# Reservations check the machine in the runtime itself (native/src/machine.c),
-# which reads these files without allocating: code near its budget must be
-# able to ask. This Python reading is for information and for tests.
-
-
-def _meminfo_available(proc_root: str) -> int | None:
-    try:
-        with open(f"{proc_root}/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _cgroup_v2_headroom(proc_root: str, cgroup_root: str) -> tuple[int, str] | None:
-    """``memory.max - memory.current`` of the tightest cgroup v2 level that
-    sets a limit, the process's own cgroup or an ancestor."""
-    try:
-        with open(f"{proc_root}/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    path = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if path is None:
-        return None
-    parts = [p for p in path.split("/") if p and p not in (".", "..")]
-    best: tuple[int, str] | None = None
-    for depth in range(len(parts), -1, -1):
-        base = "/".join([cgroup_root, *parts[:depth]])
-        try:
-            with open(f"{base}/memory.max") as f:
-                limit_text = f.read().strip()
-            with open(f"{base}/memory.current") as f:
-                current = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if not limit_text.isdigit():  # "max": no limit at this level
-            continue
-        room = max(int(limit_text) - current, 0)
-        if best is None or room < best[0]:
-            best = (room, f"{base}/memory.max minus memory.current")
-    return best
-
-
-def machine_headroom(
-    *, proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup"
-) -> tuple[int, str]:
-    """Bytes the machine can still give this process, and where that came from.
-
-    The cgroup v2 limit minus current usage where a limit is set, else
-    ``MemAvailable``; the smaller of the two when both are known. Returns a
-    very large number with the source ``"unknown"`` when neither can be read.
-    """
-    candidates = []
-    cgroup = _cgroup_v2_headroom(proc_root, cgroup_root)
-    if cgroup is not None:
-        candidates.append(cgroup)
-    available = _meminfo_available(proc_root)
-    if available is not None:
-        candidates.append((available, f"MemAvailable in {proc_root}/meminfo"))
-    if not candidates:
-        return (1 << 62, "unknown")
-    return min(candidates, key=lambda c: c[0])
-
 
 # --- Reservations -------------------------------------------------------------------
 
@@ -241,8 +171,8 @@ class Reservation:
         try:
             self.release()
             rt = _native.runtime()
-            err = refusal.convert(exc, rt, self._seq) if rt is not None else None
-            if err is not None and err.limit == "reservation":
+            err = refusal.convert(exc, rt, self._seq, limit="reservation") if rt is not None else None
+            if err is not None:
                 refusal.raise_converted(err, exc)
             return False
         finally:

@@ -25,10 +25,9 @@ when ``ALLOCPOLICY_INJECT`` is set.
 
 from __future__ import annotations
 
-import _thread
 import os
 
-from . import _native
+from . import _atfork, _native
 from ._core.names import warn_inactive
 from ._errors import AllocError, AllocPolicyWarning
 from ._inject_settings import ENV_INJECT, KEYS, InjectSettings
@@ -71,7 +70,7 @@ class InjectStats:
 
 # The runtime keeps one setting for the process. Python keeps what it last
 # applied, so that a `with inject(...)` block can put back what was there.
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 _STARTUP = object()  # whatever the policy handed over by `allocpolicy run` holds
 _current: object = _STARTUP
 _last: InjectSettings | None = None  # the newest setting that was not "off"
@@ -82,7 +81,7 @@ def _resolve(value: object) -> InjectSettings | None:
         rt = _native.runtime()
         if rt is None or not rt.inject_stats().active:
             return None
-        # Only now: _config (threading, and the policy model it loads) is not
+        # Only now: _config (and the policy model it loads) is not
         # imported at startup, where this module may be.
         from ._config import active_policy
 

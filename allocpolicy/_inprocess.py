@@ -26,12 +26,11 @@ import faulthandler
 import os
 import sys
 import sysconfig
-import threading
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import _config, _configure, _loops, _native
+from . import _atfork, _config, _configure, _loops, _native
 from ._errors import AllocPolicyWarning, RuntimeLoadError
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ __all__ = ["install", "uninstall", "is_installed"]
 # NumPy 2 keeps its C core in numpy._core, NumPy 1 in numpy.core.
 _NUMPY_CORE = ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath")
 
-_lock = threading.RLock()
+_lock = _atfork.rlock()
 _state: _Installed | None = None
 # How CPython's allocators lay out blocks does not change while the process
 # runs; learnt once, while nobody's hooks hide it.

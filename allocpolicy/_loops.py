@@ -63,11 +63,13 @@ def _wrap(owner: object, name: str, make) -> None:
 
 
 def _stepping_create_task(original):
+    stepper_for = stepping.stepper_for
     stepper = stepping.TaskStepper
+    native = types.CoroutineType
 
     def create_task(self, coro, *args, **kwargs):
-        if type(coro) is types.CoroutineType or (type(coro) is not stepper and isinstance(coro, Coroutine)):
-            coro = stepper(coro)
+        if type(coro) is native or (not isinstance(coro, stepper) and isinstance(coro, Coroutine)):
+            coro = stepper_for(coro)
         return original(self, coro, *args, **kwargs)
 
     return create_task

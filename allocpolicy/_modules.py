@@ -49,7 +49,7 @@ import sys
 import warnings
 from types import FunctionType, ModuleType
 
-from . import _native
+from . import _atfork, _native
 from ._core import refusal, stepping
 from ._core.names import scope_id
 from ._errors import AllocError, AllocPolicyError, AllocPolicyWarning
@@ -176,7 +176,7 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
     del t.depth[sid]
     rt = _rt
     refused = False
-    if exc is not None and binding.convert and isinstance(exc, MemoryError) and not isinstance(exc, AllocError):
+    if exc is not None and binding.convert and isinstance(exc, Exception) and not isinstance(exc, AllocError):
         # Did the runtime cause it? A refusal is counted on the instance that
         # was innermost, whichever limit refused; ours was entered by this
         # activation, so a count there is a refusal during it. (Reading the
@@ -508,7 +508,7 @@ def _install_wrappers() -> None:
 
 # --- Applying a policy ---------------------------------------------------------------
 
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 
 
 def _warn(message: str) -> None:
@@ -558,26 +558,24 @@ def apply(policy, rt: _native.Runtime | None = None) -> None:
             sys.meta_path.remove(_finder)
 
 
-def activate_from_environment(source: str) -> None:
-    """At startup under ``allocpolicy run --policy FILE``: bind the file's modules.
+def activate_from_environment(text: str | None) -> None:
+    """At startup under ``allocpolicy run --policy FILE``: bind the modules of
+    the policy, whose ``text`` ``run`` handed over (``None``: only its file
+    is named).
 
     Most policies bind no module, and every interpreter started under the
-    runtime comes here; a file that cannot declare the key (neither the word
+    runtime comes here; a policy that cannot declare the key (neither the word
     nor a TOML escape that could spell it) is not parsed at all.
     """
-    try:
-        with open(source, "rb") as f:
-            raw = f.read()
-    except OSError:
+    if text is not None and "modules" not in text and "\\" not in text:
         return
-    if b"modules" not in raw and b"\\" not in raw:
-        return
-    # Only now: _config (threading, and the policy model it loads) is not
+    # Only now: _config (and the policy model it loads) is not
     # imported at startup unless the policy binds modules.
     from . import _config
 
+    policy = _config.active_policy()
     try:
-        apply(_config.active_policy())
+        apply(policy)
     except AllocPolicyError as err:
         # At interpreter startup nobody could catch it: say so and run unbound.
-        _warn(f"the modules of the policy {source} are not bound to their scopes: {err}")
+        _warn(f"the modules of the policy {policy.source} are not bound to their scopes: {err}")

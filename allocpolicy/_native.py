@@ -17,10 +17,10 @@ import os
 import _thread
 from typing import Any
 
-from . import _checkout
+from . import _atfork, _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
@@ -48,7 +48,7 @@ INJECT_ANY_SCOPE = 0xFFFFFFFF
 _CAPACITY = {
     "ap_enter": (
         "cannot enter another scope: nesting is limited to 32 per thread and "
-        "65536 instances may be alive at once"
+        "65536 instances may be active at once"
     ),
     "ap_attach": "cannot attach to the bound scope instance: nesting is limited to 32 per thread",
     "ap_reserve": "at most 16 reservations can be active on one thread",
@@ -279,15 +279,19 @@ def library_path() -> str:
 
 def _preloaded_path() -> str | None:
     """Path of the mapped file that provides ap_abi_version, if any is mapped."""
+    # Bytes: paths in the maps are the file system's, in no particular
+    # encoding, and a text open would depend on the locale (and warn under
+    # -X warn_default_encoding in every program started under the runtime).
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", "rb") as f:
             maps = f.read()
     except OSError:
         return None
+    names = (LIBRARY_NAME.encode(), LIBRARY_NAME.encode() + b".1")
     for line in maps.splitlines():
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].endswith((LIBRARY_NAME, LIBRARY_NAME + ".1")):
-            return parts[5]
+        if len(parts) == 6 and parts[5].endswith(names):
+            return os.fsdecode(parts[5])
     return None
 
 
@@ -311,6 +315,8 @@ class Runtime:
             "ap_configure": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int),
             "ap_scope_find": ([ctypes.c_char_p, u32p], ctypes.c_int),
             "ap_enter": ([ctypes.c_uint32, u32p], ctypes.c_int),
+            "ap_set_budget": ([ctypes.c_uint32, ctypes.c_int64], ctypes.c_int),
+            "ap_enter_noting": ([ctypes.c_uint32, u32p, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
             "ap_attach": ([ctypes.c_uint32], ctypes.c_int),
             "ap_hold": ([ctypes.c_uint32], ctypes.c_int),
             "ap_release": ([ctypes.c_uint32], ctypes.c_int),
@@ -351,6 +357,7 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         self._exit = handle.ap_exit
+        self._enter_noting = handle.ap_enter_noting
         # Every step of a task in a scope crosses ctypes twice (see
         # _core/stepping.py): through the handle that keeps the GIL (releasing and
         # taking it back would cost more than the call, and let other threads
@@ -365,7 +372,14 @@ class Runtime:
 
     def configure(self, table: str) -> None:
         offset = ctypes.c_size_t(0)
-        status = self._lib.ap_configure(table.encode("ascii"), ctypes.byref(offset))
+        try:
+            encoded = table.encode("ascii")
+        except UnicodeEncodeError as exc:
+            # The grammar is ASCII; a table set by hand may not be.
+            raise RuntimeLoadError(
+                f"the table has a character the runtime cannot read at offset {exc.start}: {table!r}"
+            ) from None
+        status = self._lib.ap_configure(encoded, ctypes.byref(offset))
         if status == EFULL:
             raise RuntimeLoadError("the runtime's scope table is full (256 scopes at most)")
         if status != OK:
@@ -400,6 +414,27 @@ class Runtime:
             return self._exit()
         except MemoryError:
             return self._exit()
+
+    def enter_noting(self, scope_id: int) -> int:
+        """:meth:`enter`, returning the thread's violation number from just
+        before the entry (what a task boundary notes) in the same call."""
+        local = self._local
+        try:
+            out, seq, out_ref, seq_ref = local.entry
+        except AttributeError:
+            # Made once per thread, outside any scope: made inside, they
+            # would be allocations of the scope entered.
+            out, seq = ctypes.c_uint32(), ctypes.c_uint64()
+            local.entry = (out, seq, ctypes.byref(out), ctypes.byref(seq))
+            out, seq, out_ref, seq_ref = local.entry
+        status = self._enter_noting(scope_id, out_ref, seq_ref)
+        if status:
+            check(status, "ap_enter", scope_id)
+        return seq.value
+
+    def set_budget(self, instance: int, budget: int) -> None:
+        """Give ``instance``, just entered on this thread, a budget of its own (0: none)."""
+        check(self._lib.ap_set_budget(instance, budget), "ap_set_budget", instance, budget)
 
     def hold(self, instance: int) -> bool:
         return self._lib.ap_hold(instance) == OK
@@ -593,7 +628,7 @@ class Runtime:
 # `_thread`, not `threading`: this module is imported when every interpreter
 # under `allocpolicy run` starts, and importing `threading` there changes what
 # programs observe (CPython's own test_threading checks it is not imported).
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 _runtime: Runtime | None = None
 _probed = False
 
@@ -805,6 +840,12 @@ class InprocessRuntime(Runtime):
             status = self._lib.ap_enter(scope_id, ctypes.byref(out))
         check(status, "ap_enter", scope_id)
         return out.value
+
+    def enter_noting(self, scope_id: int) -> int:
+        # The checks of in-process mode come first (enter()), so two calls.
+        seq = self.last_violation().seq
+        self.enter(scope_id)
+        return seq
 
     def attach(self, instance: int) -> None:
         before = self.before_enter

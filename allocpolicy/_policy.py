@@ -26,6 +26,7 @@ __all__ = [
     "BUILTIN_SOURCE",
     "CONFIGURE_SOURCE",
     "ENV_POLICY",
+    "ENV_POLICY_TOML",
     "ENV_TABLE",
     "MODES",
     "POLICY_VERSION",
@@ -36,6 +37,7 @@ __all__ = [
     "ScopePolicy",
     "default_policy",
     "load_policy",
+    "load_policy_text",
     "memory_limit",
     "policy_from_environment",
     "policy_from_mapping",
@@ -47,16 +49,20 @@ import functools
 import importlib.resources
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import _offenders
 from ._errors import PolicyError, PolicyProblem
 from ._errors import did_you_mean as _did_you_mean
 from ._inject_settings import VALIDATORS as _INJECT_VALIDATORS
 from ._inject_settings import InjectSettings, check_combination
+from ._machine import CGROUP_ROOT as _CGROUP_ROOT
+from ._machine import PROC_ROOT as _PROC_ROOT
+from ._machine import memory_limit
 from ._sizes import MAX_SIZE, MiB, Percent, format_size, parse_size
 
 #: Environment variable carrying the compiled table to a preloaded library.
@@ -64,7 +70,15 @@ ENV_TABLE = "ALLOCPOLICY_TABLE"
 #: Environment variable naming where the policy came from: an absolute file
 #: path, or :data:`BUILTIN_SOURCE`. Lets Python code in the launched program
 #: recover the full policy (scope names, percent budgets) that the table lost.
+#: Set by hand (without a table), it names the policy file that a process
+#: started with a bare ``LD_PRELOAD`` applies when its interpreter starts.
 ENV_POLICY = "ALLOCPOLICY_POLICY"
+#: Environment variable carrying the policy file's text as ``allocpolicy run``
+#: read it: the command parses exactly what was compiled, whatever the source
+#: was (a pipe, ``<(...)``, a file changed since), and never reads it again.
+ENV_POLICY_TOML = "ALLOCPOLICY_POLICY_TOML"
+#: A policy file is a few kilobytes; a larger "file" is a mistake (``/dev/zero``).
+MAX_POLICY_BYTES = 1 << 20
 
 BUILTIN_SOURCE = "<built-in default>"
 CONFIGURE_SOURCE = "<configure>"
@@ -88,8 +102,6 @@ DEFAULT_GRACE = 4 * MiB
 DEFAULT_RESERVE_MARGIN = 64 * MiB
 DEFAULT_REPORT_FD = 2
 
-_PROC_ROOT = "/proc"
-_CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 # --- Validators -------------------------------------------------------------
@@ -385,7 +397,7 @@ _SCOPE_KEYS: dict[str, _Key] = {
 # Every key is optional; the validators are those of allocpolicy.inject().
 _INJECT_KEYS: dict[str, _Key] = {key: _Key(check, optional=True) for key, check in _INJECT_VALIDATORS.items()}
 
-_TOP_KEYS = ("version", "process", "scopes", "inject")
+_TOP_KEYS = ("version", "include", "process", "scopes", "inject")
 
 
 def _check_fields(obj: object, keys: Mapping[str, _Key]) -> None:
@@ -874,6 +886,8 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
     if not isinstance(raw_scopes, Mapping):
         out.add("", "scopes", f"expected tables [scopes.NAME], got {_kind(raw_scopes)}")
         raw_scopes = {}
+    if "include" in data:
+        raw_scopes = _include(out, data["include"], raw_scopes)
     if len(raw_scopes) > MAX_SCOPES:
         out.add("scopes", None, f"at most {MAX_SCOPES} scopes can be declared, got {len(raw_scopes)}")
     for name, raw in raw_scopes.items():
@@ -912,6 +926,30 @@ def _build(data: object, source: str, *, require_version: bool = True) -> Policy
         source=source,
         inject=inject,
     )
+
+
+def _include(out: _Collector, names: object, raw_scopes: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """``raw_scopes`` with the scopes of the fragments ``include`` names
+    (see _offenders.py), after the policy's own."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        out.add("", "include", f"expected an array of fragment names, got {_kind(names)}")
+        return raw_scopes
+    merged = dict(raw_scopes)
+    for name in names:
+        try:
+            tables = _offenders.fragment(name)
+        except KeyError:
+            known = ", ".join(f'"{n}"' for n in _offenders.FRAGMENTS)
+            out.add("", "include", f"unknown fragment {name!r}{_did_you_mean(name, _offenders.FRAGMENTS)}; "
+                    f"the fragments are: {known}")
+            continue
+        for scope, table in tables.items():
+            if scope in merged:
+                out.add("", "include", f"fragment {name!r} declares the scope {scope!r}, which is declared "
+                        f"already; drop one of them")
+                continue
+            merged[scope] = table
+    return merged
 
 
 def _build_inject(out: _Collector, raw: Mapping[Any, Any], declared: set) -> InjectSettings | None:
@@ -978,14 +1016,68 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         PolicyError: listing every mistake (an unreadable file and TOML syntax
             errors are one problem each; otherwise one problem per wrong key).
     """
+    return load_policy_text(path)[0]
+
+
+def load_policy_text(path: str | os.PathLike[str]) -> tuple[Policy, str]:
+    """:func:`load_policy`, and the text it was read from (which ``allocpolicy
+    run`` hands on, so that the file is read once whatever it is)."""
     source = os.fspath(path)
+    raw = _read_policy_file(source)
+    return _load_text(raw, source), raw.decode("utf-8")
+
+
+def _read_policy_file(source: str, *, regular_only: bool = False) -> bytes:
+    """The bytes of a policy file, read once and at most :data:`MAX_POLICY_BYTES`.
+
+    Any readable source works (a pipe read by ``allocpolicy run``);
+    ``regular_only`` refuses anything but a regular file without blocking on
+    it, for sources that every process under the runtime would read again.
+    """
+
+    def problem(message: str) -> PolicyError:
+        return PolicyError([PolicyProblem(source, "", None, message)])
+
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if regular_only else 0)
     try:
-        raw = Path(source).read_bytes()
+        fd = os.open(source, flags)
     except OSError as exc:
-        raise PolicyError(
-            [PolicyProblem(source, "", None, f"cannot read the policy file: {exc.strerror or exc}")]
-        ) from None
-    return _load_text(raw, source)
+        raise problem(f"cannot read the policy file: {exc.strerror or exc}") from None
+    try:
+        if regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise problem(
+                f"not a regular file ({_file_kind(os.fstat(fd).st_mode)}), so it was not read: "
+                f"every process started with {ENV_POLICY} in its environment would read it again; "
+                "name a policy file, or start the program with `allocpolicy run --policy SOURCE`, "
+                "which reads any source once and hands the policy on"
+            )
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_POLICY_BYTES:
+                raise problem(f"the policy file is larger than {format_size(MAX_POLICY_BYTES)}")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise problem(f"cannot read the policy file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _load_text(raw: bytes, source: str) -> Policy:
@@ -1010,55 +1102,30 @@ def default_policy() -> Policy:
 
 
 def policy_from_environment(environ: Mapping[str, str] | None = None) -> Policy | None:
-    """The policy ``allocpolicy run`` handed to this process, if any.
+    """The policy handed to this process through the environment, if any.
 
-    Reads :data:`ENV_POLICY`: :data:`BUILTIN_SOURCE` gives :func:`default_policy`,
-    the path of a readable file gives that file loaded; anything else ``None``.
+    :data:`ENV_POLICY_TOML` (set by ``allocpolicy run``) is the policy's text,
+    and :data:`ENV_POLICY` names its source; without the text,
+    :data:`BUILTIN_SOURCE` gives :func:`default_policy` and a path gives that
+    file loaded, if it is a regular file. ``None`` when neither is set.
 
     Raises:
-        PolicyError: the named file no longer holds a valid policy.
+        PolicyError: the policy does not load; the file named is missing, not
+            a regular file, or not a valid policy.
     """
     env = os.environ if environ is None else environ
     where = env.get(ENV_POLICY)
+    text = env.get(ENV_POLICY_TOML)
+    if text is not None:
+        return _load_text(text.encode("utf-8", "surrogateescape"), where or ENV_POLICY_TOML)
     if not where:
         return None
     if where == BUILTIN_SOURCE:
         return default_policy()
-    if os.path.isfile(where) and os.access(where, os.R_OK):
-        return load_policy(where)
-    return None
+    return _load_text(_read_policy_file(where, regular_only=True), where)
 
 
 # --- Percent budgets -------------------------------------------------------------
-
-# cgroup v1 reports "no limit" as a page-rounded INT64_MAX.
-_V1_UNLIMITED = 1 << 62
-
-
-def memory_limit(*, proc_root: str = _PROC_ROOT, cgroup_root: str = _CGROUP_ROOT) -> tuple[int, str]:
-    """Bytes of memory available to this process, and where that number came from.
-
-    The cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``)
-    of the process's cgroup and of its ancestors, since any of them can be the
-    one that stops us; physical memory (``MemTotal``) when no cgroup sets a
-    limit, or when it is lower than the cgroup limit.
-
-    Raises:
-        OSError: neither a cgroup limit nor ``MemTotal`` could be read.
-    """
-    candidates = []
-    cgroup = _cgroup_limit(Path(proc_root), Path(cgroup_root))
-    if cgroup is not None:
-        candidates.append(cgroup)
-    total = _mem_total(Path(proc_root))
-    if total is not None:
-        candidates.append((total, f"MemTotal in {Path(proc_root, 'meminfo')}"))
-    if not candidates:
-        raise OSError(
-            f"cannot tell how much memory is available: no cgroup memory limit under {cgroup_root} "
-            f"and no MemTotal in {Path(proc_root, 'meminfo')}"
-        )
-    return min(candidates, key=lambda c: c[0])
 
 
 def resolve_process_budget(
@@ -1077,61 +1144,3 @@ def resolve_process_budget(
     raise TypeError(f"budget must be an int, a Percent or None, not {type(budget).__name__}")
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _mem_total(proc_root: Path) -> int | None:
-    text = _read_text(proc_root / "meminfo")
-    for line in (text or "").splitlines():
-        match = re.match(r"MemTotal:\s*(\d+)\s*kB", line)
-        if match:
-            return int(match[1]) * 1024
-    return None
-
-
-def _cgroup_limit(proc_root: Path, cgroup_root: Path) -> tuple[int, str] | None:
-    text = _read_text(proc_root / "self" / "cgroup")
-    if text is None:
-        return None
-    best: tuple[int, str] | None = None
-    for line in text.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            found = _walk_limits(cgroup_root, path, "memory.max")
-        elif "memory" in controllers.split(","):
-            found = _walk_limits(cgroup_root / "memory", path, "memory.limit_in_bytes")
-        else:
-            continue
-        if found is not None and (best is None or found[0] < best[0]):
-            best = found
-    return best
-
-
-def _walk_limits(mount: Path, path: str, filename: str) -> tuple[int, str] | None:
-    """Lowest limit set on the cgroup ``path`` or any ancestor under ``mount``.
-
-    Parts of the path that do not exist under the mount (a container that sees
-    the host's path without a cgroup namespace) are skipped; the mount's own
-    directory is then the container's cgroup.
-    """
-    parts = [p for p in PurePosixPath(path).parts if p not in ("/", "", ".", "..")]
-    best: tuple[int, str] | None = None
-    for depth in range(len(parts), -1, -1):
-        file = mount.joinpath(*parts[:depth], filename)
-        text = _read_text(file)
-        if text is None:
-            continue
-        value = text.strip()
-        if not value.isdigit():  # "max", or garbage
-            continue
-        limit = int(value)
-        if limit >= _V1_UNLIMITED:
-            continue
-        if best is None or limit < best[0]:
-            best = (limit, f"cgroup limit in {file}")
-    return best

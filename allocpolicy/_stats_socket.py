@@ -28,6 +28,7 @@ import sys
 import threading
 import warnings
 
+from . import _atfork
 from ._errors import AllocPolicyWarning
 
 __all__ = [
@@ -49,7 +50,7 @@ _ON = ("1", "on", "yes", "true")
 _MAX_DOCUMENT = 64 << 20  # 256 scopes take a few hundred KiB; anything this big is not ours
 _SEND_TIMEOUT = 5.0  # a client that connects and never reads must not hold the thread
 
-_lock = threading.Lock()
+_lock = _atfork.lock()
 _server: _Server | None = None
 
 
@@ -200,10 +201,9 @@ def _watch_forks() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # The thread did not survive the fork, and the socket is the parent's; a
-    # lock another thread held at the fork would never be released here.
-    global _server, _lock
-    _lock = threading.Lock()
+    # The thread did not survive the fork, and the socket is the parent's
+    # (the lock is free again: _atfork re-initialised it).
+    global _server
     server, _server = _server, None
     if server is None:
         return

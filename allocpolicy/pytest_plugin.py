@@ -1074,7 +1074,7 @@ class _Sweeper:
         # the test's captured output (which would repeat it once per run).
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
-        sys.stdout = sys.stderr = open(os.dup(1), "w", buffering=1, errors="replace")
+        sys.stdout = sys.stderr = open(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
         # pytest's faulthandler writes to its own copy of the terminal.
         import faulthandler
 

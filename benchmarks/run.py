@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Six parts, each optional (--only PART, repeatable):
+Ten parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -26,10 +26,20 @@ python     an object-heavy Python workload without preload, under the preload
            preload.
 modules    ns per call into a module bound to a scope, within bound code and
            unbound, on this Python (module_scope_calls.py).
+enter      ns per `with allocpolicy.task(...): pass` and `with scope(...)`
+           against `with contextlib.nullcontext(): pass` in the same run
+           (scope_entry.py).
 libs       the hot-path cost of library scopes: malloc/free pairs with no
            library bound, with one bound that the caller is not in (a lookup
            that hits the per-thread cache), with the caller in it, and with
            the libraries report on (lib_lookup.py).
+asyncio    ns per asyncio task step and per task created, with tasks not
+           followed (the baseline), followed outside scopes, and inside one
+           and three scopes, on the default loop and on uvloop
+           (asyncio_steps.py).
+web        requests/s and server CPU per request of Flask under gunicorn and
+           Starlette under uvicorn, without the runtime, under it, and behind
+           the integration (web_requests.py).
 sweeps     forked runs per second of an OOM sweep of a test of about 200
            allocations, preloaded and in-process, one job and one per CPU
            (sweeps.py).
@@ -627,10 +637,22 @@ def print_report(res: dict) -> None:
         import module_scope_calls
 
         out.write(module_scope_calls.report(res["modules"]) + "\n")
+    if "enter" in res:
+        import scope_entry
+
+        out.write(scope_entry.report(res["enter"]) + "\n")
     if "libs" in res:
         import lib_lookup
 
         out.write(lib_lookup.report(res["libs"]) + "\n")
+    if "asyncio" in res:
+        import asyncio_steps
+
+        out.write(asyncio_steps.report(res["asyncio"]) + "\n")
+    if "web" in res:
+        import web_requests
+
+        out.write(web_requests.report(res["web"]) + "\n")
     if "sweeps" in res:
         import sweeps
 
@@ -672,6 +694,11 @@ def targets(res: dict) -> dict:
                     worst, where = d["ratio"], f"{pattern} {v}"
         t["C malloc/free pair, instructions"] = {"worst": worst, "where": where,
                                                  "target": C_TARGET, "met": worst <= C_TARGET}
+    if "enter" in res:
+        x = res["enter"]["ratio_to_nullcontext"]["task"]
+        t["task enter + exit, vs nullcontext"] = {"worst": x, "where": "task",
+                                                  "target": res["enter"]["target"],
+                                                  "met": x <= res["enter"]["target"]}
     if "py_instructions" in res:
         x = res["py_instructions"]["ratio"]
         t["Python workload, task scope, instructions"] = {"worst": x, "where": "task",
@@ -690,7 +717,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "libs", "sweeps"],
+    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web", "sweeps"],
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -700,7 +727,7 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "libs", "sweeps"]))
+    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web", "sweeps"]))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -747,10 +774,22 @@ def main() -> None:
                 import module_scope_calls  # beside this script
 
                 res["modules"] = module_scope_calls.measure(lib, quick=args.quick, repeats=repeats)
+            elif part == "enter":
+                import scope_entry  # beside this script
+
+                res["enter"] = scope_entry.measure(lib, quick=args.quick, repeats=repeats)
             elif part == "libs":
                 import lib_lookup  # beside this script
 
                 res["libs"] = lib_lookup.measure(Path(lib), pairs=pairs, repeats=repeats)
+            elif part == "asyncio":
+                import asyncio_steps  # beside this script
+
+                res["asyncio"] = asyncio_steps.measure(Path(lib), quick=args.quick, repeats=repeats)
+            elif part == "web":
+                import web_requests  # beside this script
+
+                res["web"] = web_requests.measure(Path(lib), quick=args.quick, repeats=repeats)
             elif part == "sweeps":
                 import sweeps  # beside this script
 

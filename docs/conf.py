@@ -34,6 +34,10 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 
+# The integrations import their frameworks, which the docs build need not
+# install.
+autodoc_mock_imports = ["flask", "werkzeug", "dask", "distributed", "starlette"]
+
 root_doc = "index"
 exclude_patterns = ["_build", "examples", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []

@@ -32,16 +32,14 @@ Guard
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
 import time
 from types import SimpleNamespace
 
+import process_tree  # tests/process_tree.py
 import pytest
 
-PR_SET_CHILD_SUBREAPER = 36
 HEAVY_MODES = ("full", "quick")
 
 
@@ -64,9 +62,7 @@ def _heavy_mode(config: pytest.Config) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    process_tree.become_subreaper()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -109,68 +105,14 @@ def progress(request: pytest.FixtureRequest):
     return say
 
 
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.update(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return found
-
-
-def _describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        cmd = "(gone)"
-    return f"{pid}: {cmd[:300]}"
-
-
 def live_children() -> set[int]:
-    """Children of this process that still run (zombies are not counted)."""
-    return {pid for pid in _children(os.getpid()) if _state(pid) not in (None, "Z")}
-
-
-def kill_new_children(before: set[int]) -> list[str]:
-    """Kill and reap every child of this process not in ``before``, with its
-    own descendants; returns a description of each that was still running."""
-    killed = []
-    todo = sorted(_children(os.getpid()) - before)
-    while todo:
-        pid = todo.pop()
-        if _state(pid) not in (None, "Z"):
-            killed.append(_describe(pid))
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        # Its children (already re-parented here, or about to be) are new too.
-        todo.extend(sorted(_children(os.getpid()) - before - set(todo)))
-    return killed
+    """Children of this process that still run."""
+    return process_tree.running_children(os.getpid())
 
 
 @pytest.fixture(scope="session")
 def processes() -> SimpleNamespace:
-    return SimpleNamespace(children=live_children, kill_new=kill_new_children)
+    return SimpleNamespace(children=live_children, kill_new=process_tree.kill_new_children)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -182,7 +124,7 @@ def _no_process_left_behind():
     while live_children() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     if live_children() - before:
-        left = kill_new_children(before)
+        left = process_tree.kill_new_children(before)
         if left:
             pytest.fail(
                 "processes started by the tests were still running when the session "

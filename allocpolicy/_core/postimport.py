@@ -13,9 +13,11 @@ import _thread
 import importlib
 import sys
 
+from .. import _atfork
+
 __all__ = ["after_import"]
 
-_lock = _thread.allocate_lock()
+_lock = _atfork.lock()
 _pending: dict[str, list[str]] = {}
 
 

@@ -14,18 +14,44 @@ reported at a boundary belongs in :func:`convert`.
 
 from __future__ import annotations
 
+import _thread
+import opcode
+
 from .. import _native
 from .._errors import AllocError
 from .names import scope_name
 from .refusal_hooks import notify
 
-__all__ = ["seq", "from_violation", "since", "convert", "raise_converted"]
+__all__ = ["ANY", "seq", "from_violation", "since", "convert", "raise_converted"]
 
 _INJECTED = _native.REASONS.index("injected")
 
 #: ``since_seq`` that accepts the thread's newest violation, whenever it was made
 #: (for callers that established otherwise that a refusal happened).
 ANY = -1
+
+# An exception whose innermost traceback entry is one of these was made by the
+# Python code there (``raise X``); otherwise the instruction itself failed:
+# a call into C code, an operator, a subscript (see _carries).
+_RAISE = opcode.opmap["RAISE_VARARGS"]
+# Instructions that call: a refusal carried out as another exception type
+# (RuntimeError: can't allocate lock, ssl.SSLError) is raised by C code that
+# Python called.
+_CALLS = frozenset(
+    opcode.opmap[name]
+    for name in ("CALL", "CALL_FUNCTION_EX", "CALL_KW", "PRECALL")
+    if name in opcode.opmap
+)
+
+
+class _Reported(_thread._local):
+    # The newest violation a boundary of this thread turned into AllocError:
+    # once reported it labels nothing else (an outer boundary that sees an
+    # unrelated MemoryError after the AllocError was caught inside it).
+    seq = 0
+
+
+_reported = _Reported()
 
 
 def seq(rt: _native.Runtime) -> int:
@@ -59,16 +85,95 @@ def since(rt: _native.Runtime, since_seq: int, task: str | None = None) -> Alloc
     return from_violation(rt, v, task=task)
 
 
+def _innermost(exc: BaseException) -> tuple[int, int] | None:
+    """(opcode, oparg) of the instruction where ``exc`` was raised, if known."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code.co_code
+    at = tb.tb_lasti
+    if not 0 <= at < len(code) - 1:
+        return None
+    return code[at], code[at + 1]
+
+
+def _carries(exc: BaseException, memory_error: bool) -> bool:
+    """Whether ``exc`` was raised by an operation that failed (rather than by
+    a ``raise`` statement of Python code), or chains to an exception that was.
+
+    Python code that raises an exception of its own after a refusal was
+    caught is not reporting the refusal, unless it raises while handling it
+    (the refusal is then its ``__context__``, or its ``__cause__``). An
+    exception of another type than MemoryError carries a refusal only when
+    C code that Python called raised it.
+    """
+    seen = 0
+    while exc is not None and seen < 32:
+        seen += 1
+        where = _innermost(exc)
+        if where is None:
+            return False
+        op, arg = where
+        if not (op == _RAISE and arg):
+            if isinstance(exc, MemoryError) or (not memory_error and op in _CALLS):
+                return True
+        exc = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+        memory_error = isinstance(exc, MemoryError)
+    return False
+
+
 def convert(
-    exc: BaseException | None, rt: _native.Runtime, since_seq: int, task: str | None = None
+    exc: BaseException | None,
+    rt: _native.Runtime,
+    since_seq: int,
+    task: str | None = None,
+    *,
+    limit: str | None = None,
 ) -> AllocError | None:
     """The :class:`AllocError` that ``exc``, leaving work that started at
-    violation number ``since_seq``, stands for; ``None`` when ``exc`` is not
-    the runtime's refusal (no exception, another error, an AllocError already,
-    or a ``MemoryError`` the runtime did not cause)."""
-    if not isinstance(exc, MemoryError) or isinstance(exc, AllocError):
+    violation number ``since_seq``, stands for; ``None`` when ``exc`` does not
+    carry a refusal of the runtime.
+
+    It does when the thread's newest violation was made after the work
+    started and no boundary reported it yet, and ``exc`` came out of the
+    failed operation: a ``MemoryError`` (CPython's own report of a failed
+    allocation), or any other exception that C code raised for it
+    (``RuntimeError: can't allocate lock``, ``ssl.SSLError: malloc
+    failure``), which becomes the AllocError's ``__cause__``. Never an
+    exception that is not an ``Exception`` (KeyboardInterrupt, SystemExit,
+    GeneratorExit), nor an AllocError already. With ``limit``, only a refusal
+    by that limit (a reservation reports its own overdrafts and lets the
+    others pass to the boundary around it).
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, AllocError):
         return None
-    return since(rt, since_seq, task)
+    v = rt.last_violation()
+    if v.seq == since_seq or v.seq == _reported.seq:
+        return None
+    if limit is not None and (v.limit >= len(_native.LIMITS) or _native.LIMITS[v.limit] != limit):
+        return None
+    if not _carries(exc, isinstance(exc, MemoryError)):
+        return None
+    _reported.seq = v.seq
+    err = from_violation(rt, v, task=task)
+    if not isinstance(exc, MemoryError):
+        err.__cause__ = exc
+    return err
+
+
+def _release_frames(tb) -> None:
+    """Clear the locals of the finished frames in ``tb``: the traceback of a
+    kept AllocError (a Future's exception, a log record) must not keep the
+    failed work's objects, and its memory, alive. Frames still running (the
+    boundary's own caller) refuse and keep theirs."""
+    while tb is not None:
+        try:
+            tb.tb_frame.clear()
+        except RuntimeError:
+            pass
+        tb = tb.tb_next
 
 
 def raise_converted(err: AllocError, exc: BaseException) -> None:
@@ -79,10 +184,14 @@ def raise_converted(err: AllocError, exc: BaseException) -> None:
     that the program sees as an AllocError.
     """
     notify(err)
+    tb = exc.__traceback__
+    _release_frames(tb)
     try:
-        raise err.with_traceback(exc.__traceback__) from None
+        if err.__cause__ is not None:
+            raise err.with_traceback(tb)
+        raise err.with_traceback(tb) from None
     finally:
         # This frame ends up in the traceback of the AllocError: its locals
         # must not keep the failed work's frames (and their memory) alive
         # until the cyclic GC runs.
-        err = exc = None
+        err = exc = tb = None

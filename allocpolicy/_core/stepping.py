@@ -44,6 +44,8 @@ __all__ = [
     "Stepped",
     "Frame",
     "TaskStepper",
+    "SpawnedStepper",
+    "stepper_for",
     "current",
     "enter",
     "leaving",
@@ -127,13 +129,20 @@ def use_asyncio(running_loop: Callable[[], Any], current_task: Callable[[Any], A
 class Frame:
     """One scope instance of a coroutine: the innermost of its context.
 
-    A frame holds its instance (``ap_hold``) for as long as any context refers
-    to it: the task that entered it, and every task and thread hand-off that
-    copied that task's context meanwhile. ``chain`` lists the coroutine's
-    instances outermost first, as a ready C array: every step attaches it.
+    ``chain`` lists the coroutine's instances outermost first, as a ready C
+    array: every step attaches it. A frame holds its instance (``ap_hold``)
+    while its block is open, and after that for as long as tasks spawned in
+    it (``users``, counted on every frame of their chain) still run; work
+    handed to threads holds the instance itself (``_loops.carry``). Other
+    copies of the context (the callback of a cancelled timer, say) neither
+    keep the instance alive nor step into it: a frame found released is
+    treated as no frame.
     """
 
-    __slots__ = ("rt", "instance", "parent", "levels", "chain", "owner", "seq", "stepper", "thread", "held")
+    __slots__ = (
+        "rt", "instance", "parent", "levels", "chain", "owner", "seq", "stepper", "thread",
+        "held", "closed", "users",
+    )
 
     def __init__(self, rt: _native.Runtime, parent: "Frame | None", owner: object, seq: int, stepper: "TaskStepper") -> None:
         self.rt = rt
@@ -150,17 +159,46 @@ class Frame:
         self.stepper: TaskStepper | None = stepper
         self.thread = _thread.get_ident()
         self.held = False
+        self.closed = False
+        self.users = 0
 
-    def __del__(self) -> None:
-        # The last context that could step into the instance is gone.
+    def use(self) -> None:
+        """A task spawned in this frame's context starts: keep its chain held."""
+        frame = self
+        while frame is not None:
+            frame.users += 1
+            frame = frame.parent
+
+    def unuse(self) -> None:
+        """That task finished."""
+        frame = self
+        while frame is not None:
+            frame.users -= 1
+            if frame.closed and not frame.users:
+                frame._release()
+            frame = frame.parent
+
+    def close(self) -> None:
+        """Its block exited."""
+        self.closed = True
+        if not self.users:
+            self._release()
+
+    def _release(self) -> None:
         if self.held:
             self.held = False
             self.rt.release(self.instance)
 
+    def __del__(self) -> None:
+        # A block that never exited (its coroutine was never finalized).
+        self._release()
+
 
 def current() -> Frame | None:
-    """The innermost scope frame of the running context (any thread)."""
-    return _get()
+    """The innermost scope frame of the running context (any thread), if its
+    instance is still held."""
+    frame = _get()
+    return frame if frame is not None and frame.held else None
 
 
 def running_stepper() -> "TaskStepper | None":
@@ -181,7 +219,7 @@ def running_stepper() -> "TaskStepper | None":
     if task is None:
         return None
     coro = task.get_coro()
-    if type(coro) is TaskStepper:
+    if type(coro) is TaskStepper or type(coro) is SpawnedStepper:
         return coro
     if not _warned_unfollowed:
         _warned_unfollowed = True
@@ -232,19 +270,11 @@ def left(frame: Frame) -> int:
     steps in between may have recorded violations of their own).
     """
     _frames.set(frame.parent)
+    frame.close()
     stepper, frame.stepper = frame.stepper, None
     if stepper is not None and stepper._seq is not None and stepper._seq.value > frame.seq:
         return stepper._seq.value
     return frame.seq
-
-
-def _leave_step(stepper: "TaskStepper", end: Frame) -> None:
-    """Detach the context's instances at the end of a step."""
-    if end.rt.step_leave(end.instance, end.levels) != _native.OK:
-        raise RuntimeError(
-            f"allocpolicy: a step of {stepper._coro!r} left this thread's scope stack "
-            "unbalanced (a scope entered without its exit, or exited twice)"
-        )
 
 
 class TaskStepper:
@@ -257,17 +287,21 @@ class TaskStepper:
     for them), without importing that module at startup.
     """
 
-    __slots__ = ("_coro", "_seq", "_seq_ref")
+    __slots__ = ("_coro", "_seq", "_seq_ref", "_inherited")
 
     def __init__(self, coro) -> None:
+        self._inherited = None
         self._coro = coro
         self._seq = None
         self._seq_ref = None
 
+    # No frame is ever kept in a local variable of send() or throw(): an
+    # exception that ends the task carries their frames in its traceback, and
+    # the task keeps the exception, which would keep the instances held.
+
     def send(self, value):
-        frame = _get()
-        if frame is not None:
-            failed = self._enter_step(frame)
+        if _get() is not None:
+            failed = self._enter_step()
             if failed is not None:
                 return self._resume_failed(failed)
         # Outside any scope this is the whole cost: one context-variable read
@@ -275,22 +309,19 @@ class TaskStepper:
         try:
             return self._coro.send(value)
         finally:
-            end = _get()
-            if end is not None:  # in scopes now, entered before or during the step
-                _leave_step(self, end)
+            if _get() is not None:  # in scopes now, entered before or during the step
+                self._end_step()
 
     def throw(self, *args):
-        frame = _get()
-        if frame is not None:
-            failed = self._enter_step(frame)
+        if _get() is not None:
+            failed = self._enter_step()
             if failed is not None:
                 return self._resume_failed(failed)
         try:
             return self._coro.throw(*args)
         finally:
-            end = _get()
-            if end is not None:
-                _leave_step(self, end)
+            if _get() is not None:
+                self._end_step()
 
     def _resume_failed(self, error: BaseException):
         # Thrown into the coroutine where the step would have resumed it; the
@@ -299,11 +330,25 @@ class TaskStepper:
         try:
             return self._coro.throw(error)
         finally:
-            end = _get()
-            if end is not None:
-                _leave_step(self, end)
+            error = None
+            if _get() is not None:
+                self._end_step()
 
-    def _enter_step(self, frame: Frame) -> BaseException | None:
+    def _end_step(self) -> None:
+        """Detach the context's instances at the end of a step."""
+        end = _get()
+        if end.rt.step_leave(end.instance, end.levels) != _native.OK:
+            raise RuntimeError(
+                f"allocpolicy: a step of {self._coro!r} left this thread's scope stack "
+                "unbalanced (a scope entered without its exit, or exited twice)"
+            )
+
+    def _enter_step(self) -> BaseException | None:
+        frame = _get()
+        if not frame.held:
+            # A copy of a context whose scopes have all ended: none.
+            _frames.set(None)
+            return None
         ref = self._seq_ref
         if ref is None:
             self._seq = ctypes.c_uint64()
@@ -329,3 +374,52 @@ class TaskStepper:
 
     def __repr__(self) -> str:
         return repr(self._coro)
+
+
+class SpawnedStepper(TaskStepper):
+    """The stepper of a task created inside a scope: it keeps that scope's
+    instances held (its context, copied from there, refers to them) until its
+    coroutine finishes. A class of its own so that the tasks created outside
+    scopes, most of them, do not pay for catching the end of every task."""
+
+    __slots__ = ()
+
+    def send(self, value):
+        try:
+            return TaskStepper.send(self, value)
+        except BaseException:
+            # The coroutine returned (StopIteration) or raised: it is done.
+            self._finished()
+            raise
+
+    def throw(self, *args):
+        try:
+            return TaskStepper.throw(self, *args)
+        except BaseException:
+            self._finished()
+            raise
+
+    def close(self):
+        try:
+            return self._coro.close()
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        frame, self._inherited = self._inherited, None
+        if frame is not None:
+            frame.unuse()
+
+    def __del__(self) -> None:
+        self._finished()
+
+
+def stepper_for(coro) -> TaskStepper:
+    """The stepper for a task about to be created with ``coro``, in the running context."""
+    frame = _get()
+    if frame is None or not frame.held:
+        return TaskStepper(coro)
+    stepper = SpawnedStepper(coro)
+    frame.use()
+    stepper._inherited = frame
+    return stepper

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define AP_ABI_VERSION 1
+#define AP_ABI_VERSION 2
 
 #if defined(__GNUC__)
 #define AP_API __attribute__((visibility("default")))
@@ -204,6 +204,18 @@ AP_API ap_status ap_scope_find(const char *name, uint32_t *scope_id);
 /* Enter a new instance of `scope_id` on the calling thread. */
 AP_API ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id);
 
+/*
+ * Give the instance the calling thread just entered (its innermost, from
+ * ap_enter()) a per-instance budget of its own, in place of the one copied
+ * from its scope: 0 = none. Enclosing budgets still apply. For rerunning a
+ * refused task with more room; AP_ESTATE unless `instance_id` is innermost.
+ */
+AP_API ap_status ap_set_budget(uint32_t instance_id, int64_t budget);
+
+/* ap_enter(), with the calling thread's violation number (ap_violation.seq,
+ * 0 before the first) from just before the entry in *violation_seq. */
+AP_API ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *violation_seq);
+
 /* Enter an existing, active instance on the calling thread (bind()). */
 AP_API ap_status ap_attach(uint32_t instance_id);
 
@@ -294,7 +306,10 @@ typedef struct {
 /*
  * Make a reservation. AP_EREFUSED when a budget cannot take it: then
  * `refusal` (if not NULL) says which, nothing is charged, and nothing is
- * recorded as a violation. AP_EFULL when AP_MAX_RESERVATIONS are active.
+ * recorded as a violation. A size no allocation could have (more than
+ * 2^48 - 2^32 bytes) is refused the same way, as one the machine cannot spare
+ * (AP_REASON_OOM, AP_LIMIT_MACHINE). AP_EFULL when AP_MAX_RESERVATIONS are
+ * active; AP_EINVAL for a negative size or an unknown overdraft action.
  */
 AP_API ap_status ap_reserve(int64_t nbytes, uint32_t overdraft, ap_violation *refusal);
 

@@ -20,6 +20,33 @@ int ap_is_preloaded(void) {
     return dlsym(RTLD_DEFAULT, "malloc") == (void *)&ap__malloc_here;
 }
 
+/*
+ * The instance's budget is a plain field, read without atomics by the threads
+ * inside it: only the thread that just entered it may change it, before
+ * anything could hand the instance to another thread (ap_hold). Its batch is
+ * published first, so that what it allocated so far counts against the new
+ * budget, and the fast path's allowance is recomputed for it.
+ */
+ap_status ap_set_budget(uint32_t instance_id, int64_t budget) {
+    ap__tls_t *t = &ap__tls;
+    if (budget < 0)
+        return AP_EINVAL;
+    if (instance_id == AP_INSTANCE_PROCESS || instance_id != t->cur)
+        return AP_ESTATE;
+    ap__publish(t);
+    ap__inst(instance_id)->budget = budget;
+    ap__refill(t);
+    return AP_OK;
+}
+
+/* ap_enter() that also gives the thread's violation number from before the
+ * entry: a task boundary needs both, and from Python one call costs about
+ * half of two. */
+ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *violation_seq) {
+    *violation_seq = ap__tls.last.seq;
+    return ap_enter(scope_id, instance_id);
+}
+
 /* Copy `full` into the caller's struct, no further than the size it knows. */
 static ap_status copy_out(void *out, const void *full, size_t full_size) {
     uint32_t size;

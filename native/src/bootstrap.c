@@ -40,7 +40,6 @@ static void *stub_malloc(size_t n);
 static void stub_free(void *p);
 static void *stub_calloc(size_t n, size_t m);
 static void *stub_realloc(void *p, size_t n);
-static int stub_posix_memalign(void **out, size_t align, size_t n);
 static size_t stub_malloc_usable_size(void *p);
 
 ap__backend_t ap__next = {
@@ -64,6 +63,15 @@ void ap__bootstrap(void) {
         ap__threads_init();
         ap__policy_from_environment();
         atomic_store(&ap__ready, RESOLVED);
+        /* The allocation that got here (libstdc++'s constructor runs before
+         * ours in a C++ program) was decided before the thread could register
+         * its exit destructor. Left alone, the fast path would serve the
+         * thread from then on without ever registering it, and its
+         * small-block cache, which needs the destructor, would stay off for
+         * good. An empty allowance sends its next allocation through the slow
+         * path, which registers. */
+        ap__publish(&ap__tls);
+        ap__refill(&ap__tls);
         return;
     }
     /* Another thread is resolving; dlsym takes no lock we hold, so wait. */
@@ -102,14 +110,6 @@ static void *stub_realloc(void *p, size_t n) {
     if (AP__IN_BOOTSTRAP())
         return NULL; /* callers of realloc during dlsym do not exist in glibc */
     return ap__next.realloc(p, n);
-}
-
-static int stub_posix_memalign(void **out, size_t align, size_t n) {
-    if (AP__IN_BOOTSTRAP()) {
-        *out = ap__pool_alloc(n, align);
-        return *out ? 0 : 12 /* ENOMEM */;
-    }
-    return ap__next.posix_memalign(out, align, n);
 }
 
 static size_t stub_malloc_usable_size(void *p) {

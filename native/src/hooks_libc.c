@@ -248,10 +248,9 @@ static AP__INLINE void release_block(void *p) {
      * free look foreign, so the backend rejects it (as an invalid pointer)
      * instead of us crediting the block twice. */
     h->size_tag = 0;
-    if (AP__LIKELY(ap__credit_fast(t, instance, size))) {
-    } else if (AP__UNLIKELY(instance & AP__POOL_OWNER)) {
-        return; /* bootstrap pool: static storage, never reused */
-    } else {
+    if (AP__UNLIKELY(!ap__credit_fast(t, instance, size))) {
+        if (AP__UNLIKELY(instance & AP__POOL_OWNER))
+            return; /* bootstrap pool: static storage, never reused */
         ap__credit_slow(instance, size, AP_DOMAIN_LIBC);
     }
     if (!cache_push(t, h, base, size))

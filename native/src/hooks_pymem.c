@@ -318,7 +318,7 @@ static AP__NOINLINE int observe(layer *l, size_t size) {
     ap__tls_t *t = &ap__tls;
     if (!ap__watching(t) || !is_active(l))
         return 1;
-    return ap__observe_alloc(t, size, l->domain);
+    return ap__observe_layered_alloc(t, size, l->domain);
 }
 
 static inline int watched(void) {
@@ -356,7 +356,7 @@ static void *obs_realloc(void *ctx, void *p, size_t size) {
 static void obs_free(void *ctx, void *p) {
     layer *l = ctx;
     if (AP__UNLIKELY(watched()) && p && is_active(l))
-        ap__observe_free(&ap__tls, 0, l->domain);
+        ap__observe_layered_free(&ap__tls, 0, l->domain);
     l->prev.free(l->prev.ctx, p);
 }
 

@@ -144,7 +144,9 @@ typedef struct {
  * earlier generation draws on before crediting the first live level above.
  * So that the links of those generations stay valid, a slot with dead bytes
  * (or with slots bound below it) is reused only by a new instance of the same
- * scope under the same parent; otherwise it goes back to the common pool.
+ * scope under the same parent, or under a later occupant of the parent's slot
+ * once the earlier one ended (the slot's link switches; see reuse_slot);
+ * otherwise it goes back to the common pool.
  */
 enum {
     AP__INST_FREE = 0,    /* in the common pool, or never used */
@@ -154,6 +156,10 @@ enum {
     AP__INST_OPENING = 4, /* being reused by a new instance */
     AP__INST_RETIRED = 5, /* ended; no new generation can be told from its dead ones */
 };
+
+/* A slot's parent link: as opened; kept as it is because slots below switched
+ * theirs relying on it; switched to a later occupant of the parent slot. */
+enum { AP__LINK_ORIGINAL = 0, AP__LINK_FROZEN = 1, AP__LINK_SWITCHED = 2 };
 
 #define AP__SLOT_MASK ((uint32_t)AP_MAX_INSTANCES - 1)
 #define AP__GEN_SHIFT 16
@@ -174,6 +180,10 @@ typedef struct {
     _Atomic uint32_t pins;    /* credits in progress against this slot */
     _Atomic int64_t dead;     /* bytes of ended generations (and their nested ones) */
     uint32_t dead_since;      /* serial of the oldest generation `dead` may hold */
+    _Atomic uint32_t switched; /* serial from which `parent` holds (0: always);
+                                  older generations had an ended occupant of the
+                                  same parent slot as their parent */
+    _Atomic uint32_t link_state; /* AP__LINK_* */
     _Atomic uint32_t next_free; /* common pool link */
     uint32_t list_prev, list_next; /* the scope's list of ENDED slots (under its lock) */
 } ap__instance;
@@ -245,10 +255,13 @@ typedef struct {
  * watching thread takes the slow path for every allocation and free (the
  * fast paths test both), where ap__observe_alloc/free see each event.
  *
- * Hooks that do no accounting of their own (the PyMem MEM and OBJ domains)
- * call these directly when ap__watching() says so:
- *     if (AP__UNLIKELY(ap__watching(t)) && !ap__observe_alloc(t, size, dom))
+ * Hooks that do no accounting of their own (the observing layers over the
+ * PyMem MEM and OBJ domains) call the `layered` variants directly when
+ * ap__watching() says so:
+ *     if (AP__UNLIKELY(ap__watching(t)) && !ap__observe_layered_alloc(t, size, dom))
  *         return NULL;
+ * Their events are seen by API regions only, never by a forbid scope's region
+ * (see region_sees in observe.c).
  */
 extern _Atomic uint32_t ap__watch;
 
@@ -256,6 +269,8 @@ extern _Atomic uint32_t ap__watch;
 AP__HIDDEN int ap__observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain);
 /* `size` 0 when the hook does not know it. */
 AP__HIDDEN void ap__observe_free(ap__tls_t *t, uint64_t size, ap_domain domain);
+AP__HIDDEN int ap__observe_layered_alloc(ap__tls_t *t, uint64_t size, ap_domain domain);
+AP__HIDDEN void ap__observe_layered_free(ap__tls_t *t, uint64_t size, ap_domain domain);
 
 /* Give every cached block back to the backend (thread exit). */
 AP__HIDDEN void ap__cache_flush(ap__tls_t *t);
@@ -413,7 +428,6 @@ AP__HIDDEN int64_t ap__machine_room(int64_t request);
     X(free, void, (void *))                                           \
     X(calloc, void *, (size_t, size_t))                               \
     X(realloc, void *, (void *, size_t))                              \
-    X(posix_memalign, int, (void **, size_t, size_t))                 \
     X(malloc_usable_size, size_t, (void *))
 
 typedef struct {

@@ -38,17 +38,29 @@ static inline int stricter(uint32_t a, uint32_t b) {
 }
 
 /*
+ * Whether region `r` sees an event of `domain`. Events of the observing
+ * layers over Python's MEM and OBJ domains (hooks_pymem.c, `layered`) are
+ * seen by the regions the API opened only: those layers exist once something
+ * asked to watch Python's allocations by name, and a forbid scope must behave
+ * the same whether or not some earlier region installed them (it watches what
+ * reaches an allocator the runtime always sees).
+ */
+static inline int region_sees(const ap_region *r, ap_domain domain, int layered) {
+    return (r->domains & AP_DOMAIN_BIT(domain)) && !(layered && r->instance);
+}
+
+/*
  * Let every region of the thread see one event. Returns the action that
  * applies to it (the strictest among the regions that count it as an
  * offence), or AP_ACTION_COUNT when nothing objects.
  */
-static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int is_free,
-                            int *first_offence) {
+static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int layered,
+                            int is_free, int *first_offence) {
     uint32_t action = AP_ACTION_COUNT;
     *first_offence = 0;
     for (uint32_t i = 0; i < t->nregions; i++) {
         ap_region *r = &t->regions[i];
-        if (!(r->domains & AP_DOMAIN_BIT(domain)))
+        if (!region_sees(r, domain, layered))
             continue;
         if (is_free) {
             r->frees_seen++;
@@ -79,9 +91,9 @@ static uint32_t regions_see(ap__tls_t *t, uint64_t size, ap_domain domain, int i
 /* Refuse only the first offence of a RAISE region: the code is then on its
  * way out (a MemoryError unwinding), and refusing every allocation of the
  * unwind would only turn one clear error into a cascade. */
-static int regions_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
+static int regions_alloc(ap__tls_t *t, uint64_t size, ap_domain domain, int layered) {
     int first;
-    uint32_t action = regions_see(t, size, domain, 0, &first);
+    uint32_t action = regions_see(t, size, domain, layered, 0, &first);
     if (action == AP_ACTION_ABORT) {
         ap__record_forbidden(t, size, domain);
         ap__abort_with(&t->last);
@@ -89,17 +101,16 @@ static int regions_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
     if (action == AP_ACTION_RAISE && first) {
         ap__record_forbidden(t, size, domain);
         for (uint32_t i = 0; i < t->nregions; i++)
-            if (t->regions[i].action == AP_ACTION_RAISE &&
-                (t->regions[i].domains & AP_DOMAIN_BIT(domain)))
+            if (t->regions[i].action == AP_ACTION_RAISE && region_sees(&t->regions[i], domain, layered))
                 t->regions[i].refused++;
         return 0;
     }
     return 1;
 }
 
-static void regions_free(ap__tls_t *t, uint64_t size, ap_domain domain) {
+static void regions_free(ap__tls_t *t, uint64_t size, ap_domain domain, int layered) {
     int first;
-    uint32_t action = regions_see(t, size, domain, 1, &first);
+    uint32_t action = regions_see(t, size, domain, layered, 1, &first);
     if (action == AP_ACTION_ABORT) {
         ap__record_forbidden(t, size, domain);
         ap__abort_with(&t->last);
@@ -325,12 +336,12 @@ ap_status ap_inject_get(ap_inject_stats *out) {
 
 /* ---- The observers ------------------------------------------------------------------ */
 
-int ap__observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
+static int observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain, int layered) {
     if (atomic_load_explicit(&census.open, memory_order_relaxed)) {
         atomic_fetch_add_explicit(&census.allocations, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&census.bytes, size, memory_order_relaxed);
     }
-    if (t->nregions && !regions_alloc(t, size, domain))
+    if (t->nregions && !regions_alloc(t, size, domain, layered))
         return 0;
     if (atomic_load_explicit(&inject_on, memory_order_relaxed)) {
         /* Fallible scopes fail only where code asked for it (reservations),
@@ -353,11 +364,27 @@ uint64_t ap__inject_reservation(ap__tls_t *t, uint64_t size) {
     return inject_pick(t, size, AP_DOMAIN_LIBC);
 }
 
-void ap__observe_free(ap__tls_t *t, uint64_t size, ap_domain domain) {
+static void observe_free(ap__tls_t *t, uint64_t size, ap_domain domain, int layered) {
     if (atomic_load_explicit(&census.open, memory_order_relaxed)) {
         atomic_fetch_add_explicit(&census.frees, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&census.bytes_freed, size, memory_order_relaxed);
     }
     if (t->nregions)
-        regions_free(t, size, domain);
+        regions_free(t, size, domain, layered);
+}
+
+int ap__observe_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
+    return observe_alloc(t, size, domain, 0);
+}
+
+void ap__observe_free(ap__tls_t *t, uint64_t size, ap_domain domain) {
+    observe_free(t, size, domain, 0);
+}
+
+int ap__observe_layered_alloc(ap__tls_t *t, uint64_t size, ap_domain domain) {
+    return observe_alloc(t, size, domain, 1);
+}
+
+void ap__observe_layered_free(ap__tls_t *t, uint64_t size, ap_domain domain) {
+    observe_free(t, size, domain, 1);
 }

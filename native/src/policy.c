@@ -38,6 +38,7 @@
  * changed only when every entry parsed (bad input changes nothing).
  */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -411,18 +412,34 @@ static ap_status apply(const staged *st) {
     return AP_OK;
 }
 
+static void lock_configuring(void) {
+    int expect = 0;
+    while (!atomic_compare_exchange_weak(&configuring, &expect, 1))
+        expect = 0;
+}
+
+static void unlock_configuring(void) { atomic_store(&configuring, 0); }
+
 ap_status ap_configure(const char *table, size_t *error_offset) {
     /* The staging copy is large; static storage keeps it off small thread
      * stacks, and the `configuring` flag serialises callers. */
     static staged st;
     if (!table)
         return AP_EINVAL;
-    int expect = 0;
-    while (!atomic_compare_exchange_weak(&configuring, &expect, 1))
-        expect = 0;
+    lock_configuring();
     ap_status rc = parse(table, &st, error_offset) ? apply(&st) : AP_EPARSE;
-    atomic_store(&configuring, 0);
+    unlock_configuring();
     return rc;
+}
+
+/* fork() while another thread is inside ap_configure() would copy the flag
+ * set, with nobody in the child to clear it: the child's first configure
+ * would spin for ever. The fork waits for the configure in progress instead
+ * (it holds no lock that configuring needs), so the child also gets a whole
+ * policy, never half of one. Registered from a constructor, not from the
+ * bootstrap inside the first malloc: pthread_atfork may allocate. */
+__attribute__((constructor)) static void configuring_at_fork(void) {
+    pthread_atfork(lock_configuring, unlock_configuring, unlock_configuring);
 }
 
 ap_status ap_scope_find(const char *nm, uint32_t *scope_id) {

@@ -19,6 +19,11 @@
  *   re-check with atomics. With one thread in an instance the check is exact; with N
  *   threads, live may pass a budget by at most (N-1) x slack, and slack is at
  *   most 1/32 of the tightest budget on the chain (and at most 256 KiB).
+ *
+ * Instances and their slots: see internal.h and "Instances" below. An ended
+ * instance keeps no slot of its own; its escaped bytes stay in the enclosing
+ * instances and move to its slot's dead ledger, found again through the
+ * generation in the block header's id.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,8 +49,8 @@ ap__settings_t ap__settings = {
 
 AP__TLS ap__tls_t ap__tls = {.grace_inst = AP__NO_INSTANCE};
 
-/* Instance ids never used yet start at `fresh`; reclaimed ones go on a
- * lock-free stack whose head packs (ABA tag << 32 | id + 1). */
+/* Slots never used yet start at `fresh`; slots back in the common pool go on
+ * a lock-free stack whose head packs (ABA tag << 32 | id + 1). */
 static _Atomic uint32_t fresh = 1;
 static _Atomic uint64_t free_head;
 
@@ -227,7 +232,7 @@ static void thread_exit(void *unused) {
     (void)unused;
     ap__tls_t *t = &ap__tls;
     /* A thread that ends inside scopes leaves them, or their instances would
-     * never end (and never be reclaimed); its reservations go back first, its
+     * never end; its reservations go back first, its
      * regions end with it. */
     while (t->nres)
         release_reservation(t);
@@ -526,17 +531,31 @@ int ap__backend_failed(uint64_t size, ap_domain domain) {
 
 static void release_slot(uint32_t slot);
 
+/* The serial of the generation `id` names (a slot's ledger holds bytes of
+ * its last AP__GEN_MASK generations at most; see reuse_slot). */
+static inline uint32_t serial_of(const ap__instance *in, uint32_t id) {
+    uint32_t now = atomic_load(&in->serial);
+    return now - ((now - (id >> AP__GEN_SHIFT)) & AP__GEN_MASK);
+}
+
 /*
  * Credit `size` bytes of a block named `id` (semantics 2). While `id` is the
  * slot's active occupant, its chain takes them. Once it ended, its bytes are
  * in the slot's `dead` ledger and still in the enclosing instances: take them
  * from the ledger, then go on with its parent, until an active level. The
- * pin keeps the slot's occupant from ending, and the slot from being reused,
- * while the credit is under way; that is why a dead slot's parent link can be
- * trusted (it changes only when the slot goes back to the common pool, which
- * needs its ledger empty and no pins).
+ * pin keeps the slot's occupant from ending, and the slot from being reused
+ * by a new occupant, while the credit is under way. A dead slot's parent link
+ * changes only when the slot goes back to the common pool, which needs its
+ * ledger empty: so it is read before this credit's bytes leave the ledger.
+ * The ledgers are inclusive (an instance that ends moves what it and its
+ * nested instances still hold), so every dead slot above still holds them
+ * too when the walk gets there.
  */
 static void credit_block(uint32_t id, int64_t size) {
+    /* Set when the level is known to have ended for these bytes, whatever
+     * its current generation (the parent of a generation older than the
+     * slot's switch). */
+    int ended = 0;
     for (;;) {
         if ((id & AP__SLOT_MASK) == AP_INSTANCE_PROCESS) {
             chain_apply(AP_INSTANCE_PROCESS, -size, 0);
@@ -544,17 +563,22 @@ static void credit_block(uint32_t id, int64_t size) {
         }
         ap__instance *in = ap__inst(id);
         atomic_fetch_add(&in->pins, 1);
-        if (atomic_load(&in->state) == AP__INST_ACTIVE && ap__id_current(in, id)) {
+        if (!ended && atomic_load(&in->state) == AP__INST_ACTIVE && ap__id_current(in, id)) {
             chain_apply(id, -size, 0);
             atomic_fetch_sub_explicit(&in->pins, 1, memory_order_release);
             return;
         }
-        uint32_t parent = in->parent;
+        /* The link is read before the switch point: a new link is written
+         * after its switch point (reuse_slot). */
+        uint32_t parent = atomic_load(&in->parent);
+        uint32_t switched = atomic_load(&in->switched);
+        int next_ended = !ended && switched && serial_of(in, id) - switched >= (1u << 31);
         int64_t left = atomic_fetch_sub(&in->dead, size) - size;
         atomic_fetch_sub_explicit(&in->pins, 1, memory_order_release);
         if (left == 0)
             release_slot(id & AP__SLOT_MASK);
         id = parent;
+        ended = next_ended;
     }
 }
 
@@ -749,11 +773,25 @@ static void end_instance(uint32_t id) {
     raise_peak(&sc->max_instance_peak, atomic_load(&in->c.peak));
     atomic_fetch_sub(&sc->active, 1);
     uint32_t parent = in->parent;
-    scope_lock(sc);
-    atomic_store(&in->state, AP__INST_ENDED);
-    list_push(sc, id & AP__SLOT_MASK);
-    scope_unlock(sc);
-    release_slot(id & AP__SLOT_MASK);
+    uint32_t slot = id & AP__SLOT_MASK;
+    if (atomic_load(&in->dead) == 0 && atomic_load(&in->children) == 0) {
+        /* Nothing left that names the slot (the usual case): straight back
+         * to the common pool, without the scope's lock. Nothing can add to
+         * `dead` or `children` any more: they grow only through an active
+         * occupant. */
+        atomic_store(&in->state, AP__INST_FREE);
+        push_free(slot);
+        uint32_t up = parent & AP__SLOT_MASK;
+        if (up != AP_INSTANCE_PROCESS && atomic_fetch_sub(&ap__instances[up].children, 1) == 1)
+            release_slot(up);
+    } else {
+        scope_lock(sc);
+        atomic_store(&in->state, AP__INST_ENDED);
+        list_push(sc, slot);
+        scope_unlock(sc);
+        /* Its last byte may have come back meanwhile. */
+        release_slot(slot);
+    }
     leave(parent);
 }
 
@@ -767,6 +805,29 @@ static inline void switch_to(ap__tls_t *t, uint32_t id) {
 }
 
 /*
+ * May slot `in`, bound below an earlier occupant of `parent`'s slot, switch
+ * its link to `parent`? The earlier occupant has ended (a slot has one
+ * occupant at a time), so the blocks of the slot's generations so far have
+ * an ended parent there, and their bytes go on to that slot's own parent:
+ * which must therefore stay what it is (the parent slot's link is frozen,
+ * or this fails if it switched itself). A slot whose link is frozen cannot
+ * switch. The process root never changes, so neither slot is the root's.
+ */
+static int can_switch(ap__instance *in, uint32_t parent) {
+    uint32_t up = parent & AP__SLOT_MASK;
+    if (up == AP_INSTANCE_PROCESS || (atomic_load(&in->parent) & AP__SLOT_MASK) != up)
+        return 0;
+    _Atomic uint32_t *above = &ap__instances[up].link_state;
+    uint32_t expect = AP__LINK_ORIGINAL;
+    if (!atomic_compare_exchange_strong(above, &expect, AP__LINK_FROZEN) &&
+        expect != AP__LINK_FROZEN)
+        return 0;
+    expect = AP__LINK_ORIGINAL;
+    return atomic_compare_exchange_strong(&in->link_state, &expect, AP__LINK_SWITCHED) ||
+           expect == AP__LINK_SWITCHED;
+}
+
+/*
  * An ended slot of the scope bound to `parent`, taken over for a new
  * instance; AP__NO_INSTANCE if there is none. A slot whose dead bytes may be
  * as old as AP__GEN_MASK generations is retired instead: one more generation
@@ -777,13 +838,18 @@ static uint32_t reuse_slot(ap__scope *sc, uint32_t parent) {
     if (!atomic_load_explicit(&sc->ended_head, memory_order_relaxed)) /* nothing to look at */
         return AP__NO_INSTANCE;
     uint32_t found = AP__NO_INSTANCE;
+    int switch_link = 0;
     scope_lock(sc);
     for (uint32_t link = sc->ended_head; link;) {
         uint32_t slot = link - 1;
         ap__instance *in = &ap__instances[slot];
         link = in->list_next;
-        if (in->parent != parent)
-            continue;
+        int switching = 0;
+        if (atomic_load(&in->parent) != parent) {
+            if (!can_switch(in, parent))
+                continue;
+            switching = 1;
+        }
         list_unlink(sc, slot);
         if (atomic_load(&in->dead) != 0 &&
             atomic_load(&in->serial) + 1 - in->dead_since >= AP__GEN_MASK) {
@@ -792,20 +858,28 @@ static uint32_t reuse_slot(ap__scope *sc, uint32_t parent) {
         }
         atomic_store(&in->state, AP__INST_OPENING);
         found = slot;
+        switch_link = switching;
         break;
     }
     scope_unlock(sc);
     if (found != AP__NO_INSTANCE) {
         ap__instance *in = &ap__instances[found];
         wait_unpinned(in);
+        uint32_t serial = atomic_load(&in->serial) + 1;
         if (atomic_load(&in->dead) == 0)
-            in->dead_since = atomic_load(&in->serial) + 1;
+            in->dead_since = serial;
+        if (switch_link) {
+            /* The switch point first, then the link (credit_block reads
+             * them the other way round). */
+            atomic_store(&in->switched, serial);
+            atomic_store(&in->parent, parent);
+        }
     }
     return found;
 }
 
 /* A new active instance of `scope_id` nested in `parent`, with one `inside`
- * reference; AP__NO_INSTANCE when the table is full. */
+ * reference; AP__NO_INSTANCE when no slot is left. */
 static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
     ap__scope *sc = &ap__scopes[scope_id];
     uint32_t slot = reuse_slot(sc, parent);
@@ -816,6 +890,8 @@ static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
             return slot;
     }
     ap__instance *in = &ap__instances[slot];
+    if (!reused)
+        wait_unpinned(in); /* a credit that emptied it may still hold a pin */
     uint32_t serial = atomic_load(&in->serial) + 1;
     /* Zero the counters before the instance becomes visible as active. */
     memset(&in->c, 0, sizeof in->c);
@@ -825,6 +901,8 @@ static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
         in->scope = scope_id;
         in->parent = parent;
         in->dead_since = serial;
+        atomic_store(&in->switched, 0);
+        atomic_store(&in->link_state, AP__LINK_ORIGINAL);
         in->counts_scope = 1;
         for (uint32_t a = parent; a != AP_INSTANCE_PROCESS; a = ap__inst(a)->parent)
             if (ap__inst(a)->scope == scope_id)
@@ -941,7 +1019,7 @@ ap_status ap_exit(void) {
     if (t->grace_inst == left)
         t->grace_inst = AP__NO_INSTANCE;
     /* Library instances nested in the one left end with it (they hold its
-     * `children` count, so ending them first lets it be reclaimed). */
+     * `inside` count, so ending them first lets it end). */
     if (AP__UNLIKELY(atomic_load_explicit(&ap__libs_on, memory_order_relaxed)))
         ap__libs_leave(left);
     leave(left);

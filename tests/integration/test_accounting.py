@@ -116,7 +116,10 @@ def test_stats_from_another_thread_show_a_large_free(tmp_path):
     assert out.strip().endswith("True"), out
 
 
-ESCAPES_TABLE = "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0"
+ESCAPES_TABLE = (
+    "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0;"
+    "scope=sub:raise:0:0"
+)
 
 
 def test_instances_that_keep_memory_never_fill_the_table(build_c, run_preloaded):
@@ -136,6 +139,25 @@ def test_instances_that_keep_memory_never_fill_the_table(build_c, run_preloaded)
         "root process live after free 0 expected 0 ok",
         "server instance live 42000000 expected 42000000 ok",
         "server instance live after free 0 expected 0 ok",
+    ):
+        assert f"check {check}" in proc.stdout, detail
+
+
+def test_results_kept_from_instances_nested_in_ended_ones_never_fill_the_table(
+    build_c, run_preloaded
+):
+    # GIVEN requests that each enter a nested scope and keep a block made
+    # there past the end of both (a sub-task's result cached by the server)
+    # WHEN there are more of them than the instance table has slots
+    # THEN every entry succeeds and the counts stay exact, frees included.
+    proc = run_preloaded([build_c("escapes"), "nested", "70000"], table=ESCAPES_TABLE)
+    detail = f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "MISMATCH" not in proc.stdout, detail
+    assert "RESULT failures=0" in proc.stdout and proc.returncode == 0, detail
+    for check in (
+        "nested sub escaped 42000000 expected 42000000 ok",
+        "nested request live 0 expected 0 ok",
+        "nested process live after free 0 expected 0 ok",
     ):
         assert f"check {check}" in proc.stdout, detail
 

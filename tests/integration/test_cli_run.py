@@ -28,7 +28,7 @@ SHOW_ENV = (
 def run_cli(allocpolicy_lib):
     """Run `python -m allocpolicy ARGS` with the library the other tests use."""
 
-    def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, **kwargs):
         base = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCPOLICY_") and k != "LD_PRELOAD"}
         base["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, base.get("PYTHONPATH")]))
         base["ALLOCPOLICY_LIBRARY"] = allocpolicy_lib
@@ -40,6 +40,7 @@ def run_cli(allocpolicy_lib):
             env=base,
             cwd=cwd,
             timeout=120,
+            **kwargs,
         )
 
     return run
@@ -70,23 +71,26 @@ def test_run_policy_file(run_cli, tmp_path):
         )
     )
     # A relative path: the command may change directory, so it gets an absolute one.
-    seen = child_env(
-        run_cli(
-            "run",
-            "--policy",
-            "p.toml",
-            "--report-fd",
-            "7",
-            "--",
-            sys.executable,
-            "-c",
-            SHOW_ENV,
-            cwd=tmp_path,
+    with open(tmp_path / "report.log", "wb") as report:
+        fd = report.fileno()
+        seen = child_env(
+            run_cli(
+                "run",
+                "--policy",
+                "p.toml",
+                "--report-fd",
+                str(fd),
+                "--",
+                sys.executable,
+                "-c",
+                SHOW_ENV,
+                cwd=tmp_path,
+                pass_fds=(fd,),
+            )
         )
-    )
     assert seen["ALLOCPOLICY_POLICY"] == str(tmp_path / "p.toml")
-    assert seen["ALLOCPOLICY_TABLE"] == "v=1;grace=4194304;fd=7;process=abort:0;scope=job:raise:33554432:0"
-    assert load_policy(tmp_path / "p.toml").compile().replace("fd=2", "fd=7") == seen["ALLOCPOLICY_TABLE"]
+    assert seen["ALLOCPOLICY_TABLE"] == f"v=1;grace=4194304;fd={fd};process=abort:0;scope=job:raise:33554432:0"
+    assert load_policy(tmp_path / "p.toml").compile().replace("fd=2", f"fd={fd}") == seen["ALLOCPOLICY_TABLE"]
 
 
 def test_run_keeps_previous_preload_after_ours(run_cli, allocpolicy_lib):
@@ -182,3 +186,54 @@ def test_library_missing_exits_1(monkeypatch, capsys):
     assert cli.main(["run", "--", "true"]) == 1
     assert capsys.readouterr().err == "allocpolicy: error: the allocpolicy runtime library was not found\n"
     assert cli.main(["lib"]) == 1
+
+
+ABORT_POLICY = 'version = 1\n[process]\non_oom = "abort"\nbudget = "64 MiB"\n'
+BLOW_BUDGET = "x = bytearray(128 * 1024 * 1024)"
+
+
+def test_report_fd_not_open_is_refused_at_start(run_cli, tmp_path):
+    # GIVEN descriptor 9 closed in `run` (subprocess closes what it does not pass)
+    policy = tmp_path / "p.toml"
+    policy.write_text(ABORT_POLICY)
+    # WHEN the command would abort and report to it
+    proc = run_cli("run", "--policy", str(policy), "--report-fd", "9", "--", sys.executable, "-c", BLOW_BUDGET)
+    # THEN run refuses to start it, instead of an abort nobody hears of
+    assert proc.returncode == 2, proc
+    assert proc.stderr == (
+        "allocpolicy: error: run: --report-fd 9: descriptor 9 is not open, so diagnostics would be "
+        "lost; open it for the command (for example `9>>report.log`) or choose another\n"
+    )
+
+
+def test_report_fd_of_the_policy_is_checked_too(run_cli, tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text(ABORT_POLICY + "report_fd = 9\n")
+    proc = run_cli("run", "--policy", str(policy), "--", "true")
+    assert proc.returncode == 2
+    assert f"run: report_fd = 9 in {policy} [process]: descriptor 9 is not open" in proc.stderr
+
+
+def test_report_fd_open_for_reading_only_is_refused(run_cli, tmp_path):
+    readable = os.open(os.devnull, os.O_RDONLY)
+    try:
+        proc = run_cli("run", "--report-fd", str(readable), "--", "true", pass_fds=(readable,))
+    finally:
+        os.close(readable)
+    assert proc.returncode == 2
+    assert f"descriptor {readable} is open for reading only" in proc.stderr
+
+
+def test_report_fd_open_gets_the_abort_diagnostic(run_cli, tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text(ABORT_POLICY)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as report:
+        with os.fdopen(write_end, "wb") as writer:
+            proc = run_cli(
+                "run", "--policy", str(policy), "--report-fd", str(writer.fileno()), "--",
+                sys.executable, "-c", BLOW_BUDGET, pass_fds=(writer.fileno(),),
+            )
+        diagnostic = report.read().decode()
+    assert proc.returncode == -signal.SIGABRT
+    assert "mode=abort" in diagnostic, diagnostic

@@ -9,12 +9,20 @@ tests/integration/native/cxx_plugin.cpp.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+from runtime_run import check, run_python
 
 # Raise mode, a 4 MiB budget, no unwind grace: every over-budget request is
 # refused, not just the first.
 TABLE = "v=1;process=raise:0;grace=0;scope=work:raise:4194304:0"
-BACKENDS = ["glibc", "jemalloc", "mimalloc"]
+BACKENDS = [
+    "glibc",
+    pytest.param("jemalloc", marks=pytest.mark.backend),
+    pytest.param("mimalloc", marks=pytest.mark.backend),
+]
 MODES = ["accounting", "refusal", "handler"]
 
 
@@ -56,6 +64,17 @@ def test_impossible_new_throws_in_every_mode_but_abort(cxx_new, run_preloaded, b
     assert_ok(proc, "impossible")
 
 
+def test_small_block_cache_works_in_a_cxx_program(cxx_new, run_preloaded):
+    # libstdc++ allocates in its constructor, before the runtime's, and the
+    # thread then never registered: its small-block cache stayed off (a
+    # 64-byte pair cost 243 instructions instead of 128). A block deleted
+    # twice shows the cache is on: it is found in it, reported, and aborts.
+    proc = run_preloaded([cxx_new, "double-free"], table=TABLE)
+    assert proc.returncode == -signal.SIGABRT, proc.stdout + proc.stderr
+    assert "survived" not in proc.stdout
+    assert "allocpolicy: double free of the block at 0x" in proc.stderr
+
+
 def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded, python_exe,
                                                         backend_chain):
     # Python loads C++ code with RTLD_LOCAL, and itself has no C++ runtime:
@@ -71,3 +90,37 @@ def test_bad_alloc_is_thrown_by_a_runtime_loaded_locally(build_c, run_preloaded,
     proc = run_preloaded([python_exe, "-c", code], table=TABLE, preload=backend_chain)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result 1" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["system", *BACKENDS[1:]])
+def test_library_scope_binds_the_cxx_code_that_calls_new(build_c, backend_library, tmp_path,
+                                                         backend):
+    # GIVEN the C++ plugin bound to a 4 MiB raise scope WHEN it asks for 8 MiB
+    # with new THEN it gets std::bad_alloc, while the rest of the program
+    # allocates as much freely (over jemalloc and mimalloc, whose own
+    # operator new used to take the request past every scope).
+    if backend != "system":
+        backend_library(backend)  # skips when not installed
+    plugin = build_c("cxx_plugin", shared=True)
+    out = check(
+        run_python(
+            f"""
+            import ctypes
+            lib = ctypes.CDLL({plugin!r})
+            lib.cxx_plugin_try_new.argtypes = [ctypes.c_size_t]
+            print("plugin 8 MiB:", lib.cxx_plugin_try_new(8 << 20))
+            print("plugin 1 MiB:", lib.cxx_plugin_try_new(1 << 20))
+            print("python 8 MiB:", len(bytearray(8 << 20)))
+            """,
+            """
+            version = 1
+            [scopes.plugin]
+            on_oom = "raise"
+            budget = "4 MiB"
+            libraries = ["libcxx_plugin.so"]
+            """,
+            tmp_path,
+            run_options=("--backend", backend),
+        )
+    )
+    assert out.splitlines() == ["plugin 8 MiB: 0", "plugin 1 MiB: 1", "python 8 MiB: 8388608"]

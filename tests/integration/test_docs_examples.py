@@ -8,6 +8,7 @@ must match it exactly, so the documentation cannot drift from the code.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import allocpolicy as allocpolicy_package
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -26,6 +29,7 @@ RUNS = {
     "quickstart_task.py": "quickstart_policy.toml",
     "nested_scopes.py": "nested_policy.toml",
     "bind_threads.py": "quickstart_policy.toml",
+    "asyncio_requests.py": "quickstart_policy.toml",
     "configure_from_python.py": None,
     "fallible_mode.py": "fallible_policy.toml",
     "abort_mode.py": "abort_policy.toml",
@@ -35,11 +39,19 @@ RUNS = {
     "try_extend.py": "fallible_code_policy.toml",
     "no_alloc_regions.py": "no_alloc_policy.toml",
     "inject_task.py": "inject_policy.toml",
+    "task_boundaries.py": "nested_policy.toml",
+    "task_retries.py": "quickstart_policy.toml",
+    "web_flask.py": "web_policy.toml",
+    "web_fastapi.py": "web_policy.toml",
+    "task_runners.py": "tasks_policy.toml",
     "observe_refusals.py": "quickstart_policy.toml",
 }
 
 # Scripts whose page runs them with a plain `python`, no `allocpolicy run`.
 PLAIN = ["inprocess_install.py"]
+# Scripts started by a container or a systemd unit with a bare LD_PRELOAD,
+# as docs/deployment.rst shows; their policy comes from ALLOCPOLICY_POLICY.
+DEPLOYED = {"service.py": "service_policy.toml"}
 
 
 def _env() -> dict[str, str]:
@@ -87,11 +99,11 @@ def explain(proc: subprocess.CompletedProcess) -> str:
 def test_every_example_script_is_run_here():
     # A new example without a case here would be included in a page untested.
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == sorted([*RUNS, *PLAIN])
+    assert scripts == sorted([*RUNS, *PLAIN, *DEPLOYED])
 
 
 def test_every_policy_file_in_the_examples_is_used_or_checked():
-    used = {p for p in RUNS.values() if p} | {"broken_policy.toml", "full_policy.toml"}
+    used = {p for p in RUNS.values() if p} | {"broken_policy.toml", "full_policy.toml"} | set(DEPLOYED.values())
     assert sorted(p.name for p in EXAMPLES.glob("*.toml")) == sorted(used)
 
 
@@ -101,6 +113,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "quickstart_task.py",
         "nested_scopes.py",
         "bind_threads.py",
+        "asyncio_requests.py",
         "configure_from_python.py",
         "fallible_mode.py",
         "reserve_fallible.py",
@@ -108,12 +121,21 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "no_alloc_regions.py",
         "library_scope.py",
         "inject_task.py",
+        "web_flask.py",
+        "web_fastapi.py",
+        "task_runners.py",
         "observe_refusals.py",
     ],
 )
 def test_example_prints_the_output_shown_in_the_docs(script, tmp_path):
     if script == "no_alloc_regions.py":
         pytest.importorskip("numpy")  # a test dependency; the example uses it
+    needs = {"web_flask.py": ["flask", "waitress"], "web_fastapi.py": ["fastapi", "uvicorn"],
+             "task_runners.py": ["distributed"]}
+    for needed in needs.get(script, []):
+        pytest.importorskip(needed)  # test dependencies (the [test] extra)
+    if script == "web_fastapi.py" and not hasattr(allocpolicy_package.task, "__aenter__"):
+        pytest.skip("needs scope instances that follow asyncio tasks")
     # GIVEN an example script and the output recorded next to it for the docs
     # WHEN it runs under the runtime with its policy
     proc = run_example(script, tmp_path)
@@ -230,3 +252,80 @@ def test_command_exit_statuses_are_the_documented_ones(tmp_path):
     assert allocpolicy("check", str(tmp_path / "missing.toml"), cwd=tmp_path).returncode == 2
     lib = allocpolicy("lib", cwd=tmp_path)
     assert lib.returncode == 0 and Path(lib.stdout.strip()).is_file(), explain(lib)
+
+
+# --- deployment: a bare LD_PRELOAD, set by a Dockerfile or a systemd unit ----------
+
+
+def _root_path(root: Path, path: str) -> Path:
+    """``path`` of the deployed system, inside ``root``."""
+    return root / path.lstrip("/")
+
+
+def _install_library_link(root: Path, link: str) -> None:
+    # The Dockerfile's `ln -s "$(allocpolicy lib)" LINK`, with this installation's library.
+    library = allocpolicy("lib", cwd=root).stdout.strip()
+    assert Path(library).is_file(), library
+    target = _root_path(root, link)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(library)
+
+
+def _deployed(root: Path, environment: dict[str, str], command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` of the deployed system with exactly its ``environment``
+    (paths taken inside ``root``), the way the container or the unit starts it."""
+    env = _env()
+    env.update({key: str(_root_path(root, value)) for key, value in environment.items()})
+    argv = [sys.executable if Path(command[0]).name.startswith("python") else command[0]]
+    argv += [str(_root_path(root, arg)) if arg.startswith("/") else arg for arg in command[1:]]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=str(root))
+
+
+def test_dockerfile_recipe_runs_the_service_under_its_policy(tmp_path):
+    # GIVEN the image the documented Dockerfile builds: its COPY steps, its
+    # library link and its ENV lines, taken from the file itself
+    environment: dict[str, str] = {}
+    command: list[str] = []
+    for line in (EXAMPLES / "service.Dockerfile").read_text().splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "COPY":
+            source, dest = rest.split()
+            _root_path(tmp_path, dest).parent.mkdir(parents=True, exist_ok=True)
+            _root_path(tmp_path, dest).write_bytes((EXAMPLES / source).read_bytes())
+        elif word == "RUN" and rest.startswith("ln -s"):
+            _install_library_link(tmp_path, rest.split()[-1])
+        elif word == "ENV":
+            key, _, value = rest.partition("=")
+            environment[key] = value
+        elif word == "CMD":
+            command = json.loads(rest)
+    assert set(environment) == {"LD_PRELOAD", "ALLOCPOLICY_POLICY"}
+    # WHEN the container starts its command: no `allocpolicy run` anywhere
+    proc = _deployed(tmp_path, environment, command)
+    # THEN the policy named in the environment is in force, modules and all
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout == recorded("service.out"), explain(proc)
+    assert proc.stderr == ""
+
+
+def test_systemd_unit_recipe_runs_the_service_under_its_policy(tmp_path):
+    # GIVEN the files installed where the unit expects them
+    _install_library_link(tmp_path, "/usr/local/lib/liballocpolicy.so")
+    for source, dest in (("service_policy.toml", "/etc/allocpolicy/service.toml"),
+                         ("service.py", "/opt/service/service.py")):
+        _root_path(tmp_path, dest).parent.mkdir(parents=True, exist_ok=True)
+        _root_path(tmp_path, dest).write_bytes((EXAMPLES / source).read_bytes())
+    environment: dict[str, str] = {}
+    command: list[str] = []
+    for line in (EXAMPLES / "service.service").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "Environment":
+            name, _, setting = value.partition("=")
+            environment[name] = setting
+        elif key == "ExecStart":
+            command = value.split()
+    # WHEN systemd starts ExecStart with the unit's Environment= lines
+    proc = _deployed(tmp_path, environment, command)
+    # THEN it runs as in the container
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout == recorded("service.out"), explain(proc)

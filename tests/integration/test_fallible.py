@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
 from runtime_run import check, run_python
+
+MACHINES = Path(__file__).resolve().parents[1] / "data" / "machine"
 
 MiB = 1 << 20
 # pymalloc charges whole 1 MiB arenas: "nothing changed" means within one.
@@ -214,17 +217,16 @@ def test_nested_reservations_draw_on_the_outer_one(tmp_path):
 
 
 def test_machine_too_small_refuses_reservations_beyond_the_headroom(tmp_path):
-    # A margin that leaves only ~64 MiB of the machine's headroom usable
-    # makes the machine look small without exhausting anything.
-    from allocpolicy import machine_headroom
-
-    room, _ = machine_headroom()
-    margin = room - 64 * MiB
-    assert margin > 0, "this machine has less than 64 MiB free"
+    # A margin that leaves only 64 MiB of the machine's headroom usable makes
+    # the machine look small without exhausting anything. The machine is a
+    # fake cgroup tree (tests/data/machine) with a fixed headroom: the real
+    # one's free memory moves with whatever else the machine runs.
+    fake = MACHINES / "v2_leaf"
+    room = json.loads((fake / "expected.json").read_text(encoding="utf-8"))["headroom"]
     policy = f"""
     version = 1
     [process]
-    reserve_margin = {margin}
+    reserve_margin = {room - 64 * MiB}
     """
     out = json.loads(
         check(
@@ -234,16 +236,17 @@ def test_machine_too_small_refuses_reservations_beyond_the_headroom(tmp_path):
                 MiB = 1 << 20
                 big = allocpolicy.try_reserve(512 * MiB)
                 small = allocpolicy.try_reserve(1 * MiB)
-                print(json.dumps([type(big).__name__, big.reason, big.limit, big.budget < 200 * MiB,
+                print(json.dumps([type(big).__name__, big.reason, big.limit, big.budget,
                                   type(small).__name__]))
                 small.release()
                 """,
                 policy,
                 tmp_path,
+                env={"ALLOCPOLICY_MACHINE_ROOT": str(fake / "root")},
             )
         )
     )
-    assert out == ["AllocError", "oom", "machine", True, "Reservation"]
+    assert out == ["AllocError", "oom", "machine", 64 * MiB, "Reservation"]
 
 
 def test_reserve_arguments_are_checked(tmp_path):
@@ -348,6 +351,11 @@ def test_an_impossible_allocation_is_a_catchable_failure(tmp_path, mode):
                     except MemoryError as exc:
                         out["result"] = "MemoryError"
                     kept = bytearray(1 << 20)  # the scope still serves what fits
+                try:
+                    with allocpolicy.task("work"):
+                        bytearray(2**50)
+                except allocpolicy.AllocError as err:
+                    out["task"] = [err.scope, err.reason, err.size]
                 out["violations"] = allocpolicy.stats().scopes["work"].violations
                 print(json.dumps(out))
                 """,
@@ -361,7 +369,7 @@ def test_an_impossible_allocation_is_a_catchable_failure(tmp_path, mode):
             )
         )
     )
-    assert out == {"result": "MemoryError", "violations": 1}
+    assert out == {"result": "MemoryError", "task": ["work", "oom", 2**50 + 1], "violations": 2}
 
 
 def test_an_impossible_allocation_aborts_in_an_abort_scope(tmp_path):

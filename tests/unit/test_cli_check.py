@@ -41,6 +41,8 @@ def test_check_valid_file(tmp_path):
         tmp_path,
         """
         version = 1
+        # Covers the known offenders, whose presence check would warn about.
+        include = ["openblas"]
         [process]
         on_oom = "abort"
         [scopes.request]

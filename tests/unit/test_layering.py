@@ -17,10 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "allocpolicy"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = [
-    ("base", {"allocpolicy._errors", "allocpolicy._sizes", "allocpolicy._checkout"}),
+    (
+        "base",
+        {"allocpolicy._atfork", "allocpolicy._checkout", "allocpolicy._errors", "allocpolicy._machine", "allocpolicy._sizes"},
+    ),
     ("native", {"allocpolicy._native"}),
     ("core", {"allocpolicy._core", "allocpolicy._core.*"}),
-    ("model", {"allocpolicy._inject_settings", "allocpolicy._policy"}),
+    ("model", {"allocpolicy._inject_settings", "allocpolicy._offenders", "allocpolicy._policy"}),
     (
         "features",
         {
@@ -38,7 +41,6 @@ LAYERS = [
             "allocpolicy._budget_checks",
         },
     ),
-    ("integrations", {"allocpolicy.integrations", "allocpolicy.integrations.*"}),
     (
         "entry points",
         {
@@ -53,6 +55,9 @@ LAYERS = [
             "allocpolicy.metrics.*",
         },
     ),
+    # On top: they build on the public namespace (allocpolicy itself), which
+    # never imports them.
+    ("integrations", {"allocpolicy.integrations", "allocpolicy.integrations.*"}),
 ]
 
 #: What an integration may import from the package: the public namespace and the core.

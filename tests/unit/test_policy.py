@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from allocpolicy._errors import PolicyError, PolicyProblem
 from allocpolicy._policy import (
     BUILTIN_SOURCE,
     ENV_POLICY,
+    ENV_POLICY_TOML,
     ENV_TABLE,
     Policy,
     ProcessPolicy,
@@ -396,7 +398,30 @@ def test_policy_from_environment(tmp_path):
     assert policy_from_environment({}) is None
     assert policy_from_environment({ENV_POLICY: BUILTIN_SOURCE}) == default_policy()
     assert list(policy_from_environment({ENV_POLICY: str(path)}).scopes) == ["env_scope"]
-    assert policy_from_environment({ENV_POLICY: str(tmp_path / "gone.toml")}) is None
+    # A file named and missing is a mistake to report, not a reason to run unbounded.
+    with pytest.raises(PolicyError) as info:
+        policy_from_environment({ENV_POLICY: str(tmp_path / "gone.toml")})
+    assert str(info.value.problems[0]) == (
+        f"{tmp_path / 'gone.toml'}: top level: cannot read the policy file: No such file or directory"
+    )
+
+
+def test_policy_from_environment_prefers_the_text_run_handed_over(tmp_path):
+    # The file may have changed (or been a pipe): the text is what was compiled.
+    path = write(tmp_path, 'version = 1\n[scopes.now]\n')
+    text = 'version = 1\n[scopes.then]\nbudget = "1 MiB"\n'
+    policy = policy_from_environment({ENV_POLICY: str(path), ENV_POLICY_TOML: text})
+    assert policy.source == str(path)
+    assert list(policy.scopes) == ["then"]
+
+
+def test_policy_from_environment_reads_no_special_file(tmp_path):
+    fifo = tmp_path / "policy.fifo"
+    os.mkfifo(fifo)  # nobody writes: an open for reading would block
+    for source in (str(fifo), "/dev/zero", str(tmp_path)):
+        with pytest.raises(PolicyError) as info:
+            policy_from_environment({ENV_POLICY: source})
+        assert "not a regular file" in str(info.value), source
 
 
 def test_policy_from_environment_reads_os_environ(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ import allocpolicy
 
 # Public modules of their own: attributes of the package once imported, never
 # imported by it. The pytest plugin is loaded by pytest through the pytest11
-# entry point; the metrics package when a program exports metrics.
-SUBMODULES = {"pytest_plugin", "metrics"}
+# entry point; the metrics package when a program exports metrics; the
+# integrations package when a program uses one.
+SUBMODULES = {"pytest_plugin", "metrics", "integrations"}
 
 
 def test_all_is_exactly_the_public_namespace():
@@ -43,8 +44,10 @@ def test_error_hierarchy_subclasses_the_stdlib_errors_it_resembles():
     assert issubclass(allocpolicy.UnknownScopeError, LookupError)
     assert issubclass(allocpolicy.RuntimeLoadError, OSError)
     assert issubclass(allocpolicy.ScopeCapacityError, RuntimeError)
+    assert issubclass(allocpolicy.ScopeMismatchError, RuntimeError)
     for exc in (allocpolicy.AllocError, allocpolicy.PolicyError, allocpolicy.UnknownScopeError,
-                allocpolicy.RuntimeLoadError, allocpolicy.ScopeCapacityError):
+                allocpolicy.RuntimeLoadError, allocpolicy.ScopeCapacityError,
+                allocpolicy.ScopeMismatchError):
         assert issubclass(exc, allocpolicy.AllocPolicyError)
 
 
@@ -74,3 +77,19 @@ def test_wrong_arguments_name_the_argument():
         allocpolicy.bind(42)
     with pytest.raises(TypeError, match="argument 'policy'"):
         allocpolicy.configure(42)
+
+
+def test_task_retries_are_checked_and_need_a_callable_form():
+    import pytest
+
+    with pytest.raises(ValueError, match="'retries' must be 0 or more"):
+        allocpolicy.task("job", retries=-1)
+    with pytest.raises(TypeError, match="'retries' must be int"):
+        allocpolicy.task("job", retries=True)
+    with pytest.raises(ValueError, match="'escalate' must be greater than 1"):
+        allocpolicy.task("job", retries=1, escalate=1.0)
+    with pytest.raises(TypeError, match="'escalate' must be a number"):
+        allocpolicy.task("job", retries=1, escalate="2")
+    with pytest.raises(TypeError, match="a with block cannot be run again"):
+        with allocpolicy.task("job", retries=1):
+            pass

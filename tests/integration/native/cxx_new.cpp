@@ -14,6 +14,9 @@
  *                from the throwing forms; the nothrow forms do not call it
  *   impossible   2^50 bytes, more than any backend serves: bad_alloc and
  *                NULL too, in whatever mode `work` has (but abort)
+ *   double-free  (alone, outside any scope) deletes a small block twice: the
+ *                runtime's small-block cache must see it (expected to abort),
+ *                as in a C program
  *
  * Prints "ok MODE" or "FAIL MODE: why" lines; exit status 1 if any failed.
  * The runtime's C ABI is found with dlsym, so the program links only
@@ -295,10 +298,24 @@ static void check_impossible() {
     std::printf("ok %s\n", mode_name);
 }
 
+/* The cache works in a C++ program too, whose C++ runtime allocates before
+ * the runtime's constructor has run. */
+static void double_free() {
+    void *p = launder(::operator new(40));
+    ::operator delete(p);
+    ::operator delete(p);
+    std::printf("survived\n");
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s MODE...\n", argv[0]);
         return 2;
+    }
+    if (std::strcmp(argv[1], "double-free") == 0) {
+        /* Before anything registers the thread, as entering a scope does. */
+        double_free();
+        return 0;
     }
     if (!have_runtime()) {
         std::printf("FAIL: the runtime is not preloaded\n");
@@ -322,6 +339,7 @@ int main(int argc, char **argv) {
             check_handler();
         else if (std::strcmp(argv[i], "impossible") == 0)
             check_impossible();
+
         else {
             std::fprintf(stderr, "unknown mode %s\n", argv[i]);
             return 2;

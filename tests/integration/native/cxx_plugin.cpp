@@ -9,6 +9,8 @@
  *                                  NULL, nothing was charged, and 1 MiB
  *                                  still fits; else 0, with the reason on
  *                                  stdout
+ *   int cxx_plugin_try_new(size_t n)  1 when new char[n] succeeded, 0 when it
+ *                                  threw std::bad_alloc
  */
 #include <dlfcn.h>
 
@@ -69,4 +71,15 @@ extern "C" __attribute__((visibility("default"))) int cxx_plugin_refusal(void) {
         return 0;
     }
     return 1;
+}
+
+extern "C" __attribute__((visibility("default"))) int cxx_plugin_try_new(std::size_t n) {
+    try {
+        char *p = new char[n];
+        sink = p;
+        delete[] p;
+        return 1;
+    } catch (const std::bad_alloc &) {
+        return 0;
+    }
 }

@@ -2,7 +2,7 @@
  * escapes.c - instances that end with memory still live, and stale ids.
  *
  *   escapes keep N     needs the table "v=1;process=raise:0;scope=server:raise:0:0;
- *                      scope=request:raise:1048576:0"
+ *                      scope=request:raise:1048576:0;scope=sub:raise:0:0"
  *       N instances of `request`, each keeping one 600-byte block past its
  *       end (a server caching one result per request): first at the process
  *       root, then inside one long-lived `server` instance. Every entry must
@@ -10,6 +10,11 @@
  *       600 per instance, its live total stays 0 (no request is active), the
  *       server instance and the process hold every kept block. Then another
  *       thread frees all of them and every count is back at its baseline.
+ *   escapes nested N   (the table also declares scope=sub:raise:0:0) N
+ *                      requests, each entering `sub` inside and keeping one
+ *                      600-byte block made there past both ends (a request's
+ *                      sub-task result kept in a cache): as exact, and every
+ *                      entry must succeed.
  *   escapes zero       an instance whose only block is malloc(0) ends; its
  *                      slot then serves other instances. Its id must not be
  *                      taken for theirs (ap_get_instance_stats: AP_ENOENT),
@@ -171,6 +176,46 @@ static int run_keep(long n) {
     return 0;
 }
 
+static int run_nested(long n) {
+    uint32_t request, sub;
+    if (ap.scope_find("request", &request) || ap.scope_find("sub", &sub)) {
+        fprintf(stderr, "escapes: the table must declare request and sub\n");
+        return 2;
+    }
+    void **blocks = calloc((size_t)n, sizeof *blocks);
+    int64_t base = process_live();
+    ap_scope_stats rs0 = scope_stats(request), ss0 = scope_stats(sub);
+    for (long i = 0; i < n; i++) {
+        uint32_t rid, sid;
+        ap_status st = ap.enter(request, &rid);
+        if (st == AP_OK && (st = ap.enter(sub, &sid)) == AP_OK) {
+            blocks[i] = malloc(KEPT_SIZE);
+            memset(blocks[i], (int)i, KEPT_SIZE);
+            ap.exit();
+        }
+        if (st != AP_OK) {
+            printf("check nested entry %ld failed with status %d MISMATCH\n", i, st);
+            failures++;
+            n = i;
+            break;
+        }
+        ap.exit();
+    }
+    ap_scope_stats rs = scope_stats(request), ss = scope_stats(sub);
+    expect("nested sub escaped", ss.escaped - ss0.escaped, (long long)n * KEPT_SIZE);
+    expect("nested request escaped", rs.escaped - rs0.escaped, (long long)n * KEPT_SIZE);
+    expect("nested request live", rs.live, 0);
+    expect("nested sub live", ss.live, 0);
+    expect("nested process live", process_live() - base, (long long)n * KEPT_SIZE);
+    pthread_t th;
+    batch b = {blocks, n};
+    pthread_create(&th, NULL, free_all, &b);
+    pthread_join(th, NULL);
+    expect("nested process live after free", process_live() - base, 0);
+    free(blocks);
+    return 0;
+}
+
 static int run_zero(void) {
     uint32_t request, server;
     if (ap.scope_find("server", &server) || ap.scope_find("request", &request))
@@ -221,10 +266,12 @@ int main(int argc, char **argv) {
     int rc;
     if (argc > 2 && strcmp(argv[1], "keep") == 0)
         rc = run_keep(atol(argv[2]));
+    else if (argc > 2 && strcmp(argv[1], "nested") == 0)
+        rc = run_nested(atol(argv[2]));
     else if (argc > 1 && strcmp(argv[1], "zero") == 0)
         rc = run_zero();
     else {
-        fprintf(stderr, "usage: escapes keep N | escapes zero\n");
+        fprintf(stderr, "usage: escapes keep N | escapes nested N | escapes zero\n");
         return 2;
     }
     if (rc)

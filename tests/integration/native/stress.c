@@ -129,10 +129,7 @@ static void verify(const block *b) {
 
 /* ---- Instances the program made, to work out what each must hold -------------- */
 
-/* Indexed by slot (an id's low 16 bits). A slot that serves a later instance
- * keeps the record of the latest: the runtime reuses a slot whose earlier
- * instances' blocks are still live only for the same scope and parent, so
- * the chain above an earlier instance's block is the recorded one. */
+/* Indexed by slot (an id's low 16 bits): the latest instance of each slot. */
 #define SLOT(id) ((id) & (MAX_INST - 1))
 typedef struct {
     uint32_t known;
@@ -142,6 +139,25 @@ typedef struct {
 } inst_info;
 
 static inst_info instances[MAX_INST];
+
+/* The parent of every instance made, by full id: a slot's later instance may
+ * have a later occupant of the parent's slot as its parent (the runtime
+ * switches the link once the earlier one ended), so the chain above a block
+ * is the one recorded for its own instance. An id that comes back (after
+ * 32767 reuses of its slot) belongs to the latest: the runtime never reuses
+ * a generation while a block of the earlier one lives. */
+#define PARENTS_CAP (1u << 21)
+static struct {
+    uint32_t id, parent;
+} parents[PARENTS_CAP];
+
+static uint32_t *parent_slot(uint32_t id) {
+    for (uint32_t h = (id * 2654435761u) & (PARENTS_CAP - 1);; h = (h + 1) & (PARENTS_CAP - 1))
+        if (parents[h].id == id || parents[h].id == 0) {
+            parents[h].id = id;
+            return &parents[h].parent;
+        }
+}
 static _Atomic long entered; /* instances made; past MAX_INST, ids are reused */
 static pthread_mutex_t instances_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t scope_work, scope_nested, scope_shared, scope_tight;
@@ -162,6 +178,7 @@ static uint32_t enter(uint32_t scope) {
     atomic_fetch_add(&entered, 1);
     pthread_mutex_lock(&instances_lock);
     instances[SLOT(id)] = (inst_info){.known = 1, .id = id, .scope = scope, .parent = parent};
+    *parent_slot(id) = parent;
     pthread_mutex_unlock(&instances_lock);
     return id;
 }
@@ -574,7 +591,7 @@ static long mismatches;
  * live bytes, which the check compares. */
 static void add_block(const block *b, int64_t *total) {
     *total += (int64_t)b->size;
-    for (uint32_t id = b->inst; id != AP_INSTANCE_PROCESS; id = instances[SLOT(id)].parent)
+    for (uint32_t id = b->inst; id != AP_INSTANCE_PROCESS; id = *parent_slot(id))
         if (instances[SLOT(id)].id == id)
             expect_inst[SLOT(id)] += (int64_t)b->size;
 }
@@ -721,10 +738,15 @@ int main(int argc, char **argv) {
     int churning = argc > 3 && strcmp(argv[3], "churn") == 0;
     if (!bind_runtime())
         return 2;
+    /* The sanitizer builds (noxfile.py, `sanitize`) link the runtime into
+     * the program with its malloc family renamed, so that the sanitizer's
+     * allocator is the backend: nothing interposes malloc there. */
+#ifndef AP_STRESS_RENAMED
     if (!ap.is_preloaded()) {
         fprintf(stderr, "stress: the runtime is loaded but not interposing malloc\n");
         return 2;
     }
+#endif
     if (ap.scope_find("work", &scope_work) || ap.scope_find("nested", &scope_nested) ||
         ap.scope_find("shared", &scope_shared) || ap.scope_find("tight", &scope_tight)) {
         fprintf(stderr, "stress: the table must declare work, nested, shared and tight\n");
