@@ -744,7 +744,21 @@ class _Run:
         return None
 
 
+def _judged(exc: BaseException) -> BaseException:
+    """The exception a run is judged by: the body's own, when the task
+    boundary converted it to AllocError because it carries the refusal (a
+    MemoryError turned into a ValueError by the code under test is that
+    ValueError, as the body raised it)."""
+    from ._errors import AllocError
+
+    cause = exc.__cause__
+    if isinstance(exc, AllocError) and cause is not None and not isinstance(cause, MemoryError):
+        return cause
+    return exc
+
+
 def _describe(exc: BaseException, allow: tuple, body: object) -> dict[str, Any]:
+    exc = _judged(exc)
     # The frames are read by hand: the traceback module registers every file
     # it sees in linecache, which would look like memory the run kept.
     entries = []
@@ -816,6 +830,24 @@ def _prepare(rt: _native.Runtime, plan: _Plan, item: pytest.Function) -> None:
     rt.last_violation()
     rt.region_enter(_COUNT, True, _ARENAS_ONLY)
     rt.region_exit()
+    _refuse_once(rt)
+
+
+def _refuse_once(rt: _native.Runtime) -> None:
+    """Take the whole path of one injected refusal, here: what it sets up the
+    first time (the runtime's report buffers, the loader's state of the
+    unwinder it may load, the converted error's caches) then exists before
+    every run, instead of looking like memory the first failing run kept."""
+    import allocpolicy
+
+    rt.inject_set(_injection(rt, 1, False))
+    try:
+        with allocpolicy.task(SCOPE):
+            bytearray(4096)
+    except MemoryError:
+        pass
+    finally:
+        rt.inject_set(None)
 
 
 def _held_before(rt: _native.Runtime) -> tuple[int, int, int]:
