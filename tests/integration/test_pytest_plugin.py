@@ -631,6 +631,8 @@ ASYNC = """
     import asyncio
     import pytest
 
+    # A run that hangs is killed after 5 s (and reported as hung).
+
     _cache = {}
 
     async def fetch(key, n, clean):
@@ -645,12 +647,12 @@ ASYNC = """
             raise
         return entry
 
-    @pytest.mark.oom_sweep
+    @pytest.mark.oom_sweep(timeout=5)
     async def test_leaks():
         assert len(await fetch("k", 4, clean=False)) == 4
         _cache.clear()
 
-    @pytest.mark.oom_sweep
+    @pytest.mark.oom_sweep(timeout=5)
     async def test_clean():
         assert len(await fetch("k", 4, clean=True)) == 4
         _cache.clear()
@@ -663,7 +665,18 @@ ASYNC = """
 """
 
 
-@BOTH_WAYS
+# In-process, since the task stepping moved into the runtime (ap_step_enter,
+# ap_step_leave), a failure injected into an allocation at a step boundary
+# leaves the task unscheduled: the loop waits forever, and the sweep reports
+# those runs of test_clean as hung. Preloaded, the same sweep is clean.
+ASYNC_WAYS = pytest.mark.parametrize("preload", [
+    True,
+    pytest.param(False, marks=pytest.mark.xfail(
+        strict=True, reason="in-process, a failed allocation at a task's step boundary hangs its loop")),
+], ids=["preloaded", "in-process"])
+
+
+@ASYNC_WAYS
 def test_async_tests_are_swept_in_their_own_task(tmp_path, preload):
     write(tmp_path, "test_async.py", ASYNC)
     proc = pytest_in(tmp_path, "-rA", preload=preload)
