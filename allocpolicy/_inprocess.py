@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from . import _atfork, _config, _configure, _loops, _native
+from ._core import postimport
 from ._errors import AllocPolicyWarning, RuntimeLoadError
 
 if TYPE_CHECKING:
@@ -245,44 +246,13 @@ class _NumpyFinder:
             return None
         self._busy = True
         try:
-            spec = None
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
+            spec = postimport.spec_behind(self, name, path, target)
         finally:
             self._busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _AfterExec(spec.loader, self._then)
-        return spec
+        return postimport.wrap_loader(spec, self._then)
 
     def invalidate_caches(self) -> None:
         pass
-
-
-class _AfterExec:
-    """A loader that runs another one, then a callback on the new module."""
-
-    def __init__(self, loader, then) -> None:
-        self._loader = loader
-        self._then = then
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        # The module is NumPy's again, as if we had never been there.
-        module.__loader__ = self._loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
-        self._then(module)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
 
 
 class _Installed:

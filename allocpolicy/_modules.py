@@ -134,7 +134,8 @@ def _match(module: str) -> _Binding | None:
 
 class _Thread(_thread._local):
     def __init__(self) -> None:
-        # (key, binding, instance entered or 0) per activation of bound code;
+        # (key, binding, the thread's violation number when it entered the
+        # instance, None for a nested activation) per activation of bound code;
         # key is the code object (3.12+) or None (3.11 wrappers).
         self.stack: list[tuple[object, _Binding, int]] = []
         # scope id -> activations of it on the stack
@@ -154,19 +155,22 @@ def _push(key: object, binding: _Binding) -> None:
     if n:
         # Already in an instance of this scope that bound code entered: stay in it.
         t.depth[sid] = n + 1
-        t.stack.append((key, binding, 0))
+        t.stack.append((key, binding, None))
     else:
         # May raise ScopeCapacityError into the bound code; then nothing is
         # recorded and the frame's end event finds no entry of its own.
-        instance = _rt.enter(sid)
+        # The violation number comes with the entry in its one native call
+        # (the cheapest entry there is): the exit's report is of a refusal
+        # made since.
+        seq = _rt.enter_noting(sid)
         t.depth[sid] = 1
-        t.stack.append((key, binding, instance))
+        t.stack.append((key, binding, seq))
     _inflight += 1
 
 
 def _pop(t: _Thread, exc: BaseException | None) -> None:
     global _inflight
-    _key, binding, instance = t.stack.pop()
+    _key, binding, seq = t.stack.pop()
     _inflight -= 1
     sid = binding.sid
     n = t.depth[sid] - 1
@@ -177,20 +181,19 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
     rt = _rt
     refused = False
     if exc is not None and binding.convert and isinstance(exc, Exception) and not isinstance(exc, AllocError):
-        # Did the runtime cause it? A refusal is counted on the instance that
-        # was innermost, whichever limit refused; ours was entered by this
-        # activation, so a count there is a refusal during it. (Reading the
-        # thread's violation sequence number at every entry instead would
-        # cost a second native call on every call into bound code.) Read it
+        # Did the runtime cause it while our instance was innermost? A
+        # refusal is counted on the instance that was innermost, whichever
+        # limit refused; ours, entered by this activation, is innermost again
+        # now that the exception left everything the bound code entered. Read
         # before leaving: an instance that ends may be reused at once.
-        stats = rt.instance_stats(instance)
+        stats = rt.instance_stats(rt.current()[0])
         refused = stats is not None and stats.violations > 0
     rt.exit()
     if _release_pending and not _inflight:
         _release_monitoring()
     if not refused:
         return  # no error, or a MemoryError the runtime did not cause: leave it alone
-    err = refusal.convert(exc, rt, refusal.ANY, binding.name)  # this thread's newest violation
+    err = refusal.convert(exc, rt, seq, binding.name)
     try:
         if err is not None:
             refusal.raise_converted(err, exc)
@@ -240,7 +243,7 @@ def _on_start(code, offset):
     n = depth.get(binding.sid)
     if n:
         depth[binding.sid] = n + 1
-        t.stack.append((code, binding, 0))
+        t.stack.append((code, binding, None))
         _inflight += 1
     else:
         _push(code, binding)
@@ -262,7 +265,7 @@ def _on_leave(code, offset, value):
     t = _tls
     stack = t.stack
     if stack and stack[-1][0] is code:
-        if stack[-1][2]:
+        if stack[-1][2] is not None:
             _pop(t, None)
         else:  # _pop of a nested activation, inline: it leaves no instance
             depth = t.depth

@@ -20,7 +20,7 @@ from typing import Any
 from . import _atfork, _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
@@ -30,6 +30,8 @@ MAX_DEPTH = 32
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
 EXIT_REGION = 1
+#: ap_step_leave: the thread recorded a violation during the step.
+STEP_REFUSED = 1
 ACTION_FROM_SCOPE = 0xFFFFFFFF
 MODES = ("raise", "abort", "fallible")
 REASONS = ("none", "budget", "oom", "injected", "forbidden")
@@ -356,14 +358,19 @@ class Runtime:
         self._install_arena = install
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
-        self._exit = handle.ap_exit
-        self._enter_noting = handle.ap_enter_noting
+        # A scope's entry and exit, on every task boundary, cross ctypes the
+        # same way as a task's steps (below) and take no out-parameters:
+        # enter_seq(scope_id) returns the violation number before the entry,
+        # or a negative status (ap_enter_seq); the exit returns a status.
+        self.enter_seq = gil_handle.ap_enter_seq
+        self.enter_seq.restype = ctypes.c_int64
+        self._exit = gil_handle.ap_exit
         # Every step of a task in a scope crosses ctypes twice (see
         # _core/stepping.py): through the handle that keeps the GIL (releasing and
         # taking it back would cost more than the call, and let other threads
         # in between), and without argtypes, whose conversions cost as much
         # again; instance ids and levels are small ints, the third argument
-        # of step_enter a byref() made once per task.
+        # of step_enter and step_leave a byref() made once per task.
         self.step_enter = gil_handle.ap_step_enter
         self.step_leave = gil_handle.ap_step_leave
         self._local = _thread._local()
@@ -418,19 +425,10 @@ class Runtime:
     def enter_noting(self, scope_id: int) -> int:
         """:meth:`enter`, returning the thread's violation number from just
         before the entry (what a task boundary notes) in the same call."""
-        local = self._local
-        try:
-            out, seq, out_ref, seq_ref = local.entry
-        except AttributeError:
-            # Made once per thread, outside any scope: made inside, they
-            # would be allocations of the scope entered.
-            out, seq = ctypes.c_uint32(), ctypes.c_uint64()
-            local.entry = (out, seq, ctypes.byref(out), ctypes.byref(seq))
-            out, seq, out_ref, seq_ref = local.entry
-        status = self._enter_noting(scope_id, out_ref, seq_ref)
-        if status:
-            check(status, "ap_enter", scope_id)
-        return seq.value
+        seq = self.enter_seq(scope_id)
+        if seq < 0:
+            check(seq, "ap_enter", scope_id)
+        return seq
 
     def set_budget(self, instance: int, budget: int) -> None:
         """Give ``instance``, just entered on this thread, a budget of its own (0: none)."""
@@ -821,6 +819,9 @@ class InprocessRuntime(Runtime):
         #: requests when there are any; both set by _inprocess.install().
         self.before_enter = None
         self.settle = None
+        # The entry of a boundary runs the checks of in-process mode too
+        # (enter_noting below raises instead of returning a status).
+        self.enter_seq = self.enter_noting
 
     # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
 

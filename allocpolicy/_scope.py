@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import _thread
 import functools
+import os
 import sys
 import threading
 import types
-from contextlib import ContextDecorator
 from typing import Any, Callable, TypeVar
 
 from . import _native
 from ._core import refusal, stepping
 from ._core.instances import InstanceHandle
+from ._core import names
 from ._core.names import scope_id, warn_inactive
 from ._errors import AllocError, ScopeMismatchError
 from ._regions import raise_outcome, region_outcome
@@ -23,32 +25,69 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Budgets are int64 in the runtime; an escalation stops growing there.
 _MAX_BUDGET = 1 << 62
 
+# Ids of the scopes entered by name, filled by scope_id() (ids never change).
+_ids = names.scope_ids
+# The task frame of the running context (_core/stepping.py), read on every
+# exit: a scope entered in a task is left there, not on the thread's stack.
+_task_frame = stepping._frames.get
+_EXIT_REGION = _native.EXIT_REGION
+
+
 # Per-thread record of what each `with` entered, so that exits pair with
 # entries even when one scope object is used by many threads at once.
-_frames = threading.local()
+#
+# A thread's record is a flat list, two slots per entry (no object is made
+# per entry): the scope object, then the thread's violation number at entry
+# (``None``: nothing was entered, no runtime). An entry whose exit came while
+# scopes entered after it were still active has its first slot replaced by
+# _ABANDONED: the exit was reported, and its instance is left when theirs are.
+#
+# The lists are found by thread id, which costs a fraction of a
+# threading.local attribute on every entry and exit; a thread's list is
+# dropped when the thread ends (its _Forget, in thread-local storage, goes
+# then), and the other threads' in a forked child, before any new thread
+# could reuse their ids.
+_stacks: dict[int, list[Any]] = {}
+_get_ident = _thread.get_ident
+_forgetters = threading.local()
+_ABANDONED = object()
 
 
-class _Entry:
-    """One entry of a scope object on this thread's stack."""
+class _Forget:
+    """Drops a thread's list from _stacks when the thread's storage goes."""
 
-    __slots__ = ("owner", "seq", "abandoned")
+    # The dict is its own reference: at interpreter shutdown this module's
+    # globals may be gone by the time the main thread's storage is cleared.
+    __slots__ = ("stacks", "ident", "stack")
 
-    def __init__(self, owner: scope, seq: int | None) -> None:
-        self.owner = owner
-        # The thread's violation number at entry; None: nothing was entered
-        # (no runtime).
-        self.seq = seq
-        # Its exit came while scopes entered after it were still active: it
-        # was reported, and its instance is left when they are.
-        self.abandoned = False
+    def __init__(self, ident: int, stack: list[Any]) -> None:
+        self.stacks = _stacks
+        self.ident = ident
+        self.stack = stack
+
+    def __del__(self) -> None:
+        if self.stacks.get(self.ident) is self.stack:
+            del self.stacks[self.ident]
 
 
-def _stack() -> list[_Entry]:
-    try:
-        return _frames.stack
-    except AttributeError:
-        _frames.stack = []
-        return _frames.stack
+def _new_stack() -> list[Any]:
+    """The calling thread's list, made at its first entry."""
+    ident = _get_ident()
+    stack = _stacks.get(ident)
+    if stack is None:
+        stack = _stacks[ident] = []
+        _forgetters.forget = _Forget(ident, stack)
+    return stack
+
+
+def _forget_other_threads() -> None:
+    mine = _stacks.get(_get_ident())
+    _stacks.clear()
+    if mine is not None:
+        _stacks[_get_ident()] = mine
+
+
+os.register_at_fork(after_in_child=_forget_other_threads)
 
 
 def _check_name(name: object, func: str) -> str:
@@ -59,21 +98,34 @@ def _check_name(name: object, func: str) -> str:
     return name
 
 
-class scope(ContextDecorator):
+class scope:
     """Run a block (or a decorated function) in a new instance of scope ``name``.
 
     The innermost scope decides what a refused allocation does (its
     ``on_oom``); every enclosing scope's budget still applies. A scope is not a
     task boundary: a ``MemoryError`` passes through unchanged.
 
+    In a coroutine the instance belongs to the asyncio task, not to the
+    thread: it is charged only while that task runs, tasks spawned inside it
+    and work handed to threads (``asyncio.to_thread``, ``run_in_executor``)
+    inherit it, and ``async with`` works the same. A decorated ``async def``
+    function runs each call in a new instance (see ``docs/asyncio.rst``).
+
     Without a preloaded runtime the block runs unscoped and an
     :class:`AllocPolicyWarning` is issued once.
     """
 
+    # Made for every unit of work: no instance dict to make.
+    __slots__ = ("name", "__weakref__")
+
     _func = "scope"
+    # Whether __enter__ may take its fast path: entered by name, no retries.
+    _fast = True
 
     def __init__(self, name: str) -> None:
-        self.name = _check_name(name, self._func)
+        if name.__class__ is not str or not name:
+            _check_name(name, self._func)
+        self.name = name
 
     def __call__(self, func: F) -> F:
         if _is_coroutine_function(func):
@@ -81,7 +133,7 @@ class scope(ContextDecorator):
             # follows the task that awaits it (_core/stepping.py).
             @functools.wraps(func)
             async def scoped(*args, **kwargs):
-                with self._recreate_cm():
+                with self:
                     return await func(*args, **kwargs)
 
             return scoped  # type: ignore[return-value]
@@ -90,7 +142,13 @@ class scope(ContextDecorator):
                 f"{self._func}(): cannot decorate the async generator function {func.__qualname__}: "
                 "between its yields, the code that consumes it would run inside the scope"
             )
-        return super().__call__(func)
+
+        @functools.wraps(func)
+        def scoped(*args, **kwargs):
+            with self:
+                return func(*args, **kwargs)
+
+        return scoped  # type: ignore[return-value]
 
     async def __aenter__(self) -> "scope":
         return self.__enter__()
@@ -115,10 +173,42 @@ class scope(ContextDecorator):
         return rt.enter_noting(target)
 
     def __enter__(self) -> "scope":
+        # The fast path, taken by every entry by name on a thread that no
+        # asyncio task is running on, once the name's id is known: one
+        # native call, nothing made but the stack's slots. The rest is
+        # _enter(), which decides the same things step by step.
+        rt = _native._runtime
+        sid = _ids.get(self.name)
+        running_loop = stepping._running_loop
+        if (
+            rt is None
+            or sid is None
+            or not self._fast
+            or (running_loop is not None and running_loop() is not None)
+        ):
+            return self._enter()
+        # Recorded before entering: inside, the list's growth would be an
+        # allocation of the scope (and refused in a forbid scope).
+        stack = _stacks.get(_get_ident())
+        if stack is None:
+            stack = _new_stack()
+        stack.append(self)
+        stack.append(0)
+        try:
+            seq = rt.enter_seq(sid)
+            if seq < 0:
+                _native.check(seq, "ap_enter", sid)
+        except BaseException:
+            del stack[-2:]
+            raise
+        stack[-1] = seq
+        return self
+
+    def _enter(self) -> "scope":
         rt = _native.runtime()
         if rt is None:
             warn_inactive()
-            _stack().append(_Entry(self, None))
+            _new_stack().extend((self, None))
             return self
         target = self._resolve(rt)
         stepper = stepping.running_stepper()
@@ -126,63 +216,81 @@ class scope(ContextDecorator):
             # In a task: the instance follows the task (_core/stepping.py).
             stepping.enter(rt, stepper, self, target)
             return self
-        # Recorded before entering: inside, the list's growth would be an
-        # allocation of the scope (and refused in a forbid scope).
-        stack = _stack()
-        entry = _Entry(self, 0)
-        stack.append(entry)
+        stack = _new_stack()
+        stack += (self, 0)  # before entering, as in __enter__
         try:
-            entry.seq = self._open_noting(rt, target)
+            stack[-1] = self._open_noting(rt, target)
         except BaseException:
-            stack.pop()
+            del stack[-2:]
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        # The fast path: not in a task's scope, the innermost entry of this
+        # thread is this object's, and something was entered.
+        if _task_frame() is None:
+            stack = _stacks.get(_get_ident())
+            if stack and stack[-2] is self and stack[-1] is not None:
+                seq = stack[-1]
+                rt = _native._runtime
+                try:
+                    left_region = rt._exit() == _EXIT_REGION
+                except MemoryError:  # see Runtime.exit
+                    left_region = rt._exit() == _EXIT_REGION
+                # Popped after leaving: shrinking the list may allocate (a
+                # forbid scope would refuse it).
+                del stack[-2:]
+                if stack and stack[-2] is _ABANDONED:
+                    _leave_abandoned(rt, stack)
+                if exc is None and not left_region:
+                    return False  # the common case: nothing to report
+                return self._after_exit(rt, left_region, seq, exc, tb)
+        return self._exit(exc, tb)
+
+    def _exit(self, exc, tb) -> bool:
         frame = stepping.leaving(self)
         if frame is not None:
             rt = frame.rt
-            left_region = rt.exit() == _native.EXIT_REGION
+            left_region = rt.exit() == _EXIT_REGION
             # Popped after leaving, as below.
-            seq = stepping.left(frame)
+            seq, kept = stepping.left(frame)
             frame = None
-            return self._after_exit(rt, left_region, seq, exc, tb)
-        stack = _stack()
+            return self._after_exit(rt, left_region, seq, exc, tb, kept)
+        stack = _stacks.get(_get_ident())
         if not stack:
             # Entered in a task whose coroutine is being finalized elsewhere
             # (garbage collection, another task closing an async generator):
             # the instance was never attached here, and goes with the context.
             return False
-        if stack[-1].owner is not self:
+        if stack[-2] is not self:
             self._out_of_order(stack)
-        seq = stack[-1].seq
+        seq = stack[-1]
         if seq is None:
-            stack.pop()
+            del stack[-2:]
             return False
         rt = _native.runtime()
-        left_region = rt.exit() == _native.EXIT_REGION
-        # Popped after leaving: shrinking the list may allocate (a forbid
-        # scope would refuse it).
-        stack.pop()
-        if stack and stack[-1].abandoned:
+        left_region = rt.exit() == _EXIT_REGION
+        del stack[-2:]  # after leaving, as in __exit__
+        if stack and stack[-2] is _ABANDONED:
             _leave_abandoned(rt, stack)
         if exc is None and not left_region:
-            return False  # the common case: nothing to report
+            return False
         return self._after_exit(rt, left_region, seq, exc, tb)
 
-    def _out_of_order(self, stack: list[_Entry]) -> None:
+    def _out_of_order(self, stack: list[Any]) -> None:
         """An exit that is not of the innermost entry: say so, and leave the
         scopes entered after this one untouched (their instances are theirs)."""
-        for entry in reversed(stack):
-            if entry.owner is self and not entry.abandoned:
+        for i in range(len(stack) - 2, -1, -2):
+            if stack[i] is self:
                 break
         else:
             raise ScopeMismatchError(
                 f"{self._func}({self.name!r}) exited on a thread where it is not active "
                 "(exited twice, or entered on another thread)"
             )
-        entry.abandoned = True
-        inner = stack[-1].owner
+        # Nothing is made here: the scopes entered after it may refuse it.
+        stack[i] = _ABANDONED
+        inner = stack[-2]
         raise ScopeMismatchError(
             f"{self._func}({self.name!r}) exited while {inner._func}({inner.name!r}), entered "
             "after it on this thread, is still active: scopes must be left in the reverse order "
@@ -191,19 +299,22 @@ class scope(ContextDecorator):
             "after it are"
         )
 
-    def _after_exit(self, rt, left_region, seq, exc, tb) -> bool:
+    def _after_exit(self, rt, left_region, seq, exc, tb, kept=None) -> bool:
         try:
             if left_region:
                 # A forbid scope: its region ended with it.
                 raise_outcome(region_outcome(rt.region_last(), self.name, seq, exc, tb, stacklevel=4), exc, tb)
-            return self._boundary(rt, seq, exc, tb)
+            return self._boundary(rt, seq, exc, tb, kept)
         finally:
             # This frame ends up in the traceback of a raised AllocError; its
             # locals must not keep the failed task's frames (and their memory)
             # alive until the cyclic GC runs.
             exc = tb = None
 
-    def _boundary(self, rt, seq, exc, tb) -> bool:
+    def _boundary(self, rt, seq, exc, tb, kept=None) -> bool:
+        """``kept``: a refusal recorded in an earlier step inside the block
+        (a coroutine's, or a task's it spawned), for when the thread's own
+        record is not it."""
         return False
 
 
@@ -234,12 +345,22 @@ class task(scope):
     entering a task with retries in a ``with`` statement raises TypeError.
     """
 
+    __slots__ = ("retries", "escalate", "_fast")
+
     _func = "task"
-    retries = 0
-    escalate = 2.0
 
     def __init__(self, name: str = "task", *, retries: int = 0, escalate: float = 2.0) -> None:
-        super().__init__(name)
+        # Made for every unit of work: the defaults are checked at a glance.
+        if name.__class__ is not str or not name:
+            _check_name(name, "task")
+        self.name = name
+        self.retries = 0
+        self.escalate = 2.0
+        self._fast = True
+        if retries.__class__ is not int or retries or escalate != 2.0:
+            self._set_retries(retries, escalate)
+
+    def _set_retries(self, retries: int, escalate: float) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int):
             raise TypeError(f"task(): argument 'retries' must be int, not {type(retries).__name__}")
         if retries < 0:
@@ -255,15 +376,17 @@ class task(scope):
             )
         self.retries = retries
         self.escalate = float(escalate)
+        if retries:
+            self._fast = False  # __enter__ refuses it (_enter)
 
-    def __enter__(self) -> "task":
+    def _enter(self) -> "task":
         if self.retries:
             raise TypeError(
                 f"task({self.name!r}, retries={self.retries}): a with block cannot be run "
                 f"again; decorate the function (@allocpolicy.task(...)) or call "
                 f"allocpolicy.task(...).run(fn, ...)"
             )
-        return super().__enter__()
+        return super()._enter()
 
     def __call__(self, func: F) -> F:
         if not self.retries or _is_async_generator_function(func):
@@ -316,7 +439,7 @@ class task(scope):
         return min(int(err.budget * self.escalate), _MAX_BUDGET)
 
     def _enter_attempt(self, budget: int | None) -> None:
-        scope.__enter__(self)
+        scope._enter(self)
         if budget is not None:
             rt = _native.runtime()
             try:
@@ -345,8 +468,10 @@ class task(scope):
         self.__exit__(None, None, None)
         return result
 
-    def _boundary(self, rt, seq, exc, tb) -> bool:
+    def _boundary(self, rt, seq, exc, tb, kept=None) -> bool:
         err = refusal.convert(exc, rt, seq, self.name)
+        if err is None and kept is not None:
+            err = refusal.convert(exc, rt, refusal.ANY, self.name, violation=kept)
         try:
             if err is not None:
                 refusal.raise_converted(err, exc)
@@ -355,13 +480,13 @@ class task(scope):
             err = exc = tb = None  # no cycle through this frame (see __exit__)
 
 
-def _leave_abandoned(rt: _native.Runtime, stack: list[_Entry]) -> None:
+def _leave_abandoned(rt: _native.Runtime, stack: list[Any]) -> None:
     """Leave the instances of entries whose exit came out of order, now that
     the scopes entered after them are gone (the exit reported the error)."""
-    while stack and stack[-1].abandoned:
-        if stack[-1].seq is not None:
+    while stack and stack[-2] is _ABANDONED:
+        if stack[-1] is not None:
             rt.exit()
-        stack.pop()
+        del stack[-2:]
 
 
 def bind(fn: F) -> F:
@@ -387,8 +512,13 @@ def bind(fn: F) -> F:
 class _Bound(task):
     """The block of a bound call: it attaches the held instance of ``handle``."""
 
+    # Never by name: _enter() attaches the handle's instance.
+    _fast = False
+
     def __init__(self, handle: InstanceHandle) -> None:
         self.name = handle.scope
+        self.retries = 0
+        self.escalate = 2.0
         self._handle = handle
 
     def _resolve(self, rt: _native.Runtime) -> int:

@@ -27,14 +27,13 @@ processes is not counted.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from children import run_child, standalone  # beside this script
+from run import preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,21 +131,12 @@ def measure(lib: Path, *, quick: bool = False, repeats: int | None = None) -> di
     steps = 20_000 if quick else 100_000
     spawns = 2_000 if quick else 10_000
     repeats = repeats or (3 if quick else 7)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC")
-           and not k.startswith("ALLOCPOLICY_")}
-    env["LD_PRELOAD"] = str(lib)
-    env["ALLOCPOLICY_TABLE"] = "v=1;process=raise:0"
+    env = preload_env(lib, "v=1;process=raise:0")
     out: dict = {"python": sys.version.split()[0], "steps": steps, "spawns": spawns,
                  "repeats": repeats, "loops": {}}
     for loop_name in _loops():
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", loop_name,
-             str(steps), str(spawns), str(repeats)],
-            env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(),
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"asyncio_steps failed on {loop_name}:\n{proc.stderr.strip()}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res = run_child(__file__, [loop_name, steps, spawns, repeats], env,
+                        f"asyncio_steps on {loop_name}")
         med = {v: statistics.median(xs) for v, xs in res["samples"].items()}
         out["loops"][loop_name] = {
             "ns": med,
@@ -176,17 +166,6 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", default=str(ROOT / "native" / "build" / "liballocpolicy.so"),
-                    help="runtime library to preload (default: the source tree's build)")
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter loops")
-    args = ap.parse_args()
-    print(report(measure(Path(args.lib), quick=args.quick)))
-
 
 if __name__ == "__main__":
-    main()
+    standalone(__doc__, measure, report, child, 4)

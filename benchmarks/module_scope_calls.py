@@ -21,14 +21,13 @@ nanoseconds per call, loop overhead included (the same in every variant).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from children import run_child, standalone  # beside this script
+from run import preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -104,17 +103,8 @@ def measure(lib: Path, *, quick: bool = False, repeats: int | None = None) -> di
     """Run the child under the preload of ``lib``; medians in ns per call."""
     calls = 50_000 if quick else 200_000
     repeats = repeats or (3 if quick else 7)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC")
-           and not k.startswith("ALLOCPOLICY_")}
-    env["LD_PRELOAD"] = str(lib)
-    env["ALLOCPOLICY_TABLE"] = "v=1;process=raise:0"
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(calls), str(repeats)],
-        env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(),
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"module_scope_calls failed:\n{out.stderr.strip()}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    env = preload_env(lib, "v=1;process=raise:0")
+    res = run_child(__file__, [calls, repeats], env, "module_scope_calls")
     med = {v: statistics.median(xs) for v, xs in res["samples"].items()}
     return {
         "python": sys.version.split()[0],
@@ -143,17 +133,6 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(json.dumps(child(int(sys.argv[2]), int(sys.argv[3]))))
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", default=str(ROOT / "native" / "build" / "liballocpolicy.so"),
-                    help="runtime library to preload (default: the source tree's build)")
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter loops")
-    args = ap.parse_args()
-    print(report(measure(Path(args.lib), quick=args.quick)))
-
 
 if __name__ == "__main__":
-    main()
+    standalone(__doc__, measure, report, child, 2)

@@ -86,6 +86,20 @@ def main() -> None:
             print(table(["instructions", "function"],
                         [[f"{n:+.0f}", f"``{name}``"] for name, n in added.items()]) + "\n")
 
+    if "rss" in res:
+        rs = res["rss"]
+        names = {"a": "(a) no preload", "n": "(n) null interposer", "b": "(b) preload, no scope",
+                 "c": "(c) own scope"}
+        rows = []
+        for pattern, d in rs["cases"].items():
+            row = [pattern]
+            for v in names:
+                mib = d["rss_bytes"][v] / 2**20
+                row.append(f"{mib:.1f}" if v == "a" else f"{mib:.1f} ({d['ratio'][v]:.2f}x)")
+            rows.append(row)
+        print(f"Resident memory, MiB, {rs['blocks']:,} blocks held, median of {rs['repeats']}\n")
+        print(table(["blocks", *names.values()], rows) + "\n")
+
     if "profile" in res:
         for pattern, case in res["profile"]["cases"].items():
             syms = list(dict.fromkeys([*case["c"]["ns_per_pair_by_symbol"],
@@ -101,8 +115,10 @@ def main() -> None:
                   f"c {case['c']['reported_ns_per_pair']:.2f} ns per pair\n")
             print(table(["function", "(a) ns/pair", "(c) ns/pair"], rows) + "\n")
 
-    if "python" in res:
-        p = res["python"]
+    for key in ("python", "python_numpy"):
+        if key not in res:
+            continue
+        p = res[key]
         labels = {
             "plain": "no preload",
             "preload": "preload, no scope",
@@ -117,13 +133,20 @@ def main() -> None:
             if v not in p["seconds"]:
                 continue
             pr = p["paired_ratios"][v]
-            rows.append([label, f"{p['seconds'][v]:.3f}", f"{p['ratio'][v]:.2f}x",
-                         f"{statistics.median(pr):.2f}x ({pr[0]:.2f}-{pr[-1]:.2f})",
-                         f"{p['min_ratio'][v]:.2f}x" if "min_ratio" in p else "--",
-                         f"{p['wall_ratio'][v]:.2f}x"])
-        print(f"Python, CPU s, median of {p['repeats']}, scale {p['scale']}\n")
-        print(table(["variant", "CPU s", "ratio", "per-repeat ratio (range)", "fastest-run ratio",
-                     "wall ratio"], rows) + "\n")
+            row = [label, f"{p['seconds'][v]:.3f}", f"{p['ratio'][v]:.2f}x",
+                   f"{statistics.median(pr):.2f}x ({pr[0]:.2f}-{pr[-1]:.2f})",
+                   f"{p['min_ratio'][v]:.2f}x" if "min_ratio" in p else "--",
+                   f"{p['wall_ratio'][v]:.2f}x"]
+            if "maxrss_bytes" in p:
+                row.append(f"{p['maxrss_bytes'][v] / 2**20:.1f} ({p['maxrss_ratio'][v]:.2f}x)")
+            rows.append(row)
+        head = ["variant", "CPU s", "ratio", "per-repeat ratio (range)", "fastest-run ratio",
+                "wall ratio"]
+        if "maxrss_bytes" in p:
+            head.append("peak RSS, MiB")
+        print(f"Python ({p.get('kind', 'objects')}), CPU s, median of {p['repeats']}, "
+              f"scale {p['scale']}\n")
+        print(table(head, rows) + "\n")
         task = p["last_run"].get("task", {}).get("scope", {})
         print(f".. task scope: {task}\n")
 

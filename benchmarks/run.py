@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Ten parts, each optional (--only PART, repeatable):
+Eleven parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -18,12 +18,20 @@ callgrind  the same program under valgrind's callgrind: instructions per pair
            Python workload (cachegrind), without the preload and in the task
            scope, with pymalloc and with PYTHONMALLOC=malloc (not with
            --quick).
+rss        resident memory of a C program holding 2 million small blocks
+           (24 bytes, random 8-128, 64, 200 and 1000 bytes): no preload, the
+           null interposer, the preload outside any scope and inside a scope
+           (benchmarks/c/small_blocks.c). memray and tracemalloc trace Python
+           code only; their resident memory is in the python part.
 profile    the same program sampled by `perf record -e cpu-clock`: ns per
            pair spent in each function, without and with the preload.
-python     an object-heavy Python workload without preload, under the preload
-           inside allocpolicy.task("task") with a budget, under tracemalloc,
-           under memray, and with PYTHONMALLOC=malloc with and without the
-           preload.
+python     two Python workloads, object-heavy (pymalloc's small objects) and
+           NumPy-heavy (many small arrays built, computed on and serialized:
+           C-extension allocations through the malloc family), each without
+           preload, under the preload inside allocpolicy.task("task") with a
+           budget, under tracemalloc, under memray, and with
+           PYTHONMALLOC=malloc with and without the preload: CPU time and
+           peak resident memory.
 modules    ns per call into a module bound to a scope, within bound code and
            unbound, on this Python (module_scope_calls.py).
 enter      ns per `with allocpolicy.task(...): pass` and `with scope(...)`
@@ -137,7 +145,8 @@ def find_library(explicit: str | None) -> Path:
 
 
 def build_c(build_dir: Path) -> tuple[Path, Path]:
-    """The pair program and the null interposer (benchmarks/c/)."""
+    """The pair program and the null interposer (benchmarks/c/); the
+    small-block program beside them."""
     cc = os.environ.get("CC", "cc")
     flags = [cc, "-O2", "-std=c11", "-Wall", "-Wextra"]
     binary = build_dir / "malloc_pairs"
@@ -146,6 +155,8 @@ def build_c(build_dir: Path) -> tuple[Path, Path]:
     null = build_dir / "null_preload.so"
     subprocess.run([*flags, "-shared", "-fPIC", "-o", str(null), str(HERE / "c" / "null_preload.c"),
                     "-ldl"], check=True)
+    subprocess.run([*flags, "-o", str(build_dir / "small_blocks"),
+                    str(HERE / "c" / "small_blocks.c"), "-ldl"], check=True)
     return binary, null
 
 
@@ -416,10 +427,61 @@ def bench_profile(binary: Path, lib: Path, null: Path, pairs: int, work: Path,
 
 
 # ---------------------------------------------------------------------------
+# Resident memory of many small blocks
+
+RSS_PATTERNS = ("fixed24", "rand8-128", "fixed64", "fixed200", "fixed1000")
+RSS_VARIANTS = ("a", "n", "b", "c")
+RSS_TARGET = 1.10
+RSS_GOAL = 1.03
+RSS_BUDGET = 64 << 30  # the blocks are never refused
+
+
+def run_rss_once(binary: Path, lib: Path, null: Path, pattern: str, variant: str,
+                 blocks: int) -> dict:
+    env = c_env(variant, lib, null)
+    if variant in ("b", "c"):
+        env["ALLOCPOLICY_TABLE"] = f"v=1;process=raise:0;scope=work:raise:{RSS_BUDGET}:0"
+    out = subprocess.run([str(binary), pattern, str(blocks), C_SCOPE[variant]],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"small_blocks {pattern} {variant} failed: {out.stderr.strip()}")
+    m = re.search(r"rss_before=(\d+) rss_after=(\d+) blocks=(\d+) bytes=(\d+)", out.stdout)
+    if not m:
+        raise SystemExit(f"small_blocks: unexpected output {out.stdout!r}")
+    return {"before": int(m.group(1)), "after": int(m.group(2)), "bytes": int(m.group(4))}
+
+
+def bench_rss(binary: Path, lib: Path, null: Path, repeats: int, blocks: int) -> dict:
+    """Process RSS with every block held, per variant: medians of the repeats,
+    as ratios to the program without preload. The whole process is measured
+    (the array of pointers, 8 bytes a block, included), as a user sees it."""
+    samples: dict[str, dict[str, list[int]]] = {p: {v: [] for v in RSS_VARIANTS} for p in RSS_PATTERNS}
+    requested: dict[str, int] = {}
+    for r in range(repeats):
+        log(f"  rss: repeat {r + 1}/{repeats}")
+        for pattern in RSS_PATTERNS:
+            for v in rotated(list(RSS_VARIANTS), r):
+                got = run_rss_once(binary, lib, null, pattern, v, blocks)
+                samples[pattern][v].append(got["after"])
+                requested[pattern] = got["bytes"]
+    cases = {}
+    for pattern in RSS_PATTERNS:
+        med = {v: median(xs) for v, xs in samples[pattern].items()}
+        cases[pattern] = {
+            "requested_bytes": requested[pattern],
+            "rss_bytes": med,
+            "ratio": {v: med[v] / med["a"] for v in med},
+            "samples": samples[pattern],
+        }
+    return {"blocks": blocks, "repeats": repeats, "cases": cases}
+
+
+# ---------------------------------------------------------------------------
 # Python workload
 
 
-def py_command(lib: Path, variant: str, scale: float) -> tuple[list[str], dict[str, str]]:
+def py_command(lib: Path, variant: str, scale: float,
+               kind: str = "objects") -> tuple[list[str], dict[str, str]]:
     table = f"v=1;process=raise:0;scope=task:raise:{PY_BUDGET}:0"
     mode = {"plain": "plain", "preload": "plain", "task": "task", "tracemalloc": "tracemalloc",
             "memray": "memray", "malloc": "plain", "malloc+task": "task"}[variant]
@@ -427,15 +489,16 @@ def py_command(lib: Path, variant: str, scale: float) -> tuple[list[str], dict[s
     env = preload_env(lib, table) if preload else base_env()
     if variant.startswith("malloc"):
         env["PYTHONMALLOC"] = "malloc"
-    cmd = [sys.executable, str(HERE / "workload.py"), "--scale", str(scale), "--mode", mode]
+    cmd = [sys.executable, str(HERE / "workload.py"), "--scale", str(scale), "--mode", mode,
+           "--kind", kind]
     return cmd, env
 
 
-def run_py_once(lib: Path, variant: str, scale: float) -> dict:
-    cmd, env = py_command(lib, variant, scale)
+def run_py_once(lib: Path, variant: str, scale: float, kind: str) -> dict:
+    cmd, env = py_command(lib, variant, scale, kind)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if out.returncode != 0:
-        raise SystemExit(f"workload {variant} failed:\n{out.stderr.strip()}")
+        raise SystemExit(f"workload {kind} {variant} failed:\n{out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -492,7 +555,7 @@ def have_memray() -> bool:
     return out.returncode == 0
 
 
-def bench_python(lib: Path, repeats: int, scale: float) -> dict:
+def bench_python(lib: Path, repeats: int, scale: float, kind: str) -> dict:
     variants = list(PY_VARIANTS)
     skipped = {}
     if not have_memray():
@@ -500,16 +563,19 @@ def bench_python(lib: Path, repeats: int, scale: float) -> dict:
         skipped["memray"] = "memray is not importable by this interpreter"
     samples: dict[str, list[float]] = {v: [] for v in variants}
     wall: dict[str, list[float]] = {v: [] for v in variants}
+    rss: dict[str, list[float]] = {v: [] for v in variants}
     details: dict[str, dict] = {}
     checks: set[int] = set()
     for r in range(repeats):
-        log(f"  python: repeat {r + 1}/{repeats}")
+        log(f"  python ({kind}): repeat {r + 1}/{repeats}")
         for v in rotated(variants, r):
-            res = run_py_once(lib, v, scale)
+            res = run_py_once(lib, v, scale, kind)
             samples[v].append(res["cpu"])
             wall[v].append(res["elapsed"])
+            rss[v].append(res["maxrss"])
             checks.add(res["check"])
-            details[v] = {k: x for k, x in res.items() if k not in ("elapsed", "cpu", "check")}
+            details[v] = {k: x for k, x in res.items()
+                          if k not in ("elapsed", "cpu", "check", "maxrss")}
     if len(checks) != 1:
         raise SystemExit(f"workload checksums differ between variants: {sorted(checks)}")
     med = {v: median(xs) for v, xs in samples.items()}
@@ -517,10 +583,15 @@ def bench_python(lib: Path, repeats: int, scale: float) -> dict:
     # Each repeat ran every variant once, close together in time: the ratio
     # within a repeat cancels slow drift of the machine.
     paired = {v: sorted(x / b for x, b in zip(xs, samples["plain"])) for v, xs in samples.items()}
+    rmed = {v: median(xs) for v, xs in rss.items()}
     return {
+        "kind": kind,
         "scale": scale,
         "repeats": repeats,
         "clock": "process CPU time",
+        "maxrss_bytes": rmed,
+        "maxrss_ratio": {v: rmed[v] / rmed["plain"] for v in rmed},
+        "maxrss_samples": rss,
         "seconds": med,
         "ratio": {v: med[v] / med["plain"] for v in med},
         "paired_ratios": paired,
@@ -599,6 +670,20 @@ def print_report(res: dict) -> None:
         if "added_per_charged_allocation" in pi:
             out.write(f"  with PYTHONMALLOC=malloc the preload adds {pi['added_per_charged_allocation']:.1f} "
                       "instructions per charged allocation\n")
+    if "rss" in res:
+        rs = res["rss"]
+        out.write(f"\nResident memory holding {rs['blocks']:,} blocks: MiB, median of {rs['repeats']} "
+                  f"(ratio to a); goal {fmt_ratio(RSS_GOAL)}, target {fmt_ratio(RSS_TARGET)}\n")
+        head = f"{'pattern':<12}" + "".join(f"{v + ': ' + C_VARIANTS[v]:>25}" for v in RSS_VARIANTS)
+        out.write(head + "\n" + "-" * len(head) + "\n")
+        for pattern, d in rs["cases"].items():
+            row = f"{pattern:<12}"
+            for v in RSS_VARIANTS:
+                cell = f"{d['rss_bytes'][v] / 2**20:.1f}"
+                if v != "a":
+                    cell += f" ({fmt_ratio(d['ratio'][v])})"
+                row += f"{cell:>25}"
+            out.write(row + "\n")
     if "profile" in res:
         pr = res["profile"]
         out.write("\nTime per pair by symbol (perf, cpu-clock samples, 1 thread), ns\n")
@@ -610,12 +695,14 @@ def print_report(res: dict) -> None:
                 a = case["a"]["ns_per_pair_by_symbol"].get(k, 0.0)
                 c = case["c"]["ns_per_pair_by_symbol"].get(k, 0.0)
                 out.write(f"    {a:7.2f} -> {c:7.2f}  {k}\n")
-    if "python" in res:
-        p = res["python"]
-        out.write(f"\nPython workload: CPU seconds (and wall), median of {p['repeats']} "
-                  f"(scale {p['scale']})\n")
+    for key in ("python", "python_numpy"):
+        if key not in res:
+            continue
+        p = res[key]
+        out.write(f"\nPython workload ({p['kind']}): CPU seconds (and wall), median of {p['repeats']} "
+                  f"(scale {p['scale']}); peak RSS\n")
         head = (f"{'variant':<58}{'cpu s':>9}{'ratio':>8}{'paired: median [min-max]':>27}"
-                f"{'fastest':>9}{'wall s':>9}{'ratio':>8}")
+                f"{'fastest':>9}{'wall s':>9}{'ratio':>8}{'RSS MiB':>9}{'ratio':>8}")
         out.write(head + "\n" + "-" * len(head) + "\n")
         for v, label in PY_VARIANTS.items():
             if v not in p["seconds"]:
@@ -626,7 +713,8 @@ def print_report(res: dict) -> None:
             out.write(f"{v + ' (' + label + ')':<58}{p['seconds'][v]:>9.3f}"
                       f"{fmt_ratio(p['ratio'][v]):>8}{spread:>27}{fmt_ratio(p['min_ratio'][v]):>9}"
                       f"{p['wall_seconds'][v]:>9.3f}"
-                      f"{fmt_ratio(p['wall_ratio'][v]):>8}\n")
+                      f"{fmt_ratio(p['wall_ratio'][v]):>8}"
+                      f"{p['maxrss_bytes'][v] / 2**20:>9.1f}{fmt_ratio(p['maxrss_ratio'][v]):>8}\n")
         task = p["last_run"].get("task", {})
         scope = task.get("scope", {})
         if scope:
@@ -694,6 +782,14 @@ def targets(res: dict) -> dict:
                     worst, where = d["ratio"], f"{pattern} {v}"
         t["C malloc/free pair, instructions"] = {"worst": worst, "where": where,
                                                  "target": C_TARGET, "met": worst <= C_TARGET}
+    if "rss" in res:
+        worst, where = 0.0, ""
+        for pattern, d in res["rss"]["cases"].items():
+            for v in ("b", "c"):
+                if d["ratio"][v] > worst:
+                    worst, where = d["ratio"][v], f"{pattern} {v}"
+        t["Small blocks, resident memory"] = {"worst": worst, "where": where, "target": RSS_TARGET,
+                                              "met": worst <= RSS_TARGET}
     if "enter" in res:
         x = res["enter"]["ratio_to_nullcontext"]["task"]
         t["task enter + exit, vs nullcontext"] = {"worst": x, "where": "task",
@@ -710,6 +806,9 @@ def targets(res: dict) -> dict:
     return t
 
 
+PARTS = ["c", "callgrind", "rss", "profile", "python", "modules", "enter", "libs", "asyncio", "web", "sweeps"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, small sizes")
@@ -717,7 +816,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="malloc/free pairs per thread (default 10M; 1M with --quick)")
     ap.add_argument("--scale", type=float, help="Python workload size (default 0.75, about 1 s; 0.0625 with --quick)")
     ap.add_argument("--callgrind-pairs", type=int, help="pairs for the shorter callgrind run (default 200k)")
-    ap.add_argument("--only", action="append", choices=["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web", "sweeps"],
+    ap.add_argument("--rss-blocks", type=int, help="blocks the rss program holds (default 2M; 200k with --quick)")
+    ap.add_argument("--only", action="append", choices=PARTS,
                     help="run only this part (repeatable)")
     ap.add_argument("--lib", help="runtime library to preload (default: the installed package's)")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.json"))
@@ -727,7 +827,8 @@ def main() -> None:
     pairs = args.pairs or (1_000_000 if args.quick else 10_000_000)
     scale = args.scale or (0.0625 if args.quick else 0.75)
     cg_pairs = args.callgrind_pairs or (10_000 if args.quick else 200_000)
-    parts = list(dict.fromkeys(args.only or ["c", "callgrind", "profile", "python", "modules", "enter", "libs", "asyncio", "web", "sweeps"]))
+    rss_blocks = args.rss_blocks or (200_000 if args.quick else 2_000_000)
+    parts = list(dict.fromkeys(args.only or PARTS))
     if "callgrind" in parts and not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         log("valgrind not found: skipping the instruction counts")
         parts = [p for p in parts if p != "callgrind"]
@@ -765,11 +866,14 @@ def main() -> None:
                 res["callgrind"] = bench_callgrind(binary, lib, null, cg_pairs, work, cg_variants)
                 if not args.quick:  # about 40 s: the interpreter runs 30x slower under valgrind
                     res["py_instructions"] = bench_py_instructions(lib, work)
+            elif part == "rss":
+                res["rss"] = bench_rss(work / "small_blocks", lib, null, repeats, rss_blocks)
             elif part == "profile":
                 res["profile"] = bench_profile(binary, lib, null, pairs, work,
                                                ("fixed64",) if args.quick else ("fixed64", "mix"))
             elif part == "python":
-                res["python"] = bench_python(lib, repeats, scale)
+                res["python"] = bench_python(lib, repeats, scale, "objects")
+                res["python_numpy"] = bench_python(lib, repeats, scale, "numpy")
             elif part == "modules":
                 import module_scope_calls  # beside this script
 

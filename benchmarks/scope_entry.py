@@ -15,19 +15,23 @@ scope            ``with allocpolicy.scope("bench"): pass``
 Each loop is timed with perf_counter_ns, repeated with the order rotated; the
 figures are medians in nanoseconds per block, loop overhead included (the
 same in every variant), and ratios to nullcontext in the same run
-(target: task at most 2x, docs/benchmarks.rst).
+(target: task at most 2x, docs/benchmarks.rst). With valgrind on the PATH (and
+not --quick), the same loops are also counted in instructions per block under
+callgrind, which the load of a shared machine does not move.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from children import run_child, standalone  # beside this script
+from run import preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -99,23 +103,63 @@ def child(blocks: int, repeats: int) -> dict:
     return {"samples": samples}
 
 
+def count_child(variant: str, blocks: int) -> None:
+    """Runs under the preload and callgrind: one loop of ``variant``."""
+    import contextlib
+
+    import allocpolicy
+
+    allocpolicy.configure({"scopes": {"bench": {"on_oom": "raise"}}})
+    nullcontext, task, scope = contextlib.nullcontext, allocpolicy.task, allocpolicy.scope
+    reused = task("bench")
+    with task("bench"):  # the first entry of the name looks its id up
+        pass
+    if variant == "nullcontext":
+        for _ in range(blocks):
+            with nullcontext():
+                pass
+    elif variant == "task":
+        for _ in range(blocks):
+            with task("bench"):
+                pass
+    elif variant == "task_reused":
+        for _ in range(blocks):
+            with reused:
+                pass
+    elif variant == "scope":
+        for _ in range(blocks):
+            with scope("bench"):
+                pass
+
+
+def instructions(env: dict, blocks: int = 40_000) -> dict[str, float]:
+    """Instructions per block of each variant: the difference between a run
+    of ``blocks`` blocks and one of none, under callgrind."""
+    def total(variant: str, n: int) -> int:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+             str(Path(__file__).resolve()), "--count", variant, str(n)],
+            env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(),
+        )
+        found = re.search(r"Collected : (\d+)", out.stderr)
+        if out.returncode != 0 or found is None:
+            raise SystemExit(f"scope_entry: callgrind failed:\n{out.stderr.strip()[-2000:]}")
+        return int(found.group(1))
+
+    return {v: (total(v, blocks) - total(v, 0)) / blocks for v in VARIANTS}
+
+
 def measure(lib: Path, *, quick: bool = False, repeats: int | None = None) -> dict:
     """Run the child under the preload of ``lib``; medians in ns per block."""
     blocks = 20_000 if quick else 100_000
     repeats = repeats or (3 if quick else 7)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC")
-           and not k.startswith("ALLOCPOLICY_")}
-    env["LD_PRELOAD"] = str(lib)
-    env["ALLOCPOLICY_TABLE"] = "v=1;process=raise:0"
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(blocks), str(repeats)],
-        env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(),
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"scope_entry failed:\n{out.stderr.strip()}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    env = preload_env(lib, "v=1;process=raise:0")
+    res = run_child(__file__, [blocks, repeats], env, "scope_entry")
     med = {v: statistics.median(xs) for v, xs in res["samples"].items()}
+    counted = instructions(env) if not quick and shutil.which("valgrind") else {}
     return {
+        "instructions_per_block": counted,
+        "instruction_ratio_to_nullcontext": {v: counted[v] / counted["nullcontext"] for v in counted},
         "python": sys.version.split()[0],
         "blocks": blocks,
         "repeats": repeats,
@@ -134,20 +178,21 @@ def report(res: dict) -> str:
     for v, label in VARIANTS.items():
         lines.append(f"  {label:<42} {res['ns_per_block'][v]:8.1f}  "
                      f"{res['ratio_to_nullcontext'][v]:5.2f}x")
+    counted = res.get("instructions_per_block") or {}
+    if counted:
+        lines.append("  instructions per block under callgrind:")
+        for v, label in VARIANTS.items():
+            lines.append(f"  {label:<42} {counted[v]:8.0f}  "
+                         f"{res['instruction_ratio_to_nullcontext'][v]:5.2f}x")
     lines.append(f"  target: task at most {res['target']:.1f}x nullcontext")
     return "\n".join(lines)
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(json.dumps(child(int(sys.argv[2]), int(sys.argv[3]))))
+    if len(sys.argv) == 4 and sys.argv[1] == "--count":
+        count_child(sys.argv[2], int(sys.argv[3]))
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", default=str(ROOT / "native" / "build" / "liballocpolicy.so"),
-                    help="runtime library to preload (default: the source tree's build)")
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter loops")
-    args = ap.parse_args()
-    print(report(measure(Path(args.lib), quick=args.quick)))
+    standalone(__doc__, measure, report, child, 2)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""An ordinary, object-heavy Python workload, timed under one tracing setup.
+"""Ordinary Python workloads, timed under one tracing setup.
 
     python benchmarks/workload.py --scale 1.0 --mode plain|task|tracemalloc|memray
+                                  [--kind objects|numpy]
 
-The workload is a small mix in the spirit of pyperformance: records as dicts
-of short strings, a JSON round trip, instances of a class with attributes,
-sorting, string formatting and splitting, and float arithmetic on small
-objects. It allocates mostly small objects (pymalloc's domain) plus the
+objects (the default) is a small mix in the spirit of pyperformance: records
+as dicts of short strings, a JSON round trip, instances of a class with
+attributes, sorting, string formatting and splitting, and float arithmetic on
+small objects. It allocates mostly small objects (pymalloc's domain) plus the
 occasional large list or dict table and string (the malloc family).
+
+numpy builds, computes on and serializes many small NumPy arrays (tobytes and
+frombuffer, pickle, np.save): NumPy allocates array data and shapes through
+the malloc family, so this is the C-extension side, where every small block
+goes through the preloaded allocator.
 
 Modes
     plain        no tracing (run it with or without LD_PRELOAD)
@@ -17,17 +23,21 @@ Modes
 
 Prints one JSON object on stdout: elapsed wall seconds and process CPU seconds
 from switching the tracer or scope on to switching it off again (interpreter
-start-up and imports excluded), a checksum that
-must be equal in every mode, and, in task mode, the scope's statistics.
+start-up and imports excluded), the process's peak resident set size
+(`maxrss`, bytes, start-up included), a checksum that must be equal in every
+mode, and, in task mode, the scope's statistics.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
+import pickle
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -140,6 +150,38 @@ def workload(scale: float) -> int:
     return check
 
 
+def numpy_arrays(rng: random.Random, n: int) -> int:
+    """Many small arrays: built, combined, and serialized three ways."""
+    import numpy as np
+
+    check = 0
+    batch = []
+    for i in range(n):
+        a = np.arange(rng.randint(1, 48), dtype=np.int64) * (i % 7 + 1)
+        b = a.reshape(-1, 1) + a[: min(len(a), 4)]
+        batch.append(b.sum(axis=1))
+        if len(batch) == 64:
+            joined = np.concatenate(batch)
+            raw = joined.tobytes()
+            back = np.frombuffer(raw, dtype=np.int64).copy()
+            blob = pickle.dumps(batch, protocol=5)
+            again = pickle.loads(blob)
+            buf = io.BytesIO()
+            np.save(buf, again[rng.randrange(len(again))])
+            buf.seek(0)
+            check += int(back.sum()) + len(blob) + int(np.load(buf).sum())
+            batch = []
+    return check
+
+
+def workload_numpy(scale: float) -> int:
+    rng = random.Random(12345)
+    check = 0
+    for _ in range(max(1, round(16 * scale))):
+        check += numpy_arrays(rng, 6000)
+    return check
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -148,13 +190,19 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--mode", choices=["plain", "task", "tracemalloc", "memray"], default="plain")
     ap.add_argument("--scope", default="task")
+    ap.add_argument("--kind", choices=["objects", "numpy"], default="objects")
     args = ap.parse_args()
+    run = workload
+    if args.kind == "numpy":
+        import numpy  # noqa: F401  (imported before the clock starts)
+
+        run = workload_numpy
 
     result: dict = {"mode": args.mode, "pythonmalloc": os.environ.get("PYTHONMALLOC", "")}
     gc.collect()
     if args.mode == "plain":
         t0, c0 = time.perf_counter(), time.process_time()
-        check = workload(args.scale)
+        check = run(args.scale)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     elif args.mode == "task":
         import allocpolicy
@@ -164,7 +212,7 @@ def main() -> None:
         task = allocpolicy.task
         t0, c0 = time.perf_counter(), time.process_time()
         with task(args.scope):
-            check = workload(args.scale)
+            check = run(args.scale)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         st = allocpolicy.stats()
         scope = st.scopes[args.scope]
@@ -182,7 +230,7 @@ def main() -> None:
 
         t0, c0 = time.perf_counter(), time.process_time()
         tracemalloc.start()
-        check = workload(args.scale)
+        check = run(args.scale)
         result["traced_peak"] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -193,12 +241,13 @@ def main() -> None:
             path = os.path.join(tmp, "workload.bin")
             t0, c0 = time.perf_counter(), time.process_time()
             with memray.Tracker(path):
-                check = workload(args.scale)
+                check = run(args.scale)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             result["memray_file_bytes"] = os.path.getsize(path)
     result["elapsed"] = elapsed
     result["cpu"] = cpu
     result["check"] = check
+    result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 

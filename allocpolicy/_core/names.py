@@ -9,11 +9,14 @@ import warnings
 from .. import _native
 from .._errors import AllocPolicyWarning, UnknownScopeError
 
-__all__ = ["scope_id", "scope_name", "declared_scopes", "warn_inactive"]
+__all__ = ["scope_ids", "scope_id", "scope_name", "declared_scopes", "warn_inactive"]
 
 # Ids never change once the runtime assigned them (scopes are never removed),
 # so both directions are cached for the life of the process.
 _scope_ids: dict[str, int] = {}
+#: The cache of scope_id(), by name; read-only outside this module (a scope's
+#: entry looks its id up here before calling anything).
+scope_ids = _scope_ids
 _scope_names: dict[int, str] = {}
 _warned_inactive = False
 

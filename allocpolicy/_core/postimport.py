@@ -15,7 +15,7 @@ import sys
 
 from .. import _atfork
 
-__all__ = ["after_import"]
+__all__ = ["after_import", "spec_behind", "wrap_loader", "AfterExec"]
 
 _lock = _atfork.lock()
 _pending: dict[str, list[str]] = {}
@@ -39,6 +39,47 @@ def after_import(name: str, target: str) -> None:
             sys.meta_path.insert(0, _finder)
 
 
+def spec_behind(finder, name, path, target=None):
+    """The spec the finders after ``finder`` on ``sys.meta_path`` give for ``name``."""
+    for other in sys.meta_path:
+        if other is finder or not hasattr(other, "find_spec"):
+            continue
+        spec = other.find_spec(name, path, target)
+        if spec is not None:
+            return spec
+    return None
+
+
+def wrap_loader(spec, then):
+    """``spec`` with its loader made to call ``then(module)`` once the module
+    has executed (when the loader can be wrapped); returns ``spec``."""
+    if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+        spec.loader = AfterExec(spec.loader, then)
+    return spec
+
+
+class AfterExec:
+    """A loader that runs another one, then a callback on the new module."""
+
+    def __init__(self, loader, then) -> None:
+        self._loader = loader
+        self._then = then
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        # The module's loader is its own again, as if we had never been there.
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._then(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
 class _Finder:
     """First on ``sys.meta_path``; answers only for the modules waited for, by
     asking the finders behind it and wrapping the loader they return."""
@@ -51,49 +92,22 @@ class _Finder:
             return None
         self._busy.on = True
         try:
-            spec = None
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
+            spec = spec_behind(self, name, path, target)
         finally:
             self._busy.on = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _AfterExec(spec.loader, name)
-        return spec
+        return wrap_loader(spec, _imported)
 
     def invalidate_caches(self) -> None:
         pass
 
 
-class _AfterExec:
-    """A loader that runs another one, then the callbacks waiting for the module."""
-
-    def __init__(self, loader, name: str) -> None:
-        self._loader = loader
-        self._name = name
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        # The module's loader is its own again, as if we had never been there.
-        module.__loader__ = self._loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
-        with _lock:
-            targets = _pending.pop(self._name, [])
-            if not _pending and _finder in sys.meta_path:
-                sys.meta_path.remove(_finder)
-        for target in targets:
-            _call(target, module)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
+def _imported(module) -> None:
+    with _lock:
+        targets = _pending.pop(module.__name__, [])
+        if not _pending and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+    for target in targets:
+        _call(target, module)
 
 
 _finder = _Finder()

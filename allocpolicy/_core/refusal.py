@@ -131,6 +131,7 @@ def convert(
     task: str | None = None,
     *,
     limit: str | None = None,
+    violation: _native.Violation | None = None,
 ) -> AllocError | None:
     """The :class:`AllocError` that ``exc``, leaving work that started at
     violation number ``since_seq``, stands for; ``None`` when ``exc`` does not
@@ -145,11 +146,13 @@ def convert(
     exception that is not an ``Exception`` (KeyboardInterrupt, SystemExit,
     GeneratorExit), nor an AllocError already. With ``limit``, only a refusal
     by that limit (a reservation reports its own overdrafts and lets the
-    others pass to the boundary around it).
+    others pass to the boundary around it). ``violation``: a record kept
+    from earlier instead of the thread's newest (a refusal in an earlier step
+    of a task, see stepping.py).
     """
     if not isinstance(exc, Exception) or isinstance(exc, AllocError):
         return None
-    v = rt.last_violation()
+    v = rt.last_violation() if violation is None else violation
     if v.seq == since_seq or v.seq == _reported.seq:
         return None
     if limit is not None and (v.limit >= len(_native.LIMITS) or _native.LIMITS[v.limit] != limit):

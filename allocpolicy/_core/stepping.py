@@ -141,7 +141,7 @@ class Frame:
 
     __slots__ = (
         "rt", "instance", "parent", "levels", "chain", "owner", "seq", "stepper", "thread",
-        "held", "closed", "users",
+        "held", "closed", "users", "refusal",
     )
 
     def __init__(self, rt: _native.Runtime, parent: "Frame | None", owner: object, seq: int, stepper: "TaskStepper") -> None:
@@ -161,6 +161,9 @@ class Frame:
         self.held = False
         self.closed = False
         self.users = 0
+        #: The last refusal recorded in a step run inside this frame (by its
+        #: task or one spawned in it), for its boundary (see left()).
+        self.refusal = None
 
     def use(self) -> None:
         """A task spawned in this frame's context starts: keep its chain held."""
@@ -262,19 +265,21 @@ def leaving(owner: object) -> Frame | None:
     return frame
 
 
-def left(frame: Frame) -> int:
+def left(frame: Frame) -> tuple[int, _native.Violation | None]:
     """After the native exit of ``frame``'s instance: pop it from the context.
 
     Returns the violation count from which a refusal belongs to this block:
     the later of its entry and the start of the current step (another task's
-    steps in between may have recorded violations of their own).
+    steps in between may have recorded violations of their own); and the last
+    refusal recorded in a step run inside the frame (its task's earlier
+    steps, or a task spawned in it), or ``None``.
     """
     _frames.set(frame.parent)
     frame.close()
     stepper, frame.stepper = frame.stepper, None
     if stepper is not None and stepper._seq is not None and stepper._seq.value > frame.seq:
-        return stepper._seq.value
-    return frame.seq
+        return stepper._seq.value, frame.refusal
+    return frame.seq, frame.refusal
 
 
 class TaskStepper:
@@ -300,7 +305,8 @@ class TaskStepper:
     # the task keeps the exception, which would keep the instances held.
 
     def send(self, value):
-        if _get() is not None:
+        attached = _get() is not None
+        if attached:
             failed = self._enter_step()
             if failed is not None:
                 return self._resume_failed(failed)
@@ -310,10 +316,11 @@ class TaskStepper:
             return self._coro.send(value)
         finally:
             if _get() is not None:  # in scopes now, entered before or during the step
-                self._end_step()
+                self._end_step(attached)
 
     def throw(self, *args):
-        if _get() is not None:
+        attached = _get() is not None
+        if attached:
             failed = self._enter_step()
             if failed is not None:
                 return self._resume_failed(failed)
@@ -321,7 +328,7 @@ class TaskStepper:
             return self._coro.throw(*args)
         finally:
             if _get() is not None:
-                self._end_step()
+                self._end_step(attached)
 
     def _resume_failed(self, error: BaseException):
         # Thrown into the coroutine where the step would have resumed it; the
@@ -332,12 +339,30 @@ class TaskStepper:
         finally:
             error = None
             if _get() is not None:
-                self._end_step()
+                self._end_step(False)
 
-    def _end_step(self) -> None:
-        """Detach the context's instances at the end of a step."""
+    def _end_step(self, attached: bool) -> None:
+        """Detach the context's instances at the end of a step (``attached``:
+        since its start, so _seq holds the violation count of that start;
+        else the innermost frame was entered during the step)."""
         end = _get()
-        if end.rt.step_leave(end.instance, end.levels) != _native.OK:
+        if not attached:
+            # Entered during the step: what the thread recorded since that
+            # entry is the step's.
+            if self._seq_ref is None:
+                self._seq = ctypes.c_uint64()
+                self._seq_ref = ctypes.byref(self._seq)
+            self._seq.value = end.seq
+        status = end.rt.step_leave(end.instance, end.levels, self._seq_ref)
+        if status == _native.STEP_REFUSED:
+            # Kept on every frame of the chain: the MemoryError may reach the
+            # boundary in a later step, when the thread's record is another's.
+            kept = type(end.rt.last_violation()).from_buffer_copy(end.rt.last_violation())
+            frame = end
+            while frame is not None:
+                frame.refusal = kept
+                frame = frame.parent
+        elif status != _native.OK:
             raise RuntimeError(
                 f"allocpolicy: a step of {self._coro!r} left this thread's scope stack "
                 "unbalanced (a scope entered without its exit, or exited twice)"

@@ -18,7 +18,10 @@ same event loop.
 - If the response has started, its status cannot change any more: the
   middleware logs the refusal and returns without finishing the response, so
   the server closes the connection (the client sees a truncated response,
-  never a complete-looking one).
+  never a complete-looking one). Once a refusal was recorded in the
+  request's instance, the final body message waits for the application's
+  outcome: a framework that ends the body on the failure before raising it
+  (Starlette's BaseHTTPMiddleware) cannot make the response look complete.
 - A request whose ``Content-Length`` is over the scope's budget is answered
   ``413`` before its body is received.
 
@@ -31,6 +34,7 @@ from typing import Any, Awaitable, Callable
 
 import allocpolicy
 
+from .._core import stepping
 from ._http import RequestGuard, find_refusal, refusal_facts
 
 __all__ = ["AllocPolicyMiddleware", "refusal_facts", "find_refusal"]
@@ -70,15 +74,32 @@ class AllocPolicyMiddleware:
             await _respond(send, guard.too_large_status, guard.rejected(length, limit, method, path), close=True)
             return
         started = False
+        # The request's instance and its violation count at entry; see
+        # send_and_note().
+        instance: tuple[Any, int, int] | None = None
+        withheld: dict | None = None
 
         async def send_and_note(message: dict) -> None:
-            nonlocal started
+            nonlocal started, withheld
             if message["type"] == "http.response.start":
                 started = True
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+                and _refused_since(instance)
+            ):
+                # The request was refused memory, and the response is about to
+                # look complete. That may be a framework ending a streamed body
+                # on the failure and raising it only afterwards
+                # (BaseHTTPMiddleware relays the body through a stream of its
+                # own): the final message waits for the application's outcome.
+                withheld = message
+                return
             await send(message)
 
         try:
             async with allocpolicy.task(guard.scope):
+                instance = _instance()
                 await self.app(scope, receive, send_and_note)
         except allocpolicy.AllocError as err:
             if started:
@@ -88,6 +109,34 @@ class AllocPolicyMiddleware:
                 guard.refused_late(err, method, path)
                 return
             await _respond(send, guard.status, guard.refused(err, method, path))
+            return
+        if withheld is not None:
+            # The application returned: whoever caught the refusal handled it,
+            # and the response is the one it meant to send.
+            await send(withheld)
+
+
+def _instance() -> tuple[Any, int, int] | None:
+    """(runtime, instance, violations so far) of the running task's innermost
+    scope instance, or ``None`` outside a task the runtime follows."""
+    frame = stepping.current()
+    if frame is None:
+        return None
+    stats = frame.rt.instance_stats(frame.instance)
+    return frame.rt, frame.instance, stats.violations if stats is not None else 0
+
+
+def _refused_since(instance: tuple[Any, int, int] | None) -> bool:
+    """Whether the runtime recorded a refusal in ``instance`` since it was noted.
+
+    The instance's own count, not the thread's record: the refusal may have
+    been made in a task the request started or in a thread it handed work to,
+    and other requests' refusals on this thread are not this one's."""
+    if instance is None:
+        return False
+    rt, handle, before = instance
+    stats = rt.instance_stats(handle)
+    return stats is not None and stats.violations > before
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:

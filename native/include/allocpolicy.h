@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define AP_ABI_VERSION 2
+#define AP_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define AP_API __attribute__((visibility("default")))
@@ -216,6 +216,12 @@ AP_API ap_status ap_set_budget(uint32_t instance_id, int64_t budget);
  * 0 before the first) from just before the entry in *violation_seq. */
 AP_API ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *violation_seq);
 
+/* ap_enter_noting() for callers to whom out-parameters are expensive (a task
+ * boundary entered from Python through ctypes): returns the violation number
+ * (0 or more; it never reaches 2^63) on success, the negative ap_status
+ * otherwise. The one function that breaks the out-parameter convention. */
+AP_API int64_t ap_enter_seq(uint32_t scope_id);
+
 /* Enter an existing, active instance on the calling thread (bind()). */
 AP_API ap_status ap_attach(uint32_t instance_id);
 
@@ -254,10 +260,16 @@ AP_API ap_status ap_current(uint32_t *instance_id, uint32_t *depth);
  * ap_step_leave leaves `levels` instances, innermost first, after checking
  * that the innermost is `instance` and that many are attached: otherwise
  * AP_ESTATE and nothing changes (the step left the stack as it did not find
- * it). Allocation-free, as ap_exit.
+ * it). With `seq` (what ap_step_enter wrote), it returns AP_STEP_REFUSED
+ * instead of AP_OK when the thread recorded a violation during the step, and
+ * updates *seq: the step's refusal can then be read with ap_last_violation
+ * and kept for the boundary that its MemoryError may reach in a later step
+ * of another task (a task spawned in a scope fails; the scope's task sees
+ * the error when it next runs). Allocation-free, as ap_exit.
  */
+#define AP_STEP_REFUSED 1
 AP_API ap_status ap_step_enter(const uint32_t *instances, uint32_t levels, uint64_t *seq);
-AP_API ap_status ap_step_leave(uint32_t instance, uint32_t levels);
+AP_API ap_status ap_step_leave(uint32_t instance, uint32_t levels, uint64_t *seq);
 
 /* Publish the calling thread's batched counters, so stats are exact for it. */
 AP_API void ap_flush(void);

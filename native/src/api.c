@@ -47,6 +47,16 @@ ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *vi
     return ap_enter(scope_id, instance_id);
 }
 
+/* The same, in the shape that is cheapest to call from ctypes: no
+ * out-parameters (each costs the caller an object and a conversion), the
+ * violation number or the status in the return value. */
+int64_t ap_enter_seq(uint32_t scope_id) {
+    uint64_t seq = ap__tls.last.seq;
+    uint32_t instance;
+    ap_status st = ap_enter(scope_id, &instance);
+    return st == AP_OK ? (int64_t)(seq & INT64_MAX) : (int64_t)st;
+}
+
 /* Copy `full` into the caller's struct, no further than the size it knows. */
 static ap_status copy_out(void *out, const void *full, size_t full_size) {
     uint32_t size;

@@ -39,7 +39,11 @@
  * Every block the runtime hands out is preceded by this header, so a free knows
  * its size and the instance to credit (semantics 2) without a lookup table.
  * 16 bytes keep glibc's 16-byte alignment for plain malloc; aligned blocks put
- * the header in the padding in front of the aligned address.
+ * the header in the padding in front of the aligned address. On glibc a
+ * smaller header would cost the same memory: chunks grow in 16-byte steps,
+ * and requests of 16k and 16k + 8 bytes leave no room in front (the choice
+ * and its measurements: docs/internals.rst, "Block layout and resident
+ * memory").
  */
 typedef struct {
     uint64_t size_tag; /* low 48 bits: requested size; high 16: check tag */
@@ -63,28 +67,33 @@ static inline ap__header *ap__header_of(void *user) {
  *
  * Freed blocks of up to AP__CACHE_MAX bytes are kept, a few per size class,
  * and handed out again by the same thread's next malloc of that class without
- * a round trip through the backend. Classes are 16 bytes apart up to 256 and
+ * a round trip through the backend. Classes are 8 bytes apart up to 256 and
  * 64 bytes apart up to 1 KiB. The upper end matters: glibc's own per-thread
  * cache stops at 1032-byte requests, and the header would push requests of
  * 1009 to 1024 bytes past it, onto glibc's slow path, on every call.
  *
- * Cached blocks were allocated with their class's full capacity, and carry
- * AP__CACHED_TAG, so a second free of one is recognised. At most
- * AP__CACHE_DEPTH blocks per class (80 KiB in all) stay with a thread; they
- * go back to the backend when it exits. */
-#define AP__CACHE_CLASSES 28
+ * The 8-byte steps matter for memory: every block is allocated with its
+ * class's full capacity, and every backend rounds to 8 bytes or more itself,
+ * so below 256 bytes the class costs nothing beyond the header. With 16-byte
+ * classes, a 24-byte block (32 with the header rounded up, 48 with it) took a
+ * 64-byte glibc chunk instead of 48 (docs/internals.rst, "Block layout").
+ *
+ * Cached blocks carry AP__CACHED_TAG, so a second free of one is recognised.
+ * At most AP__CACHE_DEPTH blocks per class (98 KiB in all) stay with a
+ * thread; they go back to the backend when it exits. */
+#define AP__CACHE_CLASSES 44
 #define AP__CACHE_DEPTH 8
 #define AP__CACHE_MAX 1024
 #define AP__CACHED_TAG 0xF4EEu
 
 static inline uint32_t ap__cache_class(uint64_t size) {
     if (size <= 256)
-        return size ? (uint32_t)((size - 1) >> 4) : 0;
-    return 16 + (uint32_t)((size - 257) >> 6);
+        return size ? (uint32_t)((size - 1) >> 3) : 0;
+    return 32 + (uint32_t)((size - 257) >> 6);
 }
 
 static inline uint64_t ap__class_capacity(uint32_t cls) {
-    return cls < 16 ? ((uint64_t)cls + 1) << 4 : 256 + (((uint64_t)cls - 15) << 6);
+    return cls < 32 ? ((uint64_t)cls + 1) << 3 : 256 + (((uint64_t)cls - 31) << 6);
 }
 
 /* What a block of `size` user bytes is allocated with: cacheable blocks get

@@ -27,7 +27,7 @@ ap_status ap_step_enter(const uint32_t *instances, uint32_t levels, uint64_t *se
     return AP_OK;
 }
 
-ap_status ap_step_leave(uint32_t instance, uint32_t levels) {
+ap_status ap_step_leave(uint32_t instance, uint32_t levels, uint64_t *seq) {
     ap__tls_t *t = &ap__tls;
     /* Checked before anything changes: a step that left the stack otherwise
      * than it found it (an entry without its exit) must not pop someone
@@ -36,5 +36,9 @@ ap_status ap_step_leave(uint32_t instance, uint32_t levels) {
         return AP_ESTATE;
     while (levels--)
         ap_exit();
+    if (seq && *seq != t->last.seq) {
+        *seq = t->last.seq;
+        return AP_STEP_REFUSED;
+    }
     return AP_OK;
 }

@@ -643,3 +643,40 @@ def test_a_task_spawned_in_a_scope_keeps_its_instance_until_it_finishes(tmp_path
     assert facts["same"] is True
     assert 10 * MIB <= facts["charged"] < 10 * MIB + SLACK
     assert facts["during"] == 1 and facts["after"] == 0
+
+
+@both
+@loops
+def test_a_refusal_in_a_spawned_task_reaches_the_scope_as_alloc_error(tmp_path, mode, loop):
+    # GIVEN a request that awaits a task it spawned (as Starlette's
+    # BaseHTTPMiddleware runs the endpoint), and other requests running
+    # WHEN the spawned task is refused, in its own step
+    facts = run_child(
+        """
+        async def endpoint():
+            await asyncio.sleep(0)
+            return bytearray(100 * MiB)
+
+        async def other():
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+        async def request():
+            try:
+                with allocpolicy.task("request"):
+                    await asyncio.create_task(endpoint())
+            except allocpolicy.AllocError as err:
+                return [type(err).__name__, err.scope, err.size, err.task]
+            except MemoryError as err:
+                return [type(err).__name__]
+
+        async def main():
+            results = await asyncio.gather(request(), other(), other())
+            return results[0]
+
+        report(result=run(main))
+        """,
+        tmp_path, mode, loop,
+    )
+    # THEN the request's boundary reports it as that request's AllocError
+    assert facts["result"] == ["AllocError", "request", 100 * MIB + 1, "request"]

@@ -270,3 +270,47 @@ def test_an_out_of_order_exit_is_reported_and_pops_no_other_instance(tmp_path):
     assert "reverse order" in error[1]
     assert inner == ["innermost", "inner"]
     assert after == ["after", "process", 0, 0]
+
+
+def test_a_thread_that_ended_inside_a_scope_leaves_nothing_to_a_thread_with_its_id(tmp_path):
+    # Entries are recorded per thread id, and Linux hands an ended thread's id
+    # to the next thread: the record must go with the thread that made it.
+    out = check(
+        run_python(
+            """
+            import json, threading
+            import allocpolicy
+
+            block = allocpolicy.scope("outer")
+            ids = []
+
+            def enter_and_end():
+                ids.append(threading.get_ident())
+                block.__enter__()  # GIVEN a thread that ends inside the scope
+
+            def exit_here():
+                ids.append(threading.get_ident())
+                with allocpolicy.scope("outer"):
+                    try:
+                        block.__exit__(None, None, None)  # WHEN a later thread leaves it
+                    except allocpolicy.ScopeMismatchError as err:
+                        print(json.dumps(["error", str(err)]))
+                    else:
+                        print(json.dumps(["left"]))
+
+            for target in (enter_and_end, exit_here):
+                t = threading.Thread(target=target)
+                t.start()
+                t.join()
+            print(json.dumps(["same id", ids[0] == ids[1]]))
+            """,
+            JOBS,
+            tmp_path,
+        )
+    )
+    result, same = (json.loads(line) for line in out.splitlines())
+    # THEN the later thread is told it never entered it, not that it entered
+    # it below its own scope (with the same id too)
+    assert result[0] == "error"
+    assert "exited on a thread where it is not active" in result[1]
+    assert same[0] == "same id"

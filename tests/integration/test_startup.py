@@ -252,3 +252,23 @@ def test_bare_preload_with_a_policy_that_cannot_be_put_in_force(allocpolicy_lib,
     assert proc.stderr.count("AllocPolicyWarning") == 1, proc.stderr
     assert f"the policy {policy} could not be put in force; the built-in default policy applies instead" in proc.stderr
     assert "[process] key 'budget': cannot resolve 50%" in proc.stderr
+
+
+def test_a_subinterpreter_starts_without_the_package(tmp_path):
+    # GIVEN a program under the runtime that starts a subinterpreter (site
+    # runs the startup line there too; the package and faulthandler cannot
+    # load in an isolated one, and a second copy must not configure the runtime)
+    module = "_interpreters" if sys.version_info >= (3, 13) else "_xxsubinterpreters"
+    code = f"""
+        import sys, {module} as interpreters
+        assert "allocpolicy" in sys.modules
+        iid = interpreters.create()
+        interpreters.run_string(iid, "import sys; print('sub', 'allocpolicy' in sys.modules)")
+        print("main", "allocpolicy" in sys.modules)
+    """
+    # WHEN it runs
+    proc = run_python(code, None, tmp_path)
+    # THEN the subinterpreter starts cleanly without the package, the main
+    # interpreter keeps it, and nothing is written to standard error
+    assert check(proc).split() == ["sub", "False", "main", "True"]
+    assert proc.stderr == ""

@@ -73,6 +73,11 @@ def stream(request: Request):
     return StreamingResponse(work.stream(request.query_params), media_type="text/plain")
 
 
+@app.get("/stream_handled")
+def stream_handled(request: Request):
+    return StreamingResponse(work.stream_handled(request.query_params), media_type="text/plain")
+
+
 @app.get("/stats")
 def stats(request: Request):
     return work.stats(request.query_params)

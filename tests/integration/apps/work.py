@@ -65,6 +65,17 @@ def stream(query):
     yield b"x" * (10**10)
 
 
+def stream_handled(query):
+    """A streamed body that is refused its second chunk, catches the refusal
+    and ends with a short one instead: a complete response."""
+    yield b"first chunk\n" * 100
+    try:
+        chunk = b"x" * (10**10)
+    except MemoryError:
+        chunk = b"the rest did not fit\n"
+    yield chunk
+
+
 def stats(query) -> dict:
     import allocpolicy
 

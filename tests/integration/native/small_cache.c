@@ -46,8 +46,8 @@ static int shrink(void) {
         char *p = malloc(4096);
         p = realloc(p, small);
         free(p);
-        /* the capacity of small's class: 16-byte steps to 256, then 64 */
-        size_t full = small <= 256 ? (small + 15) / 16 * 16 : 256 + (small - 256 + 63) / 64 * 64;
+        /* the capacity of small's class: 8-byte steps to 256, then 64 */
+        size_t full = small <= 256 ? (small + 7) / 8 * 8 : 256 + (small - 256 + 63) / 64 * 64;
         char *q = malloc(full);
         memset(q, 0x5A, full);
         char *r = malloc(full); /* a neighbour the overflow would hit */
