@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smoke run, well under 30 seconds
     nox -s bench [-- --quick]
 
-Ten parts, each optional (--only PART, repeatable):
+Eleven parts, each optional (--only PART, repeatable):
 
 c          a C program doing malloc/free pairs of small blocks, 1 and 2
            threads: (a) no preload, (n) a null interposer that only forwards
@@ -48,6 +48,9 @@ asyncio    ns per asyncio task step and per task created, with tasks not
 web        requests/s and server CPU per request of Flask under gunicorn and
            Starlette under uvicorn, without the runtime, under it, and behind
            the integration (web_requests.py).
+sweeps     forked runs per second of an OOM sweep of a test of about 200
+           allocations, preloaded and in-process, one job and one per CPU
+           (sweeps.py).
 
 Every configuration is repeated (7 times by default) and the order of the
 variants is rotated on every repeat, so slow drift of the machine is spread
@@ -738,6 +741,10 @@ def print_report(res: dict) -> None:
         import web_requests
 
         out.write(web_requests.report(res["web"]) + "\n")
+    if "sweeps" in res:
+        import sweeps
+
+        out.write(sweeps.report(res["sweeps"]) + "\n")
     t = res.get("targets", {})
     if t:
         out.write("\nTargets\n")
@@ -799,7 +806,7 @@ def targets(res: dict) -> dict:
     return t
 
 
-PARTS = ["c", "callgrind", "rss", "profile", "python", "modules", "enter", "libs", "asyncio", "web"]
+PARTS = ["c", "callgrind", "rss", "profile", "python", "modules", "enter", "libs", "asyncio", "web", "sweeps"]
 
 
 def main() -> None:
@@ -887,6 +894,10 @@ def main() -> None:
                 import web_requests  # beside this script
 
                 res["web"] = web_requests.measure(Path(lib), quick=args.quick, repeats=repeats)
+            elif part == "sweeps":
+                import sweeps  # beside this script
+
+                res["sweeps"] = sweeps.measure(Path(lib), quick=args.quick, repeats=min(repeats, 5))
             part_seconds[part] = round(time.time() - t0, 1)
         res["part_seconds"] = part_seconds
     res["targets"] = targets(res)
