@@ -222,13 +222,18 @@ class Server:
         """The request scope's counters per worker process (pid), asking
         until ``workers`` different processes answered."""
         seen: dict[int, dict] = {}
-        for _ in range(attempts):
-            r = _one(*self.url, Request("stats", "GET", "/stats"))
-            assert r.status == 200, (r.status, r.error, r.body)
-            facts = json.loads(r.body)
-            seen[facts["pid"]] = facts
-            if len(seen) >= workers:
-                break
+        # With several workers, as many requests at once, each holding its
+        # worker a moment: one after another, the worker that is awake may
+        # take them all.
+        path = "/stats" if workers == 1 else "/stats?hold=0.2"
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in range(attempts):
+                for r in pool.map(lambda _: _one(*self.url, Request("stats", "GET", path)), range(workers)):
+                    assert r.status == 200, (r.status, r.error, r.body)
+                    facts = json.loads(r.body)
+                    seen[facts["pid"]] = facts
+                if len(seen) >= workers:
+                    break
         return seen
 
     def _collect(self) -> None:

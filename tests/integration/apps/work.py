@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import zlib
 
 import numpy
@@ -79,6 +80,9 @@ def stream_handled(query):
 def stats(query) -> dict:
     import allocpolicy
 
+    # ?hold=SECONDS keeps the worker busy, so that requests sent at once
+    # reach different workers of a pre-fork server.
+    time.sleep(float(query.get("hold", 0)))
     s = allocpolicy.stats()
     scope = s.scopes.get(query.get("scope", "request"))
     return {
