@@ -401,12 +401,12 @@ def sweep_lines(proc: subprocess.CompletedProcess, test: str) -> list[str]:
 # same allocation in the pytest process raises MemoryError cleanly, and so
 # does _testcapi.set_nomemory: the fault lies in what the sweep's child does
 # around the failure on those Pythons, not in json. Known, not yet fixed.
-JSON_ENCODER_SURVIVES_OOM = sys.version_info < (3, 12)
+SWEPT_JSON_DUMPS_IS_CLEAN = sys.version_info < (3, 12)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(not JSON_ENCODER_SURVIVES_OOM, strict=False,
-                   reason="on 3.12+ the sweep's child crashes at some allocations of json.dumps (JSON_ENCODER_SURVIVES_OOM)")
+@pytest.mark.xfail(not SWEPT_JSON_DUMPS_IS_CLEAN, strict=False,
+                   reason="on 3.12+ the sweep's child crashes at some allocations of json.dumps (SWEPT_JSON_DUMPS_IS_CLEAN)")
 def test_sweep_over_json_on_real_inputs_is_clean(tmp_path):
     # GIVEN a test that dumps and parses a JSON document (re.compile, beside
     # it, is not clean: CPython 3.11's re raises SystemError at a few indices)
@@ -622,11 +622,11 @@ def test_a_leak_of_small_python_objects_is_found_with_or_without_the_preload(tmp
     # THEN the leak fails, at allocations of Python's object domain, each
     # named with the command that replays it; the clean code passes
     out = proc.stdout
-    if JSON_ENCODER_SURVIVES_OOM:
+    if SWEPT_JSON_DUMPS_IS_CLEAN:
         assert outcome(proc) == "1 failed, 2 passed", explain(proc)
         assert "PASSED test_planted.py::test_json_round_trip" in out
     else:
-        # The crash of the sweep's child there (see JSON_ENCODER_SURVIVES_OOM)
+        # The crash of the sweep's child there (see SWEPT_JSON_DUMPS_IS_CLEAN)
         # is reported as a crash, not as a leak.
         assert outcome(proc) == "2 failed, 1 passed", explain(proc)
         assert "FAILED test_planted.py::test_json_round_trip" in out
