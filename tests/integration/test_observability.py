@@ -203,8 +203,16 @@ def test_stats_of_a_process_started_with_stats_socket(tmp_path):
 def test_a_forked_child_serves_its_own_stats(tmp_path):
     proc = _start(tmp_path, "fork")
     try:
-        first, second = proc.stdout.readline().split(), proc.stdout.readline().split()
-        child = int(next(line for line in (first, second) if line[0] == "child")[1])
+        # the parent's "ready" and the child's "child" lines, in either order
+        said: dict[str, int] = {}
+        lines = []
+        while len(said) < 2 and len(lines) < 10:
+            lines.append(proc.stdout.readline())
+            words = lines[-1].split()
+            if len(words) == 2 and words[0] in ("ready", "child"):
+                said[words[0]] = int(words[1])
+        assert set(said) == {"ready", "child"}, lines
+        child = said["child"]
         doc = json.loads(_stats_cli(str(child), "--json").stdout)
         assert doc["pid"] == child
         # the child inherited the parent's counters at the fork, then went its own way
