@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from runtime_run import check, run_python
@@ -200,18 +201,37 @@ def test_stats_of_a_process_started_with_stats_socket(tmp_path):
         _stop(proc)
 
 
+def _said(proc, words: set[str]) -> dict[str, int]:
+    """The first ``WORD PID`` line of each of ``words`` on ``proc``'s output,
+    read for at most TIMEOUT seconds (what was read, and the process's
+    stderr if it ended, are in the failure)."""
+    said: dict[str, int] = {}
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            parts = line.split()
+            if len(parts) == 2 and parts[0] in words:
+                said[parts[0]] = int(parts[1])
+                if set(said) == words:
+                    return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(TIMEOUT)
+    if set(said) != words:
+        ended = proc.poll()
+        detail = proc.stderr.read() if ended is not None else "(still running)"
+        raise AssertionError(f"expected lines {sorted(words)}, read {lines!r}; exit {ended}; stderr: {detail}")
+    return said
+
+
 def test_a_forked_child_serves_its_own_stats(tmp_path):
     proc = _start(tmp_path, "fork")
     try:
         # the parent's "ready" and the child's "child" lines, in either order
-        said: dict[str, int] = {}
-        lines = []
-        while len(said) < 2 and len(lines) < 10:
-            lines.append(proc.stdout.readline())
-            words = lines[-1].split()
-            if len(words) == 2 and words[0] in ("ready", "child"):
-                said[words[0]] = int(words[1])
-        assert set(said) == {"ready", "child"}, lines
+        said = _said(proc, {"ready", "child"})
         child = said["child"]
         doc = json.loads(_stats_cli(str(child), "--json").stdout)
         assert doc["pid"] == child
