@@ -159,18 +159,20 @@ def _push(key: object, binding: _Binding) -> None:
     else:
         # May raise ScopeCapacityError into the bound code; then nothing is
         # recorded and the frame's end event finds no entry of its own.
-        # The violation number comes with the entry in its one native call
-        # (the cheapest entry there is): the exit's report is of a refusal
-        # made since.
-        seq = _rt.enter_noting(sid)
+        # One native call, whose status comes back without allocating; the
+        # violation number from before the entry, for the exit's report of a
+        # refusal made since, is the runtime's to keep (Runtime.exited_seq).
+        status = _rt.enter_plain(sid)
+        if status:
+            _native.check(status, "ap_enter", sid)
         t.depth[sid] = 1
-        t.stack.append((key, binding, seq))
+        t.stack.append((key, binding, True))  # True: this activation entered it
     _inflight += 1
 
 
 def _pop(t: _Thread, exc: BaseException | None) -> None:
     global _inflight
-    _key, binding, seq = t.stack.pop()
+    _key, binding, _ = t.stack.pop()
     _inflight -= 1
     sid = binding.sid
     n = t.depth[sid] - 1
@@ -193,7 +195,7 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         _release_monitoring()
     if not refused:
         return  # no error, or a MemoryError the runtime did not cause: leave it alone
-    err = refusal.convert(exc, rt, seq, binding.name)
+    err = refusal.convert(exc, rt, rt.exited_seq(), binding.name)
     try:
         if err is not None:
             refusal.raise_converted(err, exc)

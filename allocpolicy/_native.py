@@ -30,6 +30,8 @@ MAX_DEPTH = 32
 # Status codes of allocpolicy.h.
 OK, EINVAL, ENOENT, EFULL, ESTATE, EPARSE, EREFUSED = 0, -1, -2, -3, -4, -5, -6
 EXIT_REGION = 1
+#: ap_exit_tagged(): the innermost level is not that block's entry.
+EXIT_NOT_INNERMOST = 2
 #: ap_step_leave: the thread recorded a violation during the step.
 STEP_REFUSED = 1
 ACTION_FROM_SCOPE = 0xFFFFFFFF
@@ -367,10 +369,21 @@ class Runtime:
         # before the entry is read when a boundary needs it: entry_seq()
         # while the instance is innermost, exited_seq() right after its exit.
         self.enter_marked = gil_handle.ap_enter_marked
+        self.enter_plain = gil_handle.ap_enter_plain
         self.entry_seq = gil_handle.ap_entry_seq
         self.entry_seq.restype = ctypes.c_int64
         self.exited_seq = gil_handle.ap_exited_seq
         self.exited_seq.restype = ctypes.c_int64
+        # The level a `with` block entered (ap_enter_marked) is left by the
+        # block's tag, which the runtime checks against the innermost level:
+        # the pairing of entries with exits, kept there instead of in a
+        # record per thread here (see _scope.py). exit_marked() is the same
+        # without the check, for when the argument itself cannot be
+        # allocated; exit_unmarked() leaves a level entered otherwise.
+        self.exit_tagged = gil_handle.ap_exit_tagged
+        self.exit_marked = gil_handle.ap_exit_marked
+        self.exit_unmarked = gil_handle.ap_exit_unmarked
+        self.abandon = gil_handle.ap_abandon
         self._exit = gil_handle.ap_exit
         # Every step of a task in a scope crosses ctypes twice (see
         # _core/stepping.py): through the handle that keeps the GIL (releasing and
@@ -442,7 +455,7 @@ class Runtime:
     def enter_noting(self, scope_id: int) -> int:
         """:meth:`enter`, returning the thread's violation number from just
         before the entry (what a task boundary notes) instead of the instance."""
-        status = self.enter_marked(scope_id)
+        status = self.enter_plain(scope_id)
         if status:
             check(status, "ap_enter", scope_id)
         try:
@@ -843,6 +856,8 @@ class InprocessRuntime(Runtime):
         # The entry of a boundary runs the checks of in-process mode too
         # (_enter_checked raises instead of returning a status).
         self.enter_marked = self._enter_checked
+        self.enter_plain = self._enter_checked_plain
+        self._mark_innermost = gil.ap_mark_innermost
 
     # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
 
@@ -864,8 +879,17 @@ class InprocessRuntime(Runtime):
             check(status, "ap_enter", scope_id)
         return self._entered(out)
 
-    def _enter_checked(self, scope_id: int) -> int:
+    def _enter_checked_plain(self, scope_id: int) -> int:
         self.enter(scope_id)
+        return OK
+
+    def _enter_checked(self, scope_id: int, tag: int) -> int:
+        self.enter(scope_id)
+        try:
+            self._mark_innermost(tag)
+        except BaseException:
+            self.exit()  # its argument refused inside the new instance
+            raise
         return OK
 
     def attach(self, instance: int) -> None:

@@ -14,7 +14,7 @@ from . import _native
 from ._core import refusal, stepping
 from ._core.instances import InstanceHandle
 from ._core import names
-from ._core.names import scope_id, warn_inactive
+from ._core.names import scope_id, scope_name, warn_inactive
 from ._errors import AllocError, ScopeMismatchError
 from ._regions import raise_outcome, region_outcome
 
@@ -24,13 +24,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Budgets are int64 in the runtime; an escalation stops growing there.
 _MAX_BUDGET = 1 << 62
+# A task's default escalation factor (compared by identity in task()).
+_ESCALATE = 2.0
 
 # Ids of the scopes entered by name, filled by scope_id() (ids never change).
 _ids = names.scope_ids
 # The task frame of the running context (_core/stepping.py), read on every
 # exit: a scope entered in a task is left there, not on the thread's stack.
 _task_frame = stepping._frames.get
+_OK = _native.OK
 _EXIT_REGION = _native.EXIT_REGION
+_NOT_INNERMOST = _native.EXIT_NOT_INNERMOST
 
 
 # Per-thread record of what each `with` entered, so that exits pair with
@@ -38,8 +42,7 @@ _EXIT_REGION = _native.EXIT_REGION
 #
 # A thread's record is a flat list, two slots per entry (no object is made
 # per entry): the scope object, then the thread's violation number at entry
-# (``None``: nothing was entered, no runtime; _SEQ_AT_EXIT: the runtime keeps
-# it, and the exit reads it when it needs it). An entry whose exit came while
+# (``None``: nothing was entered, no runtime). An entry whose exit came while
 # scopes entered after it were still active has its first slot replaced by
 # _ABANDONED: the exit was reported, and its instance is left when theirs are.
 #
@@ -52,7 +55,6 @@ _stacks: dict[int, list[Any]] = {}
 _get_ident = _thread.get_ident
 _forgetters = threading.local()
 _ABANDONED = object()
-_SEQ_AT_EXIT = object()
 
 
 class _Forget:
@@ -117,8 +119,9 @@ class scope:
     :class:`AllocPolicyWarning` is issued once.
     """
 
-    # Made for every unit of work: no instance dict to make.
-    __slots__ = ("name", "__weakref__")
+    # Made for every unit of work: no instance dict to make. _tag is set by
+    # the fast entry (see __enter__).
+    __slots__ = ("name", "_tag", "__weakref__")
 
     _func = "scope"
     # Whether __enter__ may take its fast path: entered by name, no retries.
@@ -177,34 +180,26 @@ class scope:
     def __enter__(self) -> "scope":
         # The fast path, taken by every entry by name on a thread that no
         # asyncio task is running on, once the name's id is known: one
-        # native call, nothing made but the stack's slots. The rest is
-        # _enter(), which decides the same things step by step.
+        # native call, nothing made. The runtime marks the level as this
+        # scope's `with` entry, and the exit pairs with it there (see
+        # _exit()); no record is kept here. The rest is _enter(), which
+        # decides the same things step by step.
         rt = _native._runtime
-        sid = _ids.get(self.name)
         running_loop = stepping._running_loop
-        if (
-            rt is None
-            or sid is None
-            or not self._fast
-            or (running_loop is not None and running_loop() is not None)
-        ):
+        if rt is None or not self._fast or (running_loop is not None and running_loop() is not None):
             return self._enter()
-        # Recorded before entering: inside, the list's growth would be an
-        # allocation of the scope (and refused in a forbid scope).
-        stack = _stacks.get(_get_ident())
-        if stack is None:
-            stack = _new_stack()
-        stack.append(self)
-        stack.append(_SEQ_AT_EXIT)
         try:
-            # A status, which comes back without allocating: a MemoryError
-            # here was raised before the entry (see Runtime.enter_marked).
-            status = rt.enter_marked(sid)
-        except BaseException:
-            del stack[-2:]
-            raise
+            sid = _ids[self.name]
+        except KeyError:
+            return self._enter()
+        # The block's tag: what its exit names the level by (the runtime
+        # keeps the low 32 bits). The same for every thread that enters
+        # this object.
+        self._tag = tag = id(self)
+        # A status, which comes back without allocating: a MemoryError here
+        # was raised before the entry (see Runtime.enter_marked).
+        status = rt.enter_marked(sid, tag)
         if status:
-            del stack[-2:]
             _native.check(status, "ap_enter", sid)
         return self
 
@@ -220,8 +215,17 @@ class scope:
             # In a task: the instance follows the task (_core/stepping.py).
             stepping.enter(rt, stepper, self, target)
             return self
+        if self._fast:
+            self._tag = tag = id(self)  # as in __enter__
+            status = rt.enter_marked(target, tag)
+            if status:
+                _native.check(status, "ap_enter", target)
+            return self
+        # Entered otherwise (an attached instance): recorded here, before
+        # entering, since inside, the list's growth would be an allocation
+        # of the scope (and refused in a forbid scope).
         stack = _new_stack()
-        stack += (self, 0)  # before entering, as in __enter__
+        stack += (self, 0)
         try:
             stack[-1] = self._open_noting(rt, target)
         except BaseException:
@@ -230,31 +234,28 @@ class scope:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        # The fast path: not in a task's scope, the innermost entry of this
-        # thread is this object's, and something was entered.
-        if _task_frame() is None:
-            stack = _stacks.get(_get_ident())
-            if stack and stack[-2] is self and stack[-1] is not None:
-                seq = stack[-1]
-                rt = _native._runtime
-                try:
-                    left_region = rt._exit() == _EXIT_REGION
-                except MemoryError:  # see Runtime.exit
-                    left_region = rt._exit() == _EXIT_REGION
-                if exc is None and not left_region:
-                    # The common case: nothing to report. Popped after
-                    # leaving: shrinking the list may allocate (a forbid
-                    # scope would refuse it).
-                    del stack[-2:]
-                    if stack and stack[-2] is _ABANDONED:
-                        _leave_abandoned(rt, stack)
-                    return False
-                if seq is _SEQ_AT_EXIT:
-                    seq = rt.exited_seq()  # before any other exit
-                del stack[-2:]
-                if stack and stack[-2] is _ABANDONED:
-                    _leave_abandoned(rt, stack)
-                return self._after_exit(rt, left_region, seq, exc, tb)
+        # The fast path: the thread's innermost level is this block's entry
+        # (the runtime checks its tag, and leaves it only then). A task's
+        # scope is never that: its levels are attached for each step, and
+        # what it entered is left by _exit().
+        rt = _native._runtime
+        if rt is not None:
+            try:
+                tag = self._tag
+            except AttributeError:
+                return self._exit(exc, tb)  # never entered by the fast path
+            try:
+                status = rt.exit_tagged(tag)
+            except MemoryError:
+                # The call's argument tuple, refused before the call: the
+                # level is left by a call that takes none.
+                status = rt.exit_marked()
+            if status == _OK:
+                if exc is None:
+                    return False  # the common case: nothing to report
+                return self._after_exit(rt, False, rt.exited_seq(), exc, tb)
+            if status == _EXIT_REGION:
+                return self._after_exit(rt, True, rt.exited_seq(), exc, tb)
         return self._exit(exc, tb)
 
     def _exit(self, exc, tb) -> bool:
@@ -267,27 +268,52 @@ class scope:
             frame = None
             return self._after_exit(rt, left_region, seq, exc, tb, kept)
         stack = _stacks.get(_get_ident())
-        if not stack:
-            # Entered in a task whose coroutine is being finalized elsewhere
-            # (garbage collection, another task closing an async generator):
-            # the instance was never attached here, and goes with the context.
-            return False
-        if stack[-2] is not self:
-            self._out_of_order(stack)
+        if not stack or stack[-2] is not self:
+            if stack and self in stack[::2]:
+                self._out_of_order(stack)
+            return self._not_innermost()
         seq = stack[-1]
         if seq is None:
             del stack[-2:]
             return False
         rt = _native.runtime()
-        left_region = rt.exit() == _EXIT_REGION
-        if seq is _SEQ_AT_EXIT and (exc is not None or left_region):
-            seq = rt.exited_seq()  # as in __exit__
+        status = rt.exit_unmarked()
+        if status == _NOT_INNERMOST:
+            # A `with` of another scope, entered after this one, is still
+            # active: this level is left with it.
+            del stack[-2:]
+            rt.abandon(0, 0)
+            raise self._mismatch(rt)
+        left_region = status == _EXIT_REGION
         del stack[-2:]  # after leaving, as in __exit__
         if stack and stack[-2] is _ABANDONED:
             _leave_abandoned(rt, stack)
         if exc is None and not left_region:
             return False
         return self._after_exit(rt, left_region, seq, exc, tb)
+
+    def _not_innermost(self) -> bool:
+        """The exit of a `with` entry that is not the thread's innermost
+        level: a scope entered after it is still active (its level is then
+        left with that scope's), or it was never entered on this thread."""
+        rt = _native.runtime()
+        tag = getattr(self, "_tag", None)
+        if rt is not None and tag is not None and rt.abandon(tag, 1) == _native.OK:
+            raise self._mismatch(rt)
+        raise ScopeMismatchError(
+            f"{self._func}({self.name!r}) exited on a thread where it is not active "
+            "(exited twice, or entered on another thread)"
+        )
+
+    def _mismatch(self, rt: _native.Runtime) -> ScopeMismatchError:
+        instance = rt.current()[0]
+        inner = scope_name(rt, rt.instance_stats(instance).scope) if instance else "the process"
+        return ScopeMismatchError(
+            f"{self._func}({self.name!r}) exited while scope {inner!r}, entered after it on this "
+            "thread, is still active: scopes must be left in the reverse order of their entries "
+            "(generators or coroutines that each hold a scope across a yield or an await "
+            f"interleave them); {self.name!r} is left when the scopes entered after it are"
+        )
 
     def _out_of_order(self, stack: list[Any]) -> None:
         """An exit that is not of the innermost entry: say so, and leave the
@@ -357,20 +383,36 @@ class task(scope):
     entering a task with retries in a ``with`` statement raises TypeError.
     """
 
-    __slots__ = ("retries", "escalate", "_fast")
+    # Set only for retries or a factor given (_set_retries): a task made
+    # with the defaults, for every unit of work, sets its name and nothing else.
+    __slots__ = ("_retries", "_escalate")
 
     _func = "task"
 
-    def __init__(self, name: str = "task", *, retries: int = 0, escalate: float = 2.0) -> None:
-        # Made for every unit of work: the defaults are checked at a glance.
+    def __init__(self, name: str = "task", *, retries: int = 0, escalate: float = _ESCALATE) -> None:
+        # The defaults are checked at a glance (the factor by identity: a
+        # 2.0 given explicitly takes _set_retries, which compares).
         if name.__class__ is not str or not name:
             _check_name(name, "task")
         self.name = name
-        self.retries = 0
-        self.escalate = 2.0
-        self._fast = True
-        if retries.__class__ is not int or retries or escalate != 2.0:
+        if retries or escalate is not _ESCALATE or retries.__class__ is not int:
             self._set_retries(retries, escalate)
+
+    @property
+    def retries(self) -> int:
+        """How many more times a call refused by its own budget is run (0: never)."""
+        try:
+            return self._retries
+        except AttributeError:
+            return 0
+
+    @property
+    def escalate(self) -> float:
+        """The factor by which each rerun's budget grows."""
+        try:
+            return self._escalate
+        except AttributeError:
+            return _ESCALATE
 
     def _set_retries(self, retries: int, escalate: float) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int):
@@ -386,19 +428,12 @@ class task(scope):
                 f"task(): argument 'escalate' must be greater than 1 (the factor by which "
                 f"each rerun's budget grows), got {escalate!r}"
             )
-        self.retries = retries
-        self.escalate = float(escalate)
+        self._retries = retries
+        self._escalate = float(escalate)
         if retries:
-            self._fast = False  # __enter__ refuses it (_enter)
-
-    def _enter(self) -> "task":
-        if self.retries:
-            raise TypeError(
-                f"task({self.name!r}, retries={self.retries}): a with block cannot be run "
-                f"again; decorate the function (@allocpolicy.task(...)) or call "
-                f"allocpolicy.task(...).run(fn, ...)"
-            )
-        return super()._enter()
+            # A with block cannot be run again: its entry must take _enter(),
+            # which refuses it, and the fast path looks at the class only.
+            self.__class__ = _retried_class(type(self))
 
     def __call__(self, func: F) -> F:
         if not self.retries or _is_async_generator_function(func):
@@ -451,14 +486,8 @@ class task(scope):
         return min(int(err.budget * self.escalate), _MAX_BUDGET)
 
     def _enter_attempt(self, budget: int | None) -> None:
-        scope._enter(self)
-        if budget is not None:
-            rt = _native.runtime()
-            try:
-                rt.set_budget(rt.current()[0], budget)
-            except BaseException as exc:
-                self.__exit__(type(exc), exc, exc.__traceback__)
-                raise
+        self._enter()
+        _set_attempt_budget(self, budget)
 
     def _attempt(self, budget: int | None, fn, args, kwargs):
         self._enter_attempt(budget)
@@ -521,6 +550,52 @@ def bind(fn: F) -> F:
     return bind_handle(fn, InstanceHandle.current(rt))
 
 
+class _Retried:
+    """What a task with retries adds to its class: its ``with`` entry is
+    refused (a block cannot be run again)."""
+
+    __slots__ = ()
+    _fast = False
+
+    def _enter(self) -> "task":
+        raise TypeError(
+            f"task({self.name!r}, retries={self.retries}): a with block cannot be run "
+            f"again; decorate the function (@allocpolicy.task(...)) or call "
+            f"allocpolicy.task(...).run(fn, ...)"
+        )
+
+    def _enter_attempt(self, budget: int | None) -> None:
+        # An attempt of run() or of the decorator: entered as any task.
+        scope._enter(self)
+        _set_attempt_budget(self, budget)
+
+
+_retried_classes: dict[type, type] = {}
+
+
+def _retried_class(cls: type) -> type:
+    """``cls`` (task or a subclass of it) with _Retried's behaviour, made once:
+    the same layout, so that a task's class can become it."""
+    if issubclass(cls, _Retried):
+        return cls
+    made = _retried_classes.get(cls)
+    if made is None:
+        made = _retried_classes[cls] = type(cls.__name__, (_Retried, cls), {
+            "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__ + "._Retried"})
+    return made
+
+
+def _set_attempt_budget(block: "task", budget: int | None) -> None:
+    """Give the attempt just entered the escalated budget of its own."""
+    if budget is not None:
+        rt = _native.runtime()
+        try:
+            rt.set_budget(rt.current()[0], budget)
+        except BaseException as exc:
+            block.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+
 class _Bound(task):
     """The block of a bound call: it attaches the held instance of ``handle``."""
 
@@ -529,8 +604,6 @@ class _Bound(task):
 
     def __init__(self, handle: InstanceHandle) -> None:
         self.name = handle.scope
-        self.retries = 0
-        self.escalate = 2.0
         self._handle = handle
 
     def _resolve(self, rt: _native.Runtime) -> int:

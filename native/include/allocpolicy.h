@@ -226,14 +226,43 @@ AP_API int64_t ap_enter_seq(uint32_t scope_id);
  * ap_enter() with nothing to take but the status (AP_OK or a negative
  * ap_status), for callers that would allocate to take more (Python through
  * ctypes): whatever they allocate after the entry is the new instance's, and
- * may be refused. The violation number from just before the entry is then
- * ap_entry_seq() while the instance is innermost, and ap_exited_seq() right
- * after its ap_exit() (the level this thread left most recently); both are
- * 0 or more, AP_ESTATE for ap_entry_seq() outside every instance.
+ * may be refused. The level is marked as the entry of a block, `tag` (any
+ * value its caller tells blocks apart by), which ap_exit_tagged() leaves.
+ * The violation number from just before the entry is then ap_entry_seq()
+ * while the instance is innermost, and ap_exited_seq() right after its exit
+ * (the level this thread left most recently); both are 0 or more,
+ * AP_ESTATE for ap_entry_seq() outside every instance.
  */
-AP_API ap_status ap_enter_marked(uint32_t scope_id);
+AP_API ap_status ap_enter_marked(uint32_t scope_id, uint32_t tag);
+/* The same entry, not marked (left by ap_exit()). */
+AP_API ap_status ap_enter_plain(uint32_t scope_id);
 AP_API int64_t ap_entry_seq(void);
 AP_API int64_t ap_exited_seq(void);
+
+/*
+ * Leave the calling thread's innermost level if it is block `tag`'s
+ * (ap_enter_marked): as ap_exit(), else AP_EXIT_NOT_INNERMOST and nothing
+ * changes (the level is some other entry's: a block entered after it, an
+ * attached instance). Levels abandoned below it (ap_abandon) are left with
+ * it. ap_exit_marked() leaves the innermost level if it is any block's (for
+ * a caller that cannot pass an argument); ap_exit_unmarked() if it is not.
+ */
+#define AP_EXIT_NOT_INNERMOST 2
+AP_API ap_status ap_exit_tagged(uint32_t tag);
+AP_API ap_status ap_exit_marked(void);
+AP_API ap_status ap_exit_unmarked(void);
+
+/* Mark the innermost level, entered otherwise, as block `tag`'s (in-process
+ * mode's checked entry). */
+AP_API ap_status ap_mark_innermost(uint32_t tag);
+
+/*
+ * An exit that came out of order: the topmost level below the innermost that
+ * is block `tag`'s (`marked` non-zero), or that is no block's (`marked` 0),
+ * is left as soon as every level above it has been. AP_ENOENT if there is
+ * none, AP_ESTATE if it is the innermost (leave it instead).
+ */
+AP_API ap_status ap_abandon(uint32_t tag, uint32_t marked);
 
 /* Enter an existing, active instance on the calling thread (bind()). */
 AP_API ap_status ap_attach(uint32_t instance_id);

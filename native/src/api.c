@@ -65,9 +65,83 @@ int64_t ap_enter_seq(uint32_t scope_id) {
  * would leave it entered with nobody to exit it; the violation number is
  * read afterwards instead, with ap_entry_seq() or, after the exit,
  * ap_exited_seq(). */
-ap_status ap_enter_marked(uint32_t scope_id) {
+ap_status ap_enter_plain(uint32_t scope_id) {
     uint32_t instance;
     return ap_enter(scope_id, &instance);
+}
+
+ap_status ap_enter_marked(uint32_t scope_id, uint32_t tag) {
+    ap__tls_t *t = &ap__tls;
+    uint32_t instance;
+    ap_status st = ap_enter(scope_id, &instance);
+    if (st == AP_OK) {
+        t->marked |= 1u << (t->depth - 1);
+        t->tags[t->depth - 1] = tag;
+    }
+    return st;
+}
+
+/* 1 if level `d` (0-based) of the thread's stack is the marked entry `tag`. */
+static inline int marked_as(const ap__tls_t *t, uint32_t d, uint32_t tag) {
+    return (t->marked >> d & 1) && t->tags[d] == tag;
+}
+
+/* ap_exit(), then the levels whose exits came early, now that none is above
+ * them; the violation number of the level asked for stays ap_exited_seq(). */
+static ap_status exit_and_abandoned(ap__tls_t *t) {
+    ap_status st = ap_exit();
+    if (AP__UNLIKELY(t->abandoned)) {
+        uint64_t seq = t->exited_seq;
+        while (t->depth && (t->abandoned >> (t->depth - 1) & 1))
+            ap_exit();
+        t->exited_seq = seq;
+    }
+    return st;
+}
+
+ap_status ap_exit_tagged(uint32_t tag) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth == 0 || !marked_as(t, t->depth - 1, tag))
+        return AP_EXIT_NOT_INNERMOST;
+    return exit_and_abandoned(t);
+}
+
+ap_status ap_exit_marked(void) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth == 0 || !(t->marked >> (t->depth - 1) & 1))
+        return AP_EXIT_NOT_INNERMOST;
+    return exit_and_abandoned(t);
+}
+
+ap_status ap_mark_innermost(uint32_t tag) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth == 0)
+        return AP_ESTATE;
+    t->marked |= 1u << (t->depth - 1);
+    t->tags[t->depth - 1] = tag;
+    return AP_OK;
+}
+
+ap_status ap_exit_unmarked(void) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth && (t->marked >> (t->depth - 1) & 1))
+        return AP_EXIT_NOT_INNERMOST;
+    return exit_and_abandoned(t);
+}
+
+ap_status ap_abandon(uint32_t tag, uint32_t marked) {
+    ap__tls_t *t = &ap__tls;
+    for (uint32_t d = t->depth; d-- > 0;) {
+        if (t->abandoned >> d & 1)
+            continue;
+        if (marked ? marked_as(t, d, tag) : !(t->marked >> d & 1)) {
+            if (d + 1 == t->depth)
+                return AP_ESTATE; /* innermost: to be left, not abandoned */
+            t->abandoned |= 1u << d;
+            return AP_OK;
+        }
+    }
+    return AP_ENOENT;
 }
 
 int64_t ap_entry_seq(void) {

@@ -257,6 +257,13 @@ typedef struct {
      * ap_enter_marked). */
     uint64_t entry_seq[AP_MAX_DEPTH];
     uint64_t exited_seq;
+    /* Bit d: level d+1 of the stack was entered by ap_enter_marked (a
+     * Python `with` block, left by ap_exit_tagged), and, in `abandoned`,
+     * its exit came while levels above it were active: it is left with
+     * the last of them. */
+    uint32_t marked;
+    uint32_t abandoned;
+    uint32_t tags[AP_MAX_DEPTH]; /* of each marked level: which block entered it */
     /* Rarely touched: after the fast-path fields so those share lines. */
     ap_reservation res[AP_MAX_RESERVATIONS]; /* innermost last */
     ap_region regions[AP_MAX_REGIONS];        /* innermost last */

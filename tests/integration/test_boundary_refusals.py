@@ -266,7 +266,7 @@ def test_an_out_of_order_exit_is_reported_and_pops_no_other_instance(tmp_path):
     )
     error, inner, after = (json.loads(line) for line in out.splitlines())
     assert error[0] == "error"
-    assert "scope('outer') exited while scope('inner')" in error[1]
+    assert "scope('outer') exited while scope 'inner', entered after it" in error[1]
     assert "reverse order" in error[1]
     assert inner == ["innermost", "inner"]
     assert after == ["after", "process", 0, 0]
