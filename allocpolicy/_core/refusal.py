@@ -19,6 +19,7 @@ import opcode
 
 from .. import _native
 from .._errors import AllocError
+from . import refusal_sites
 from .names import scope_name
 from .refusal_hooks import notify
 
@@ -157,7 +158,10 @@ def convert(
         return None
     if limit is not None and (v.limit >= len(_native.LIMITS) or _native.LIMITS[v.limit] != limit):
         return None
-    if not _carries(exc, isinstance(exc, MemoryError)):
+    carried = refusal_sites.raised_at(exc, v)
+    if carried is None:  # the record does not say where: judge by how exc was raised
+        carried = _carries(exc, isinstance(exc, MemoryError))
+    if not carried:
         return None
     _reported.seq = v.seq
     err = from_violation(rt, v, task=task)

@@ -352,6 +352,8 @@ AP__HIDDEN int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, 
 AP__HIDDEN uint64_t ap__inject_reservation(ap__tls_t *t, uint64_t size);
 /* Record a forbidden allocation (or free: size 0) as the thread's violation. */
 AP__HIDDEN void ap__record_forbidden(ap__tls_t *t, uint64_t size, ap_domain domain);
+/* Note where the thread's Python code is in `v` (pyframe.c). */
+AP__HIDDEN void ap__python_where(ap_violation *v);
 /* Forbid scopes open a region on entry and close it on exit. */
 AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
 /* 1 if the instance had a region (its record is then the thread's last). */

@@ -330,6 +330,7 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
     v->index = 0;
+    ap__python_where(v);
     /* By reason, for the innermost scope (the process scope at the root), so
      * that the per-scope sums are the `violations` of the same scopes. */
     atomic_fetch_add_explicit(&ap__scopes[cur->scope].refused[reason], 1, memory_order_relaxed);
