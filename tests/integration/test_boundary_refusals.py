@@ -101,59 +101,6 @@ print(json.dumps(seen))
     assert seen["ok"] >= 1, seen
 
 
-def test_an_unrelated_error_after_a_caught_refusal_is_not_labelled(tmp_path):
-    out = check(
-        run_python(
-            """
-            import allocpolicy
-
-            def after_a_caught_refusal(then):
-                try:
-                    with allocpolicy.task("request"):
-                        try:
-                            bytearray(200 << 20)
-                        except MemoryError:
-                            pass  # the application handles it and goes on
-                        then()
-                except Exception as exc:
-                    return f"{type(exc).__name__}: {exc}"
-
-            def unrelated_memory_error():
-                raise MemoryError("from the application")
-
-            def unrelated_value_error():
-                raise ValueError("bad input")
-
-            def reraised():
-                try:
-                    bytearray(300 << 20)
-                except MemoryError:
-                    raise  # the new refusal, re-raised after cleaning up
-
-            def nested_then_c_level_memory_error():
-                try:
-                    with allocpolicy.task("request"):
-                        bytearray(400 << 20)
-                except allocpolicy.AllocError:
-                    pass  # reported by the inner boundary and handled
-                [None] * (1 << 62)  # CPython refuses the size itself: no allocation
-
-            for then in (unrelated_memory_error, unrelated_value_error, reraised,
-                         nested_then_c_level_memory_error):
-                print(after_a_caught_refusal(then))
-            """,
-            JOBS,
-            tmp_path,
-        )
-    )
-    lines = out.splitlines()
-    assert lines[0] == "MemoryError: from the application"
-    assert lines[1] == "ValueError: bad input"
-    # A refusal that does leave the task is still reported, with its own facts.
-    assert lines[2].startswith("AllocError: allocation of 314572801 bytes refused in scope 'request'")
-    assert lines[3] == "MemoryError: "
-
-
 def test_kept_alloc_errors_do_not_pin_the_failed_tasks_memory(tmp_path):
     # GIVEN tasks that each hold 40 MiB, then ask for 64 MiB more, run by an
     # executor whose futures keep their AllocError (and its traceback)
@@ -342,12 +289,34 @@ def raised_while_handling_a_refusal():
     except MemoryError:
         {}.pop("missing")  # the refusal is this KeyError's __context__
 
+def reraised_refusal():
+    try:
+        bytearray(300 << 20)
+    except MemoryError:
+        raise  # the new refusal, re-raised after cleaning up
+
+def memory_error_of_the_application():
+    raise MemoryError("from the application")
+
+def value_error_of_the_application():
+    raise ValueError("bad input")
+
+def reported_inside_then_impossible_list():
+    try:
+        with allocpolicy.task("request"):
+            bytearray(400 << 20)
+    except allocpolicy.AllocError:
+        pass  # reported by the inner boundary and handled
+    [None] * (1 << 62)  # CPython refuses the size itself: no allocation
+
 CASES = (maxsize_bytearray, subscript_key_error, called_key_error,
-         caught_then_refused_again, raised_while_handling_a_refusal)
+         caught_then_refused_again, raised_while_handling_a_refusal, reraised_refusal,
+         memory_error_of_the_application, value_error_of_the_application,
+         reported_inside_then_impossible_list)
 
 def describe(exc):
     if isinstance(exc, allocpolicy.AllocError):
-        return ["AllocError", type(exc.__cause__).__name__, exc.size >> 20]
+        return ["AllocError", type(exc.__cause__).__name__, exc.size >> 20, exc.scope]
     return [type(exc).__name__]
 
 def in_task(then):
@@ -409,10 +378,16 @@ def test_c_level_errors_after_a_caught_refusal_reach_the_caller_as_they_are(tmp_
         assert seen["maxsize_bytearray"] == ["MemoryError"], (place, seen)
         assert seen["subscript_key_error"] == ["KeyError"], (place, seen)
         assert seen["called_key_error"] == ["KeyError"], (place, seen)
+        assert seen["reported_inside_then_impossible_list"] == ["MemoryError"], (place, seen)
+        # nor one that the application raises itself after handling it
+        assert seen["memory_error_of_the_application"] == ["MemoryError"], (place, seen)
+        assert seen["value_error_of_the_application"] == ["ValueError"], (place, seen)
         # and a refusal that does leave the task is reported, with its own
         # facts, also when an exception raised while handling it carries it
-        assert seen["caught_then_refused_again"] == ["AllocError", "NoneType", 300], (place, seen)
-        assert seen["raised_while_handling_a_refusal"] == ["AllocError", "KeyError", 300], (
+        refused = ["AllocError", "NoneType", 300, "request"]
+        assert seen["caught_then_refused_again"] == refused, (place, seen)
+        assert seen["reraised_refusal"] == refused, (place, seen)
+        assert seen["raised_while_handling_a_refusal"] == ["AllocError", "KeyError", 300, "request"], (
             place,
             seen,
         )
