@@ -73,8 +73,19 @@ def enable(rt: _native.Runtime) -> bool:
     layout = _layout()
     if layout is None:
         return False
+    thread_state = ctypes.pythonapi.PyGILState_GetThisThreadState
+    thread_state.restype = ctypes.c_void_p
+    holder, current = layout[0], layout[1]
+    if holder < 0:
+        # The thread state holds the current frame itself: it must be this
+        # function's (a frame object's f_frame, after its header and f_back),
+        # before the runtime reads anything through it. (A holder elsewhere
+        # is checked by the runtime: see pyframe.c.)
+        ours = ctypes.c_void_p.from_address(id(sys._getframe()) + 3 * ctypes.sizeof(ctypes.c_void_p))
+        if ctypes.c_void_p.from_address(thread_state() + current).value != ours.value:
+            return False
     probe = _native.FrameProbeC(ctypes.sizeof(_native.FrameProbeC), *layout)
-    probe.thread_state = ctypes.cast(ctypes.pythonapi.PyGILState_GetThisThreadState, ctypes.c_void_p).value
+    probe.thread_state = ctypes.cast(thread_state, ctypes.c_void_p).value
     code, instr = ctypes.c_uint64(), ctypes.c_uint64()
     _here(rt.frame_reader(), ctypes.byref(probe), ctypes.byref(code), ctypes.byref(instr))
     at = _call_offset(_here.__code__)

@@ -22,7 +22,17 @@ static ap_frame_probe probe;
 /* Set once `probe` is written (release), read before it (acquire). */
 static _Atomic int probing;
 
-static int read_frame(const ap_frame_probe *p, uint64_t *code, uint64_t *instr) {
+/* With `checking` (a description not yet trusted), the structure that holds
+ * the current frame must be where CPython keeps it: in the thread state, or on
+ * this thread's stack, in the frame of the interpreter's loop a little above
+ * this call. Otherwise nothing is read through it. */
+static int plausible_holder(const char *ts, const char *holder) {
+    const char *here = __builtin_frame_address(0);
+    return (holder >= ts && holder < ts + 4096) ||
+           (holder > here && holder - here < ((ptrdiff_t)1 << 20));
+}
+
+static int read_frame(const ap_frame_probe *p, uint64_t *code, uint64_t *instr, int checking) {
     *code = *instr = 0;
     const char *ts = p->thread_state ? p->thread_state() : NULL;
     if (!ts)
@@ -30,7 +40,7 @@ static int read_frame(const ap_frame_probe *p, uint64_t *code, uint64_t *instr) 
     const char *holder = ts;
     if (p->cframe >= 0) {
         holder = *(const char *const *)(ts + p->cframe);
-        if (!holder)
+        if (!holder || (checking && !plausible_holder(ts, holder)))
             return 0;
     }
     const char *frame = *(const char *const *)(holder + p->current);
@@ -71,12 +81,12 @@ ap_status ap_set_frame_probe(const ap_frame_probe *p) {
 ap_status ap_frame_here(const ap_frame_probe *p, uint64_t *code, uint64_t *instr) {
     if (!valid(p) || !code || !instr)
         return AP_EINVAL;
-    read_frame(p, code, instr);
+    read_frame(p, code, instr, 1);
     return AP_OK;
 }
 
 void ap__python_where(ap_violation *v) {
     if (!atomic_load_explicit(&probing, memory_order_acquire) ||
-        !read_frame(&probe, &v->py_code, &v->py_instr))
+        !read_frame(&probe, &v->py_code, &v->py_instr, 0))
         v->py_code = v->py_instr = 0;
 }
