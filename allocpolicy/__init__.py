@@ -22,6 +22,7 @@ import warnings as _warnings
 
 from . import _native
 from ._core import postimport as _postimport
+from ._core import refusal_sites as _refusal_sites
 from ._errors import (
     AllocError,
     AllocPolicyError,
@@ -181,6 +182,9 @@ def _activate() -> None:
 
         _inject.activate_from_environment(rt)
     rt.install_arena_hook()
+    # Every refusal from here on notes where the Python code was, which is
+    # how a task boundary tells the refusal's exception from a later one.
+    _refusal_sites.enable(rt)
     if table and ";libreport=" in table:
         # Under `allocpolicy libs`: name the libraries loaded that end the
         # process on a refusal, before the report.

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from . import _atfork, _config, _configure, _loops, _native
-from ._core import postimport
+from ._core import postimport, refusal_sites
 from ._errors import AllocPolicyWarning, RuntimeLoadError
 
 if TYPE_CHECKING:
@@ -277,6 +277,7 @@ class _Installed:
             _configure.configure(policy if policy is not None else _config.active_policy())
             state._hook_domains()
             state._hook_arenas()
+            refusal_sites.enable(rt)  # as under the preload (see allocpolicy._activate)
             state._watch_numpy()
             rt.before_enter = state.before_enter
             rt.settle = state.settle

@@ -20,7 +20,7 @@ from typing import Any
 from . import _atfork, _checkout
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
@@ -91,6 +91,19 @@ class Violation(ctypes.Structure):
         ("budget", ctypes.c_int64),
         ("live", ctypes.c_int64),
         ("index", ctypes.c_uint64),
+        ("py_code", ctypes.c_uint64),
+        ("py_instr", ctypes.c_uint64),
+    ]
+
+
+class FrameProbeC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("cframe", ctypes.c_int32),
+        ("current", ctypes.c_int32),
+        ("code", ctypes.c_int32),
+        ("instr", ctypes.c_int32),
+        ("thread_state", ctypes.c_void_p),
     ]
 
 
@@ -328,6 +341,7 @@ class Runtime:
             "ap_current": ([u32p, u32p], ctypes.c_int),
             "ap_flush": ([], None),
             "ap_last_violation": ([ctypes.POINTER(Violation)], ctypes.c_int),
+            "ap_set_frame_probe": ([ctypes.POINTER(FrameProbeC)], ctypes.c_int),
             "ap_get_scope_stats": ([ctypes.c_uint32, ctypes.POINTER(ScopeStatsC)], ctypes.c_int),
             "ap_get_instance_stats": (
                 [ctypes.c_uint32, ctypes.POINTER(InstanceStatsC)],
@@ -503,6 +517,23 @@ class Runtime:
         buf.size = ctypes.sizeof(Violation)
         self._lib.ap_last_violation(ptr)
         return buf
+
+    def frame_reader(self):
+        """ap_frame_here, ready to call: ``reader(byref(probe), byref(code),
+        byref(instr))`` reads the frame that makes the call (through the
+        handle that keeps the GIL)."""
+        fn = self._gil_lib.ap_frame_here
+        fn.argtypes = [ctypes.POINTER(FrameProbeC), ctypes.POINTER(ctypes.c_uint64),
+                       ctypes.POINTER(ctypes.c_uint64)]
+        fn.restype = ctypes.c_int
+        return fn
+
+    def set_frame_probe(self, probe: FrameProbeC | None) -> None:
+        """Record where refusals are made in Python code (ap_set_frame_probe)."""
+        check(
+            self._lib.ap_set_frame_probe(None if probe is None else ctypes.byref(probe)),
+            "ap_set_frame_probe",
+        )
 
     def scope_stats(self, scope_id: int) -> ScopeStatsC | None:
         out = _sized(ScopeStatsC)

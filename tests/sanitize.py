@@ -60,7 +60,7 @@ STRESS_TABLE = (
 )
 ESCAPES_TABLE = (
     "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0;"
-    "scope=sub:raise:0:0"
+    "scope=sub:raise:0:0;scope=inner:raise:0:0;scope=leaf:raise:0:0"
 )
 
 # (program, arguments, table, what its output must say)
@@ -69,6 +69,7 @@ RUNS = [
     ("stress", ["12000", "2", "churn"], STRESS_TABLE, "RESULT mismatches=0 corrupt=0 api_errors=0"),
     ("escapes", ["keep", "70000"], ESCAPES_TABLE, "RESULT failures=0"),
     ("escapes", ["nested", "70000"], ESCAPES_TABLE, "RESULT failures=0"),
+    ("escapes", ["nested", "40000", "4", "2"], ESCAPES_TABLE, "RESULT failures=0"),
     ("escapes", ["zero"], ESCAPES_TABLE, "RESULT failures=0"),
 ]
 

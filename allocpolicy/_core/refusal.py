@@ -1,8 +1,8 @@
 """The one conversion of a refused allocation into :class:`~allocpolicy.AllocError`.
 
 The runtime records every refusal on the thread that made the request (a
-*violation*: scope, size, limit, live bytes, reason), numbered by a per-thread
-sequence number. Code that runs a unit of work notes the number at entry
+*violation*: scope, size, limit, live bytes, reason, and where the thread's
+Python code was), numbered by a per-thread sequence number. Code that runs a unit of work notes the number at entry
 (:func:`seq`); when an exception leaves the work, :func:`convert` decides from
 the record whether the exception is the runtime's refusal and builds the
 :class:`AllocError` that reports it. Every boundary uses this module: task
@@ -19,6 +19,7 @@ import opcode
 
 from .. import _native
 from .._errors import AllocError
+from . import refusal_sites
 from .names import scope_name
 from .refusal_hooks import notify
 
@@ -101,7 +102,10 @@ def _innermost(exc: BaseException) -> tuple[int, int] | None:
 
 def _carries(exc: BaseException, memory_error: bool) -> bool:
     """Whether ``exc`` was raised by an operation that failed (rather than by
-    a ``raise`` statement of Python code), or chains to an exception that was.
+    a ``raise`` statement of Python code), or chains to an exception that was:
+    the judgement when the record does not say where the refusal was made
+    (an operation that failed for another reason after a caught refusal
+    cannot be told from it then).
 
     Python code that raises an exception of its own after a refusal was
     caught is not reporting the refusal, unless it raises while handling it
@@ -138,11 +142,15 @@ def convert(
     carry a refusal of the runtime.
 
     It does when the thread's newest violation was made after the work
-    started and no boundary reported it yet, and ``exc`` came out of the
-    failed operation: a ``MemoryError`` (CPython's own report of a failed
+    started and no boundary reported it yet, and ``exc``, or an exception it
+    chains to (raised while handling it), was raised where the refusal was
+    made (the code object and instruction the record names, see
+    refusal_sites): a ``MemoryError`` (CPython's own report of a failed
     allocation), or any other exception that C code raised for it
     (``RuntimeError: can't allocate lock``, ``ssl.SSLError: malloc
-    failure``), which becomes the AllocError's ``__cause__``. Never an
+    failure``), which becomes the AllocError's ``__cause__``. A record that
+    names no place (an interpreter whose layout is not known) is judged by
+    how ``exc`` was raised instead (:func:`_carries`). Never an
     exception that is not an ``Exception`` (KeyboardInterrupt, SystemExit,
     GeneratorExit), nor an AllocError already. With ``limit``, only a refusal
     by that limit (a reservation reports its own overdrafts and lets the
@@ -157,7 +165,10 @@ def convert(
         return None
     if limit is not None and (v.limit >= len(_native.LIMITS) or _native.LIMITS[v.limit] != limit):
         return None
-    if not _carries(exc, isinstance(exc, MemoryError)):
+    carried = refusal_sites.raised_at(exc, v)
+    if carried is None:  # the record does not say where: judge by how exc was raised
+        carried = _carries(exc, isinstance(exc, MemoryError))
+    if not carried:
         return None
     _reported.seq = v.seq
     err = from_violation(rt, v, task=task)

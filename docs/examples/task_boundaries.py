@@ -28,6 +28,17 @@ try:
 except Exception as exc:
     print(f"{type(exc).__name__}: {exc}")
 
+# Nor an exception that C code raises later for a reason of its own.
+try:
+    with allocpolicy.task("request"):
+        try:
+            image = bytearray(100 << 20)
+        except MemoryError:
+            image = None
+        width = int("640px")
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+
 
 # Scopes leave in the reverse order of their entries; generators that hold a
 # scope across a yield and resume in another order are told so.

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define AP_ABI_VERSION 3
+#define AP_ABI_VERSION 4
 
 #if defined(__GNUC__)
 #define AP_API __attribute__((visibility("default")))
@@ -119,6 +119,11 @@ typedef struct {
     int64_t budget;     /* the refusing limit, 0 = none */
     int64_t live;       /* live bytes under that limit when refused */
     uint64_t index;     /* AP_REASON_INJECTED: the injection index (1-based) */
+    /* Where the thread's Python code was when the request was refused (see
+     * ap_set_frame_probe): the code object and the instruction address of
+     * its current frame; 0 when not known. */
+    uint64_t py_code;
+    uint64_t py_instr;
 } ap_violation;
 
 /* Counters of one scope, summed over its instances. */
@@ -319,6 +324,36 @@ AP_API void ap_flush(void);
 /* --- Violations and statistics ------------------------------------------- */
 
 AP_API ap_status ap_last_violation(ap_violation *out);
+
+/*
+ * Where a refusal was made in Python code. The library has no Python.h: the
+ * Python package describes how to find a thread's current Python frame in the
+ * interpreter it runs on, and every violation then records that frame's code
+ * object and instruction (ap_violation.py_code, py_instr), which the frame's
+ * traceback entry names when the refusal's exception leaves it. The reads are
+ * plain loads of the calling thread's own structures, after `thread_state`
+ * (PyGILState_GetThisThreadState, a thread-local read), on the refusal path
+ * only.
+ */
+typedef struct {
+    uint32_t size;          /* sizeof(ap_frame_probe) */
+    int32_t cframe;         /* offset in the thread state of the pointer to the
+                               structure that holds the current frame; -1: the
+                               thread state holds it itself */
+    int32_t current;        /* offset of the current frame pointer in that structure */
+    int32_t code;           /* offset of the code object pointer in a frame */
+    int32_t instr;          /* offset of the instruction pointer in a frame */
+    void *(*thread_state)(void); /* the calling thread's thread state, or NULL */
+} ap_frame_probe;
+
+/* Record where refusals are made from now on, as `probe` says (NULL: stop).
+ * Once set, only the same description may be set again (AP_ESTATE). */
+AP_API ap_status ap_set_frame_probe(const ap_frame_probe *probe);
+
+/* Read the calling thread's current Python frame as `probe` says, as a
+ * refusal would (*code, *instr; 0 when there is none): for checking a
+ * description against a frame the caller knows before setting it. */
+AP_API ap_status ap_frame_here(const ap_frame_probe *probe, uint64_t *code, uint64_t *instr);
 AP_API ap_status ap_get_scope_stats(uint32_t scope_id, ap_scope_stats *out);
 AP_API ap_status ap_get_instance_stats(uint32_t instance_id, ap_instance_stats *out);
 AP_API ap_status ap_get_process_stats(ap_process_stats *out);

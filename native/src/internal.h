@@ -154,8 +154,8 @@ typedef struct {
  * So that the links of those generations stay valid, a slot with dead bytes
  * (or with slots bound below it) is reused only by a new instance of the same
  * scope under the same parent, or under a later occupant of the parent's slot
- * once the earlier one ended (the slot's link switches; see reuse_slot);
- * otherwise it goes back to the common pool.
+ * once the earlier one ended (the slot's link switches; see can_switch), and
+ * goes back to the common pool once nothing names it.
  */
 enum {
     AP__INST_FREE = 0,    /* in the common pool, or never used */
@@ -165,10 +165,6 @@ enum {
     AP__INST_OPENING = 4, /* being reused by a new instance */
     AP__INST_RETIRED = 5, /* ended; no new generation can be told from its dead ones */
 };
-
-/* A slot's parent link: as opened; kept as it is because slots below switched
- * theirs relying on it; switched to a later occupant of the parent slot. */
-enum { AP__LINK_ORIGINAL = 0, AP__LINK_FROZEN = 1, AP__LINK_SWITCHED = 2 };
 
 #define AP__SLOT_MASK ((uint32_t)AP_MAX_INSTANCES - 1)
 #define AP__GEN_SHIFT 16
@@ -192,7 +188,6 @@ typedef struct {
     _Atomic uint32_t switched; /* serial from which `parent` holds (0: always);
                                   older generations had an ended occupant of the
                                   same parent slot as their parent */
-    _Atomic uint32_t link_state; /* AP__LINK_* */
     _Atomic uint32_t next_free; /* common pool link */
     uint32_t list_prev, list_next; /* the scope's list of ENDED slots (under its lock) */
 } ap__instance;
@@ -370,6 +365,8 @@ AP__HIDDEN int ap__inject_refuse(ap__tls_t *t, uint64_t size, ap_domain domain, 
 AP__HIDDEN uint64_t ap__inject_reservation(ap__tls_t *t, uint64_t size);
 /* Record a forbidden allocation (or free: size 0) as the thread's violation. */
 AP__HIDDEN void ap__record_forbidden(ap__tls_t *t, uint64_t size, ap_domain domain);
+/* Note where the thread's Python code is in `v` (pyframe.c). */
+AP__HIDDEN void ap__python_where(ap_violation *v);
 /* Forbid scopes open a region on entry and close it on exit. */
 AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
 /* 1 if the instance had a region (its record is then the thread's last). */

@@ -330,6 +330,7 @@ static void record(ap__tls_t *t, uint32_t reason, uint32_t domain, uint64_t size
         v->live = atomic_load_explicit(&cur->c.live, memory_order_relaxed) + (t->mark - t->allow);
     }
     v->index = 0;
+    ap__python_where(v);
     /* By reason, for the innermost scope (the process scope at the root), so
      * that the per-scope sums are the `violations` of the same scopes. */
     atomic_fetch_add_explicit(&ap__scopes[cur->scope].refused[reason], 1, memory_order_relaxed);
@@ -572,7 +573,13 @@ static void credit_block(uint32_t id, int64_t size) {
          * after its switch point (reuse_slot). */
         uint32_t parent = atomic_load(&in->parent);
         uint32_t switched = atomic_load(&in->switched);
-        int next_ended = !ended && switched && serial_of(in, id) - switched >= (1u << 31);
+        /* The parent level has ended for these bytes when they are older
+         * than the slot's switch point: of an earlier generation than the
+         * switch (the block's own), or arriving here already known to be of
+         * an ended occupant, whose generation is then below the switch point
+         * (can_switch made sure of it when the slot below switched). Without
+         * a switch, every generation has the link as its parent. */
+        int next_ended = switched && (ended || serial_of(in, id) - switched >= (1u << 31));
         int64_t left = atomic_fetch_sub(&in->dead, size) - size;
         atomic_fetch_sub_explicit(&in->pins, 1, memory_order_release);
         if (left == 0)
@@ -807,24 +814,31 @@ static inline void switch_to(ap__tls_t *t, uint32_t id) {
 /*
  * May slot `in`, bound below an earlier occupant of `parent`'s slot, switch
  * its link to `parent`? The earlier occupant has ended (a slot has one
- * occupant at a time), so the blocks of the slot's generations so far have
- * an ended parent there, and their bytes go on to that slot's own parent:
- * which must therefore stay what it is (the parent slot's link is frozen,
- * or this fails if it switched itself). A slot whose link is frozen cannot
- * switch. The process root never changes, so neither slot is the root's.
+ * occupant at a time), so the blocks of the slot's generations so far have an
+ * ended parent there: a free of one takes its bytes from that slot's ledger
+ * and goes on above it, knowing only that they are older than this switch.
+ * That is enough to go on exactly when the parent slot never switched itself
+ * (every generation of it has the same link), or when the earlier occupant is
+ * older than the parent slot's own switch point (its parent ended as well, and
+ * so on up: the parent slot was allowed its switch by the same rule). The
+ * parent slot's switch point only grows while slots are bound below it, so
+ * what holds here holds for every later free. When it does not hold (the
+ * parent slot had more than one occupant with bytes kept here under the same
+ * occupant of its own parent), the new instance takes another slot: as many
+ * as such occupants, never one per request, since the next occupant of the
+ * grandparent's slot switches the parent slot past all of them. The process
+ * root never changes, so neither slot is the root's.
  */
 static int can_switch(ap__instance *in, uint32_t parent) {
     uint32_t up = parent & AP__SLOT_MASK;
-    if (up == AP_INSTANCE_PROCESS || (atomic_load(&in->parent) & AP__SLOT_MASK) != up)
+    uint32_t link = atomic_load(&in->parent);
+    if (up == AP_INSTANCE_PROCESS || (link & AP__SLOT_MASK) != up)
         return 0;
-    _Atomic uint32_t *above = &ap__instances[up].link_state;
-    uint32_t expect = AP__LINK_ORIGINAL;
-    if (!atomic_compare_exchange_strong(above, &expect, AP__LINK_FROZEN) &&
-        expect != AP__LINK_FROZEN)
-        return 0;
-    expect = AP__LINK_ORIGINAL;
-    return atomic_compare_exchange_strong(&in->link_state, &expect, AP__LINK_SWITCHED) ||
-           expect == AP__LINK_SWITCHED;
+    /* `parent` is active (the entering thread is in it), so its slot's
+     * switch point, set when it opened, stays as read. */
+    ap__instance *above = &ap__instances[up];
+    uint32_t since = atomic_load(&above->switched);
+    return !since || serial_of(above, link) - since >= (1u << 31);
 }
 
 /*
@@ -902,7 +916,6 @@ static uint32_t open_instance(uint32_t scope_id, uint32_t parent) {
         in->parent = parent;
         in->dead_since = serial;
         atomic_store(&in->switched, 0);
-        atomic_store(&in->link_state, AP__LINK_ORIGINAL);
         in->counts_scope = 1;
         for (uint32_t a = parent; a != AP_INSTANCE_PROCESS; a = ap__inst(a)->parent)
             if (ap__inst(a)->scope == scope_id)

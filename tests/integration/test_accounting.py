@@ -6,6 +6,7 @@ Every case runs in a child process under the preloaded runtime.
 
 from __future__ import annotations
 
+import pytest
 from runtime_run import check, run_python
 
 MiB = 1 << 20
@@ -118,7 +119,7 @@ def test_stats_from_another_thread_show_a_large_free(tmp_path):
 
 ESCAPES_TABLE = (
     "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0;"
-    "scope=sub:raise:0:0"
+    "scope=sub:raise:0:0;scope=inner:raise:0:0;scope=leaf:raise:0:0"
 )
 
 
@@ -157,7 +158,41 @@ def test_results_kept_from_instances_nested_in_ended_ones_never_fill_the_table(
     for check in (
         "nested sub escaped 42000000 expected 42000000 ok",
         "nested request live 0 expected 0 ok",
-        "nested process live after free 0 expected 0 ok",
+        "nested process live at the end 0 expected 0 ok",
+    ):
+        assert f"check {check}" in proc.stdout, detail
+
+
+@pytest.mark.parametrize(
+    ("requests", "depth", "fanout"),
+    [(70_000, 3, 1), (70_000, 4, 1), (40_000, 3, 3)],
+    ids=["three-levels", "four-levels", "three-levels-three-sub-tasks"],
+)
+def test_results_kept_from_any_depth_of_ended_instances_never_fill_the_table(
+    build_c, run_preloaded, requests, depth, fanout
+):
+    # GIVEN requests that each run `fanout` sub-tasks, one after the other,
+    # each nesting scopes down to `depth` levels and keeping a small block
+    # made in the innermost past every end
+    # WHEN the requests enter more instances than the table has slots
+    # THEN every entry succeeds, every level's `escaped` counts every kept
+    # byte, and the blocks freed from another thread while a new chain of the
+    # same scopes is active leave that chain exactly its own bytes.
+    proc = run_preloaded(
+        [build_c("escapes"), "nested", str(requests), str(depth), str(fanout)],
+        table=ESCAPES_TABLE,
+    )
+    detail = f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "MISMATCH" not in proc.stdout, detail
+    assert "RESULT failures=0" in proc.stdout and proc.returncode == 0, detail
+    kept = requests * fanout * 600
+    innermost = ("request", "sub", "inner", "leaf")[depth - 1]
+    for check in (
+        f"nested {innermost} escaped {kept} expected {kept} ok",
+        f"nested request escaped {kept} expected {kept} ok",
+        f"nested active {innermost} live after free 600 expected 600 ok",
+        "nested process live after free 600 expected 600 ok",
+        "nested process live at the end 0 expected 0 ok",
     ):
         assert f"check {check}" in proc.stdout, detail
 

@@ -101,59 +101,6 @@ print(json.dumps(seen))
     assert seen["ok"] >= 1, seen
 
 
-def test_an_unrelated_error_after_a_caught_refusal_is_not_labelled(tmp_path):
-    out = check(
-        run_python(
-            """
-            import allocpolicy
-
-            def after_a_caught_refusal(then):
-                try:
-                    with allocpolicy.task("request"):
-                        try:
-                            bytearray(200 << 20)
-                        except MemoryError:
-                            pass  # the application handles it and goes on
-                        then()
-                except Exception as exc:
-                    return f"{type(exc).__name__}: {exc}"
-
-            def unrelated_memory_error():
-                raise MemoryError("from the application")
-
-            def unrelated_value_error():
-                raise ValueError("bad input")
-
-            def reraised():
-                try:
-                    bytearray(300 << 20)
-                except MemoryError:
-                    raise  # the new refusal, re-raised after cleaning up
-
-            def nested_then_c_level_memory_error():
-                try:
-                    with allocpolicy.task("request"):
-                        bytearray(400 << 20)
-                except allocpolicy.AllocError:
-                    pass  # reported by the inner boundary and handled
-                [None] * (1 << 62)  # CPython refuses the size itself: no allocation
-
-            for then in (unrelated_memory_error, unrelated_value_error, reraised,
-                         nested_then_c_level_memory_error):
-                print(after_a_caught_refusal(then))
-            """,
-            JOBS,
-            tmp_path,
-        )
-    )
-    lines = out.splitlines()
-    assert lines[0] == "MemoryError: from the application"
-    assert lines[1] == "ValueError: bad input"
-    # A refusal that does leave the task is still reported, with its own facts.
-    assert lines[2].startswith("AllocError: allocation of 314572801 bytes refused in scope 'request'")
-    assert lines[3] == "MemoryError: "
-
-
 def test_kept_alloc_errors_do_not_pin_the_failed_tasks_memory(tmp_path):
     # GIVEN tasks that each hold 40 MiB, then ask for 64 MiB more, run by an
     # executor whose futures keep their AllocError (and its traceback)
@@ -314,3 +261,133 @@ def test_a_thread_that_ended_inside_a_scope_leaves_nothing_to_a_thread_with_its_
     assert result[0] == "error"
     assert "exited on a thread where it is not active" in result[1]
     assert same[0] == "same id"
+
+
+# Runs each case in a task: the task's first refusal is caught by the
+# application, then `then` runs. Prints, per case, what left the task:
+# the exception's type, and for an AllocError the type of its cause and the
+# size it reports, in MiB.
+C_LEVEL_ERRORS_AFTER_A_CAUGHT_REFUSAL = """
+import asyncio, json, sys, threading
+import allocpolicy
+
+def maxsize_bytearray():
+    bytearray(sys.maxsize)  # CPython refuses the size itself: no allocation
+
+def subscript_key_error():
+    {}[object()]  # raised by C code for the subscript
+
+def called_key_error():
+    {}.pop("missing")  # raised by C code that Python called
+
+def caught_then_refused_again():
+    bytearray(300 << 20)  # a new refusal: it is the one that leaves
+
+def raised_while_handling_a_refusal():
+    try:
+        bytearray(300 << 20)
+    except MemoryError:
+        {}.pop("missing")  # the refusal is this KeyError's __context__
+
+def reraised_refusal():
+    try:
+        bytearray(300 << 20)
+    except MemoryError:
+        raise  # the new refusal, re-raised after cleaning up
+
+def memory_error_of_the_application():
+    raise MemoryError("from the application")
+
+def value_error_of_the_application():
+    raise ValueError("bad input")
+
+def reported_inside_then_impossible_list():
+    try:
+        with allocpolicy.task("request"):
+            bytearray(400 << 20)
+    except allocpolicy.AllocError:
+        pass  # reported by the inner boundary and handled
+    [None] * (1 << 62)  # CPython refuses the size itself: no allocation
+
+CASES = (maxsize_bytearray, subscript_key_error, called_key_error,
+         caught_then_refused_again, raised_while_handling_a_refusal, reraised_refusal,
+         memory_error_of_the_application, value_error_of_the_application,
+         reported_inside_then_impossible_list)
+
+def describe(exc):
+    if isinstance(exc, allocpolicy.AllocError):
+        return ["AllocError", type(exc.__cause__).__name__, exc.size >> 20, exc.scope]
+    return [type(exc).__name__]
+
+def in_task(then):
+    try:
+        with allocpolicy.task("request"):
+            try:
+                bytearray(200 << 20)
+            except MemoryError:
+                pass  # the application handles it and goes on
+            then()
+    except Exception as exc:
+        return describe(exc)
+    return ["ok"]
+
+async def in_asyncio_task(then):
+    try:
+        with allocpolicy.task("request"):
+            try:
+                bytearray(200 << 20)
+            except MemoryError:
+                pass
+            await asyncio.sleep(0)  # other tasks' steps run on the thread meanwhile
+            then()
+    except Exception as exc:
+        return describe(exc)
+    return ["ok"]
+
+def in_threads():
+    results = {}
+    def run(case):
+        results[case.__name__] = in_task(case)
+    threads = [threading.Thread(target=run, args=(case,)) for case in CASES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {case.__name__: results[case.__name__] for case in CASES}
+
+async def in_asyncio_tasks():
+    outcomes = await asyncio.gather(*(in_asyncio_task(case) for case in CASES))
+    return {case.__name__: outcome for case, outcome in zip(CASES, outcomes)}
+
+print(json.dumps({
+    "main": {case.__name__: in_task(case) for case in CASES},
+    "threads": in_threads(),
+    "asyncio": asyncio.run(in_asyncio_tasks()),
+}))
+"""
+
+
+def test_c_level_errors_after_a_caught_refusal_reach_the_caller_as_they_are(tmp_path):
+    # GIVEN tasks (on the main thread, in threads, in asyncio tasks) that
+    # catch their first refusal and go on
+    out = check(run_python(C_LEVEL_ERRORS_AFTER_A_CAUGHT_REFUSAL, JOBS, tmp_path))
+    by_place = json.loads(out)
+    for place, seen in by_place.items():
+        # WHEN C code raises an exception of its own later in the task
+        # THEN it leaves the task unconverted: the refusal did not cause it
+        assert seen["maxsize_bytearray"] == ["MemoryError"], (place, seen)
+        assert seen["subscript_key_error"] == ["KeyError"], (place, seen)
+        assert seen["called_key_error"] == ["KeyError"], (place, seen)
+        assert seen["reported_inside_then_impossible_list"] == ["MemoryError"], (place, seen)
+        # nor one that the application raises itself after handling it
+        assert seen["memory_error_of_the_application"] == ["MemoryError"], (place, seen)
+        assert seen["value_error_of_the_application"] == ["ValueError"], (place, seen)
+        # and a refusal that does leave the task is reported, with its own
+        # facts, also when an exception raised while handling it carries it
+        refused = ["AllocError", "NoneType", 300, "request"]
+        assert seen["caught_then_refused_again"] == refused, (place, seen)
+        assert seen["reraised_refusal"] == refused, (place, seen)
+        assert seen["raised_while_handling_a_refusal"] == ["AllocError", "KeyError", 300, "request"], (
+            place,
+            seen,
+        )

@@ -482,3 +482,39 @@ def test_a_forbid_scope_in_a_new_thread_sees_none_of_the_handler_setup(tmp_path)
         tmp_path,
     )
     assert out["outcome"] == {"refused": False}
+
+
+def test_only_the_refusals_exception_is_converted_in_process_too(tmp_path):
+    # GIVEN a task in a plain interpreter under install() that catches its
+    # first refusal and goes on
+    out = run_plain(
+        """
+        import sys
+        allocpolicy.install(POLICY)
+
+        def after_a_caught_refusal(then):
+            try:
+                with allocpolicy.task("job"):
+                    try:
+                        bytearray(100 << 20)
+                    except MemoryError:
+                        pass
+                    then()
+            except Exception as exc:
+                return type(exc).__name__
+
+        def impossible():
+            bytearray(sys.maxsize)  # no allocation: CPython refuses the size
+
+        def refused_again():
+            bytearray(200 << 20)
+
+        print(json.dumps([after_a_caught_refusal(impossible),
+                          after_a_caught_refusal(lambda: int("64 MiB")),
+                          after_a_caught_refusal(refused_again)]))
+        """,
+        tmp_path,
+    )
+    # THEN what C code raised later for its own reasons leaves as it is, and
+    # a refusal that leaves the task is reported
+    assert out == ["MemoryError", "ValueError", "AllocError"]

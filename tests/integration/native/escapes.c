@@ -10,11 +10,18 @@
  *       600 per instance, its live total stays 0 (no request is active), the
  *       server instance and the process hold every kept block. Then another
  *       thread frees all of them and every count is back at its baseline.
- *   escapes nested N   (the table also declares scope=sub:raise:0:0) N
- *                      requests, each entering `sub` inside and keeping one
- *                      600-byte block made there past both ends (a request's
- *                      sub-task result kept in a cache): as exact, and every
- *                      entry must succeed.
+ *   escapes nested N [DEPTH [FANOUT]]
+ *                      (the table also declares scope=sub:raise:0:0, and
+ *                      scope=inner and scope=leaf for more levels) N
+ *                      requests, each entering FANOUT chains (default 1) of
+ *                      the DEPTH - 1 levels below it (sub, inner, leaf;
+ *                      default DEPTH 2: sub alone), one after the other, and
+ *                      keeping one 600-byte block made in the innermost past
+ *                      every end (a sub-task's result kept in a cache): as
+ *                      exact, and every entry must succeed. The blocks are
+ *                      then freed from another thread while a new chain of
+ *                      the same scopes is active, which must keep exactly
+ *                      its own bytes.
  *   escapes zero       an instance whose only block is malloc(0) ends; its
  *                      slot then serves other instances. Its id must not be
  *                      taken for theirs (ap_get_instance_stats: AP_ENOENT),
@@ -176,42 +183,101 @@ static int run_keep(long n) {
     return 0;
 }
 
-static int run_nested(long n) {
-    uint32_t request, sub;
-    if (ap.scope_find("request", &request) || ap.scope_find("sub", &sub)) {
-        fprintf(stderr, "escapes: the table must declare request and sub\n");
+/* The scopes of `escapes nested`, outermost first. */
+static const char *const levels[] = {"request", "sub", "inner", "leaf"};
+#define MAX_LEVELS (int)(sizeof levels / sizeof *levels)
+
+/* Enter levels[from..depth-1], keep one block in the innermost, leave them
+ * again; 0 (and no block) when an entry failed. */
+static int keep_nested(const uint32_t *scopes, int from, int depth, void **block, long i) {
+    int entered = from;
+    ap_status st = AP_OK;
+    uint32_t id;
+    while (entered < depth && (st = ap.enter(scopes[entered], &id)) == AP_OK)
+        entered++;
+    if (st == AP_OK) {
+        *block = malloc(KEPT_SIZE);
+        memset(*block, (int)i, KEPT_SIZE);
+    } else {
+        printf("check nested entry %ld of %s failed with status %d MISMATCH\n", i,
+               levels[entered], st);
+        failures++;
+    }
+    for (; entered > from; entered--)
+        ap.exit();
+    return st == AP_OK;
+}
+
+static int run_nested(long n, int depth, int fanout) {
+    uint32_t scopes[MAX_LEVELS];
+    if (depth < 2 || depth > MAX_LEVELS || fanout < 1) {
+        fprintf(stderr, "escapes: nested takes 2 to %d levels and a fan-out of 1 or more\n",
+                MAX_LEVELS);
         return 2;
     }
-    void **blocks = calloc((size_t)n, sizeof *blocks);
-    int64_t base = process_live();
-    ap_scope_stats rs0 = scope_stats(request), ss0 = scope_stats(sub);
-    for (long i = 0; i < n; i++) {
-        uint32_t rid, sid;
-        ap_status st = ap.enter(request, &rid);
-        if (st == AP_OK && (st = ap.enter(sub, &sid)) == AP_OK) {
-            blocks[i] = malloc(KEPT_SIZE);
-            memset(blocks[i], (int)i, KEPT_SIZE);
-            ap.exit();
+    for (int l = 0; l < depth; l++)
+        if (ap.scope_find(levels[l], &scopes[l])) {
+            fprintf(stderr, "escapes: the table must declare %s\n", levels[l]);
+            return 2;
         }
+    long kept = n * fanout;
+    void **blocks = calloc((size_t)kept, sizeof *blocks);
+    int64_t base = process_live();
+    ap_scope_stats before[MAX_LEVELS];
+    for (int l = 0; l < depth; l++)
+        before[l] = scope_stats(scopes[l]);
+    /* Each request enters `fanout` chains of the levels below it, one after
+     * the other, each keeping one block from its innermost level. */
+    long made = 0;
+    for (long i = 0; i < n && made == i * fanout; i++) {
+        uint32_t rid;
+        ap_status st = ap.enter(scopes[0], &rid);
         if (st != AP_OK) {
-            printf("check nested entry %ld failed with status %d MISMATCH\n", i, st);
+            printf("check nested entry %ld of request failed with status %d MISMATCH\n", i, st);
             failures++;
-            n = i;
             break;
         }
+        for (int f = 0; f < fanout && keep_nested(scopes, 1, depth, &blocks[made], i); f++)
+            made++;
         ap.exit();
     }
-    ap_scope_stats rs = scope_stats(request), ss = scope_stats(sub);
-    expect("nested sub escaped", ss.escaped - ss0.escaped, (long long)n * KEPT_SIZE);
-    expect("nested request escaped", rs.escaped - rs0.escaped, (long long)n * KEPT_SIZE);
-    expect("nested request live", rs.live, 0);
-    expect("nested sub live", ss.live, 0);
-    expect("nested process live", process_live() - base, (long long)n * KEPT_SIZE);
+    char what[96];
+    for (int l = 0; l < depth; l++) {
+        ap_scope_stats now = scope_stats(scopes[l]);
+        snprintf(what, sizeof what, "nested %s escaped", levels[l]);
+        expect(what, now.escaped - before[l].escaped, (long long)made * KEPT_SIZE);
+        snprintf(what, sizeof what, "nested %s live", levels[l]);
+        expect(what, now.live, 0);
+    }
+    expect("nested process live", process_live() - base, (long long)made * KEPT_SIZE);
+    /* The kept blocks come back, from another thread, while a new chain of
+     * the same scopes is active (in the slots the ended ones used): each of
+     * its levels keeps exactly what it holds itself. */
+    uint32_t ids[MAX_LEVELS];
+    int entered = 0;
+    while (entered < depth && ap.enter(scopes[entered], &ids[entered]) == AP_OK)
+        entered++;
+    expect("nested active chain entered", entered, depth);
+    void *own = malloc(KEPT_SIZE);
+    memset(own, 1, KEPT_SIZE);
+    __asm__ volatile("" : : "r"(own) : "memory"); /* kept: the compiler may not drop it */
+    ap.flush();
     pthread_t th;
-    batch b = {blocks, n};
+    batch b = {blocks, made};
     pthread_create(&th, NULL, free_all, &b);
     pthread_join(th, NULL);
-    expect("nested process live after free", process_live() - base, 0);
+    ap.flush();
+    for (int l = 0; l < entered; l++) {
+        ap_instance_stats is = {.size = sizeof is};
+        ap.instance_stats(ids[l], &is);
+        snprintf(what, sizeof what, "nested active %s live after free", levels[l]);
+        expect(what, is.live, KEPT_SIZE);
+    }
+    expect("nested process live after free", process_live() - base, KEPT_SIZE);
+    free(own);
+    for (; entered > 0; entered--)
+        ap.exit();
+    expect("nested process live at the end", process_live() - base, 0);
     free(blocks);
     return 0;
 }
@@ -267,11 +333,11 @@ int main(int argc, char **argv) {
     if (argc > 2 && strcmp(argv[1], "keep") == 0)
         rc = run_keep(atol(argv[2]));
     else if (argc > 2 && strcmp(argv[1], "nested") == 0)
-        rc = run_nested(atol(argv[2]));
+        rc = run_nested(atol(argv[2]), argc > 3 ? atoi(argv[3]) : 2, argc > 4 ? atoi(argv[4]) : 1);
     else if (argc > 1 && strcmp(argv[1], "zero") == 0)
         rc = run_zero();
     else {
-        fprintf(stderr, "usage: escapes keep N | escapes nested N | escapes zero\n");
+        fprintf(stderr, "usage: escapes keep N | escapes nested N [DEPTH [FANOUT]] | escapes zero\n");
         return 2;
     }
     if (rc)
