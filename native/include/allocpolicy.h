@@ -221,12 +221,6 @@ AP_API ap_status ap_set_budget(uint32_t instance_id, int64_t budget);
  * 0 before the first) from just before the entry in *violation_seq. */
 AP_API ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *violation_seq);
 
-/* ap_enter_noting() for callers to whom out-parameters are expensive (a task
- * boundary entered from Python through ctypes): returns the violation number
- * (0 or more; it never reaches 2^63) on success, the negative ap_status
- * otherwise. The one function that breaks the out-parameter convention. */
-AP_API int64_t ap_enter_seq(uint32_t scope_id);
-
 /*
  * ap_enter() with nothing to take but the status (AP_OK or a negative
  * ap_status), for callers that would allocate to take more (Python through

@@ -47,16 +47,6 @@ ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint64_t *vi
     return ap_enter(scope_id, instance_id);
 }
 
-/* The same, in the shape that is cheapest to call from ctypes: no
- * out-parameters (each costs the caller an object and a conversion), the
- * violation number or the status in the return value. */
-int64_t ap_enter_seq(uint32_t scope_id) {
-    uint64_t seq = ap__tls.last.seq;
-    uint32_t instance;
-    ap_status st = ap_enter(scope_id, &instance);
-    return st == AP_OK ? (int64_t)(seq & INT64_MAX) : (int64_t)st;
-}
-
 /* ap_enter() whose result a caller can take without making anything: a
  * status in the small range every Python build keeps ready-made ints for
  * (-6..0), so ctypes converts it without allocating. A caller that
