@@ -102,6 +102,13 @@ static inline uint64_t ap__capacity(uint64_t size) {
     return size <= AP__CACHE_MAX ? ap__class_capacity(ap__cache_class(size)) : size;
 }
 
+/* Blocks of up to 256 bytes come from spans, without a header (spans.h):
+ * classes 16 bytes apart, two spans per class and thread. */
+#define AP__SPAN_MAX 256
+#define AP__SPAN_CLASSES 16
+#define AP__SPAN_WAYS 2
+struct ap__span;
+
 /* ---- Scopes and instances -------------------------------------------------- */
 
 typedef struct {
@@ -250,6 +257,10 @@ typedef struct {
     uint8_t cached[AP__CACHE_CLASSES];   /* blocks in each class's list */
     void *cache[AP__CACHE_CLASSES];      /* backend pointers, linked through
                                             the first word of the user area */
+    /* The thread's spans (way 0 is tried first) and the token that marks
+     * them as its own (0 until it takes one). */
+    struct ap__span *spans[AP__SPAN_CLASSES][AP__SPAN_WAYS];
+    uint64_t span_token;
     ap_violation last;       /* last violation on this thread */
     /* Rarely touched: after the fast-path fields so those share lines. */
     ap_reservation res[AP_MAX_RESERVATIONS]; /* innermost last */
