@@ -460,6 +460,9 @@ extern ap__backend_t ap__next;
 extern _Atomic int ap__ready;
 
 AP__HIDDEN void ap__bootstrap(void);
+/* Spans serve small blocks only over glibc (spans.c): over another backend
+ * the blocks stay that allocator's, as whoever preloaded it asked. */
+AP__HIDDEN void ap__spans_configure(void *backend_malloc);
 AP__HIDDEN void *ap__pool_alloc(size_t size, size_t align);
 
 /* The bootstrap pool (see bootstrap.c). Blocks carved from it carry this bit

@@ -10,6 +10,7 @@
  * never go stale; pooled spans beyond AP__POOL_KEEP give their pages back.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -29,6 +30,24 @@ static _Atomic uintptr_t arena_next;
 static _Atomic uintptr_t pool_head;
 static _Atomic uint32_t pooled;
 static _Atomic uint64_t next_token;
+static _Atomic int spans_on;
+
+/*
+ * Spans only when the backend is glibc's malloc. jemalloc and mimalloc are
+ * preloaded behind the runtime for their own small-block allocators (their
+ * size classes leave the header less to cost, too); serving small blocks
+ * from spans would take those blocks away from them. glibc is recognised by
+ * the object its malloc is in: the one that defines gnu_get_libc_version
+ * (jemalloc and mimalloc define __libc_malloc themselves, so that name would
+ * not tell). dladdr takes the loader's lock and allocates nothing.
+ */
+void ap__spans_configure(void *backend_malloc) {
+    Dl_info mine, libc;
+    void *marker = dlsym(RTLD_DEFAULT, "gnu_get_libc_version");
+    int on = marker && dladdr(backend_malloc, &mine) && dladdr(marker, &libc) &&
+             mine.dli_fbase == libc.dli_fbase;
+    atomic_store_explicit(&spans_on, on, memory_order_relaxed);
+}
 
 static void pool_push(ap__span *s) {
     uintptr_t head = atomic_load_explicit(&pool_head, memory_order_relaxed);
@@ -198,8 +217,9 @@ static int64_t live_blocks(ap__span *s) {
 
 void *ap__span_alloc_slow(ap__tls_t *t, uint32_t cls, uint64_t size) {
     /* Not before the thread-exit destructor is registered (it gives the
-     * spans up), nor while the bootstrap pool serves this thread. */
-    if (!t->registered || t->owner_bits)
+     * spans up), nor while the bootstrap pool serves this thread, nor over a
+     * backend other than glibc. */
+    if (!t->registered || t->owner_bits || !atomic_load_explicit(&spans_on, memory_order_relaxed))
         return NULL;
     ap__span **ways = t->spans[cls];
     uint32_t cur = t->cur;
