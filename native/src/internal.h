@@ -430,6 +430,7 @@ AP__HIDDEN void ap__write_all(int fd, const char *p, size_t len);
 /* The same, with `note` (e.g. why a raise-mode refusal aborts) in the line. */
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_noted(const ap_violation *v, const char *note);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);
+__attribute__((noreturn)) AP__HIDDEN void ap__abort_invalid_free(const void *p);
 
 /* ---- Policy (policy.c) ----------------------------------------------------------- */
 

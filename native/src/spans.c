@@ -46,6 +46,12 @@ void ap__spans_configure(void *backend_malloc) {
     void *marker = dlsym(RTLD_DEFAULT, "gnu_get_libc_version");
     int on = marker && dladdr(backend_malloc, &mine) && dladdr(marker, &libc) &&
              mine.dli_fbase == libc.dli_fbase;
+#ifdef AP_SPANS_ANY_BACKEND
+    /* The ThreadSanitizer build (tests/sanitize.py), whose backend is the
+     * sanitizer's allocator: the spans' cross-thread paths are what it is
+     * there to check. */
+    on = 1;
+#endif
     atomic_store_explicit(&spans_on, on, memory_order_relaxed);
 }
 
@@ -266,7 +272,12 @@ void ap__spans_detach(ap__tls_t *t) {
 
 void ap__span_bad_free(const void *p) {
     /* A second free finds the block's size byte cleared; a pointer into the
-     * middle of a block or the span header is no block at all. Either way
-     * nothing may be credited or reused. */
-    ap__abort_double_free(p);
+     * middle of a block or into the span header is no block at all. Either
+     * way nothing may be credited or reused. */
+    ap__span *s = ap__span_of(p);
+    uint32_t off = (uint32_t)((uintptr_t)p - (uintptr_t)s) - s->start;
+    uint32_t idx = (uint32_t)(((uint64_t)off * s->recip) >> 32);
+    if (idx < s->nblocks && idx * s->capacity == off)
+        ap__abort_double_free(p);
+    ap__abort_invalid_free(p);
 }
