@@ -2,10 +2,11 @@
  * hooks_libc.c - the malloc family, exported for LD_PRELOAD.
  *
  * Every hook has the same shape: decide (ap__charge, which is the whole fast
- * path), get a block (from the thread's small-block cache or the backend),
- * write the header, or undo the charge when the backend fails. Frees read the
- * header, credit the instance named in it, then keep the block in the cache or
- * give it to the backend. The entry points all funnel into alloc_block() and
+ * path), get a block (up to 256 bytes from the thread's spans, spans.h; else
+ * from the thread's small-block cache or the backend, with a header), or undo
+ * the charge when the backend fails. Frees of span blocks credit the span's
+ * instance; other frees read the header, credit the instance named in it, then
+ * keep the block in the cache or give it to the backend. The entry points all funnel into alloc_block() and
  * release_block(), so alignment and failure handling live in one place; the
  * C++ family (hooks_cxx.c) reaches them through ap__alloc_for() and
  * ap__release().

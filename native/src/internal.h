@@ -36,8 +36,10 @@
 
 /* ---- Block header ---------------------------------------------------------
  *
- * Every block the runtime hands out is preceded by this header, so a free knows
- * its size and the instance to credit (semantics 2) without a lookup table.
+ * Every block the runtime takes from the backend is preceded by this header,
+ * so a free knows its size and the instance to credit (semantics 2) without a
+ * lookup table. (Blocks of up to 256 bytes come from spans instead, over
+ * glibc, and carry none: spans.h.)
  * 16 bytes keep glibc's 16-byte alignment for plain malloc; aligned blocks put
  * the header in the padding in front of the aligned address. On glibc a
  * smaller header would cost the same memory: chunks grow in 16-byte steps,
