@@ -66,6 +66,7 @@ ESCAPES_TABLE = (
     "v=1;process=raise:0;scope=server:raise:0:0;scope=request:raise:1048576:0;"
     "scope=sub:raise:0:0"
 )
+SPANS_TABLE = "v=1;process=raise:0;scope=work:raise:0:0"
 
 # (program, arguments, table, what its output must say)
 RUNS = [
@@ -74,6 +75,8 @@ RUNS = [
     ("escapes", ["keep", "70000"], ESCAPES_TABLE, "RESULT failures=0"),
     ("escapes", ["nested", "70000"], ESCAPES_TABLE, "RESULT failures=0"),
     ("escapes", ["zero"], ESCAPES_TABLE, "RESULT failures=0"),
+    ("span_blocks", ["alternate", "8"], SPANS_TABLE, "RESULT failures=0"),
+    ("span_blocks", ["orphans", "3000"], SPANS_TABLE, "RESULT failures=0"),
 ]
 
 REPORT_MARKS = ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "runtime error:",
