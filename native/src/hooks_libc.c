@@ -95,7 +95,8 @@ static size_t usable_size(void *p) {
 static AP__INLINE void *cache_pop(ap__tls_t *t, uint64_t size) {
     uint32_t cls = ap__cache_class(size);
     char *base = t->cache[cls];
-    if (!base)
+    /* A cached block's header holds its capacity (see cache_push). */
+    if (!base || (((ap__header *)base)->size_tag & AP__SIZE_MASK) < size)
         return NULL;
     t->cache[cls] = *(void **)(base + AP__HEADER_SIZE);
     t->cached[cls]--;
@@ -109,7 +110,9 @@ static AP__INLINE int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64
     uint32_t cls = ap__cache_class(size);
     if (t->cached[cls] >= AP__CACHE_DEPTH)
         return 0;
-    h->size_tag = (uint64_t)AP__CACHED_TAG << 48;
+    /* The capacity it was allocated with, for cache_pop: a block's size
+     * class capacity up to 256 bytes, its size above. */
+    h->size_tag = (uint64_t)AP__CACHED_TAG << 48 | ap__capacity(size);
     *(void **)((char *)base + AP__HEADER_SIZE) = t->cache[cls];
     t->cache[cls] = base;
     t->cached[cls]++;
@@ -505,8 +508,8 @@ static void *realloc_block(void *p, size_t size) {
     uint64_t charged = same ? (size > old ? size - old : 0) : size;
     if (charged && !ap__charge(charged, AP_DOMAIN_LIBC))
         return refuse();
-    /* Small blocks keep their class's full capacity, so that the block can
-     * go to the cache when freed. */
+    /* Small blocks keep their class's full capacity (larger ones their size),
+     * so that the block can go to the cache when freed. */
     void *nb = ap__next.realloc((char *)p - AP__HEADER_SIZE,
                                 ap__capacity(size) + AP__HEADER_SIZE);
     if (AP__UNLIKELY(!nb)) {

@@ -74,11 +74,16 @@ static inline ap__header *ap__header_of(void *user) {
  * cache stops at 1032-byte requests, and the header would push requests of
  * 1009 to 1024 bytes past it, onto glibc's slow path, on every call.
  *
- * The 8-byte steps matter for memory: every block is allocated with its
- * class's full capacity, and every backend rounds to 8 bytes or more itself,
- * so below 256 bytes the class costs nothing beyond the header. With 16-byte
- * classes, a 24-byte block (32 with the header rounded up, 48 with it) took a
- * 64-byte glibc chunk instead of 48 (docs/internals.rst, "Block layout").
+ * The 8-byte steps matter for memory: every block of up to 256 bytes is
+ * allocated with its class's full capacity, and every backend rounds to 8
+ * bytes or more itself, so there the class costs nothing beyond the header.
+ * With 16-byte classes, a 24-byte block (32 with the header rounded up, 48
+ * with it) took a 64-byte glibc chunk instead of 48 (docs/internals.rst,
+ * "Block layout"). Above 256 bytes a class's full capacity would cost up to
+ * 63 bytes a block (a 1000-byte block took a 1056-byte glibc chunk for 1024):
+ * those blocks are allocated with their own size, a cached block keeps its
+ * capacity in its header, and it serves a request of its class only if that
+ * fits.
  *
  * Cached blocks carry AP__CACHED_TAG, so a second free of one is recognised.
  * At most AP__CACHE_DEPTH blocks per class (98 KiB in all) stay with a
@@ -98,10 +103,11 @@ static inline uint64_t ap__class_capacity(uint32_t cls) {
     return cls < 32 ? ((uint64_t)cls + 1) << 3 : 256 + (((uint64_t)cls - 31) << 6);
 }
 
-/* What a block of `size` user bytes is allocated with: cacheable blocks get
- * the full capacity of their class, so any block of the class can serve them. */
+/* What a block of `size` user bytes is allocated with: blocks of up to 256
+ * bytes get the full capacity of their class, so any block of the class can
+ * serve them; larger ones their own size (see above). */
 static inline uint64_t ap__capacity(uint64_t size) {
-    return size <= AP__CACHE_MAX ? ap__class_capacity(ap__cache_class(size)) : size;
+    return size <= 256 ? ap__class_capacity(ap__cache_class(size)) : size;
 }
 
 /* Blocks of up to 256 bytes come from spans, without a header (spans.h):
