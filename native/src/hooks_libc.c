@@ -456,9 +456,7 @@ static AP__NOINLINE void *move_block(void *p, size_t size) {
  */
 static AP__NOINLINE void *realloc_span_block(void *p, size_t size) {
     ap__span *s = ap__span_of(p);
-    uint32_t idx = ap__span_index(s, p);
-    if (AP__UNLIKELY(idx == AP__SPAN_BAD))
-        ap__span_bad_free(p);
+    uint32_t idx = ap__span_block(s, p);
     uint64_t old = ap__span_block_size(s, idx);
     uint32_t owner = atomic_load_explicit(&s->instance, memory_order_relaxed);
     if (size <= AP__SPAN_MAX && ((uint64_t)size + 15) >> 4 == ((uint64_t)s->capacity >> 4) &&
@@ -555,8 +553,7 @@ AP__EXPORT size_t malloc_usable_size(void *p) {
         return 0;
     if (ap__span_owns(p)) {
         ap__span *s = ap__span_of(p);
-        if (ap__span_index(s, p) == AP__SPAN_BAD)
-            ap__span_bad_free(p);
+        ap__span_block(s, p);
         return s->capacity;
     }
     if (!is_ours(p) && !is_far(p))

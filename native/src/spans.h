@@ -110,10 +110,6 @@ static inline uint32_t ap__span_index(ap__span *s, const void *p) {
     return idx;
 }
 
-static inline uint64_t ap__span_block_size(ap__span *s, uint32_t idx) {
-    return (uint64_t)((int64_t)ap__span_sizes(s)[idx] + s->base_size);
-}
-
 /* Slow paths (spans.c). */
 AP__HIDDEN void *ap__span_alloc_slow(ap__tls_t *t, uint32_t cls, uint64_t size);
 AP__HIDDEN void ap__span_free_remote(ap__span *s, void *p);
@@ -121,6 +117,19 @@ AP__HIDDEN void ap__span_free_remote(ap__span *s, void *p);
 AP__HIDDEN void ap__spans_detach(ap__tls_t *t);
 /* A free of a pointer into a span that is no live block's start. */
 __attribute__((noreturn)) AP__HIDDEN void ap__span_bad_free(const void *p);
+
+/* The index of the live block `p` in its span `s`, for free, realloc and
+ * malloc_usable_size: anything else aborts, nothing credited or reused. */
+static inline uint32_t ap__span_block(ap__span *s, const void *p) {
+    uint32_t idx = ap__span_index(s, p);
+    if (AP__UNLIKELY(idx == AP__SPAN_BAD))
+        ap__span_bad_free(p);
+    return idx;
+}
+
+static inline uint64_t ap__span_block_size(ap__span *s, uint32_t idx) {
+    return (uint64_t)((int64_t)ap__span_sizes(s)[idx] + s->base_size);
+}
 
 /* The next block of the thread's first span of `cls`, if that span is bound
  * to the thread's instance and has one; else the slow path, which may
@@ -152,9 +161,7 @@ static inline __attribute__((always_inline)) void *ap__span_alloc(ap__tls_t *t, 
  * size, then give the block back to the span. */
 static inline __attribute__((always_inline)) void ap__span_free(ap__tls_t *t, void *p) {
     ap__span *s = ap__span_of(p);
-    uint32_t idx = ap__span_index(s, p);
-    if (AP__UNLIKELY(idx == AP__SPAN_BAD))
-        ap__span_bad_free(p);
+    uint32_t idx = ap__span_block(s, p);
     uint64_t size = ap__span_block_size(s, idx);
     uint32_t instance = atomic_load_explicit(&s->instance, memory_order_relaxed);
     ap__span_sizes(s)[idx] = 0;

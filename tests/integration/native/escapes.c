@@ -33,6 +33,9 @@
 
 #include "allocpolicy.h"
 
+#define CHECKS_PROGRAM "escapes"
+#include "checks.h"
+
 #define KEPT_SIZE 600
 
 static struct {
@@ -45,22 +48,8 @@ static struct {
     ap_status (*process_stats)(ap_process_stats *);
 } ap;
 
-static int failures;
-
-static void expect(const char *what, long long got, long long want) {
-    int ok = got == want;
-    printf("check %s %lld expected %lld %s\n", what, got, want, ok ? "ok" : "MISMATCH");
-    if (!ok)
-        failures++;
-}
-
 static int bind_runtime(void) {
-#define BIND(field, sym)                                                           \
-    if (!(*(void **)&ap.field = dlsym(RTLD_DEFAULT, sym))) {                       \
-        fprintf(stderr, "escapes: %s not found; run with the runtime preloaded\n", \
-                sym);                                                              \
-        return 0;                                                                  \
-    }
+#define BIND(field, sym) CHECKS_BIND(ap.field, sym)
     BIND(scope_find, "ap_scope_find");
     BIND(enter, "ap_enter");
     BIND(exit, "ap_exit");
@@ -84,18 +73,6 @@ static int64_t process_live(void) {
     ap.flush();
     ap.process_stats(&s);
     return s.live;
-}
-
-typedef struct {
-    void **blocks;
-    long n;
-} batch;
-
-static void *free_all(void *arg) {
-    batch *b = arg;
-    for (long i = 0; i < b->n; i++)
-        free(b->blocks[i]);
-    return NULL;
 }
 
 /* N requests keeping one block each; 0 on an entry failure. */
@@ -132,10 +109,7 @@ static int run_keep(long n) {
         expect("root request live", rs.live, 0);
         expect("root request active", (long long)rs.active, 0);
         expect("root process live", process_live() - base, (long long)n * KEPT_SIZE);
-        pthread_t th;
-        batch b = {blocks, n};
-        pthread_create(&th, NULL, free_all, &b);
-        pthread_join(th, NULL);
+        free_on_thread(blocks, n);
         expect("root process live after free", process_live() - base, 0);
     }
 
@@ -161,10 +135,7 @@ static int run_keep(long n) {
         ap_scope_stats rs = scope_stats(request);
         expect("server request escaped", rs.escaped - before.escaped, (long long)n * KEPT_SIZE);
         expect("server request live", rs.live, 0);
-        pthread_t th;
-        batch b = {blocks, n};
-        pthread_create(&th, NULL, free_all, &b);
-        pthread_join(th, NULL);
+        free_on_thread(blocks, n);
         ap.flush();
         ap.instance_stats(sid, &is);
         snprintf(what, sizeof what, "server instance live after free");
@@ -207,10 +178,7 @@ static int run_nested(long n) {
     expect("nested request live", rs.live, 0);
     expect("nested sub live", ss.live, 0);
     expect("nested process live", process_live() - base, (long long)n * KEPT_SIZE);
-    pthread_t th;
-    batch b = {blocks, n};
-    pthread_create(&th, NULL, free_all, &b);
-    pthread_join(th, NULL);
+    free_on_thread(blocks, n);
     expect("nested process live after free", process_live() - base, 0);
     free(blocks);
     return 0;

@@ -33,6 +33,9 @@
 
 #include "allocpolicy.h"
 
+#define CHECKS_PROGRAM "span_blocks"
+#include "checks.h"
+
 static struct {
     ap_status (*scope_find)(const char *, uint32_t *);
     ap_status (*enter)(uint32_t, uint32_t *);
@@ -45,23 +48,10 @@ static struct {
     ap_status (*process_stats)(ap_process_stats *);
 } ap;
 
-static int failures;
 static uint32_t work_scope;
 
-static void expect(const char *what, long long got, long long want) {
-    int ok = got == want;
-    printf("check %s %lld expected %lld %s\n", what, got, want, ok ? "ok" : "MISMATCH");
-    if (!ok)
-        failures++;
-}
-
 static int bind_runtime(void) {
-#define BIND(field, sym)                                                               \
-    if (!(*(void **)&ap.field = dlsym(RTLD_DEFAULT, sym))) {                           \
-        fprintf(stderr, "span_blocks: %s not found; run with the runtime preloaded\n", \
-                sym);                                                                  \
-        return 0;                                                                      \
-    }
+#define BIND(field, sym) CHECKS_BIND(ap.field, sym)
     BIND(scope_find, "ap_scope_find");
     BIND(enter, "ap_enter");
     BIND(exit, "ap_exit");
@@ -97,25 +87,6 @@ static uint32_t held_instance(void) {
         failures++;
     ap.exit();
     return id;
-}
-
-typedef struct {
-    void **blocks;
-    long n;
-} batch;
-
-static void *free_all(void *arg) {
-    batch *b = arg;
-    for (long i = 0; i < b->n; i++)
-        free(b->blocks[i]);
-    return NULL;
-}
-
-static void free_on_thread(void **blocks, long n) {
-    batch b = {blocks, n};
-    pthread_t t;
-    pthread_create(&t, NULL, free_all, &b);
-    pthread_join(t, NULL);
 }
 
 /* Sizes 0..256 in turn: every span class and both ends of each. */
