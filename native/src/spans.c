@@ -125,10 +125,13 @@ static char *map_arena(void) {
     return a;
 }
 
+/* The arena's table bit is set before the arena is installed (release), and
+ * a thread taking a span of it acquires, so that its own frees of the span's
+ * blocks, and the frees of every thread it hands them to, see the bit. */
 static ap__span *fresh_span(void) {
-    uintptr_t cur = atomic_load_explicit(&arena_next, memory_order_relaxed);
+    uintptr_t cur = atomic_load_explicit(&arena_next, memory_order_acquire);
     if (cur) { /* never 0 again once an arena is installed */
-        uintptr_t got = atomic_fetch_add_explicit(&arena_next, 1, memory_order_relaxed);
+        uintptr_t got = atomic_fetch_add_explicit(&arena_next, 1, memory_order_acquire);
         if ((got & (AP__ARENA_SIZE - 1)) < AP__SPANS_PER_ARENA)
             return (ap__span *)((got & ~(AP__ARENA_SIZE - 1)) +
                                 (got & (AP__ARENA_SIZE - 1)) * AP__SPAN_SIZE);
@@ -138,7 +141,7 @@ static ap__span *fresh_span(void) {
     if (!a)
         return NULL;
     if (!atomic_compare_exchange_strong_explicit(&arena_next, &cur, (uintptr_t)a + 1,
-                                                 memory_order_relaxed, memory_order_relaxed)) {
+                                                 memory_order_release, memory_order_relaxed)) {
         /* Another thread took a span meanwhile, or installed an arena: this
          * one's other spans go to the pool (its bit is set, so it is never
          * unmapped). */
