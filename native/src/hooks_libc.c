@@ -6,10 +6,10 @@
  * from the thread's small-block cache or the backend, with a header), or undo
  * the charge when the backend fails. Frees of span blocks credit the span's
  * instance; other frees read the header, credit the instance named in it, then
- * keep the block in the cache or give it to the backend. The entry points all funnel into alloc_block() and
- * release_block(), so alignment and failure handling live in one place; the
- * C++ family (hooks_cxx.c) reaches them through ap__alloc_for() and
- * ap__release().
+ * keep the block in the cache or give it to the backend. The entry points all
+ * funnel into alloc_block() and release_block(), so alignment and failure
+ * handling live in one place; the C++ family (hooks_cxx.c) reaches them
+ * through ap__alloc_for() and ap__release().
  *
  * Semantics follow glibc where the standards leave room: realloc(p, 0) frees
  * and returns NULL; memalign/aligned_alloc round an alignment that is not a

@@ -123,7 +123,9 @@ static void report_denial(const ap_violation *v, const char *action) {
     emit(&l);
 }
 
-__attribute__((noreturn)) static void abort_about_block(const char *what, const void *p, const char *why) {
+/* "<what><p in hex><why>", then abort; async-signal-safe like every report. */
+__attribute__((noreturn)) static void abort_about_block(const char *what, const void *p,
+                                                        const char *why) {
     line l = {.len = 0};
     put(&l, what);
     char hex[17];
