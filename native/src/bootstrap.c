@@ -58,6 +58,8 @@ void ap__bootstrap(void) {
         AP__BACKEND_FUNCTIONS(AP__X)
 #undef AP__X
         ap__next = found;
+        /* Still resolving: the lookups may allocate from the pool. */
+        ap__spans_configure((void *)found.malloc);
         resolving_here = 0;
         ap__tls.owner_bits = 0;
         ap__threads_init();

@@ -13,7 +13,7 @@
  * new takes the caller's address (for library scopes) and goes to
  * ap__alloc_for, the malloc family's own path; delete goes to ap__release,
  * free's. The sizes and alignments delete is given are not needed: the block
- * header knows both.
+ * header, or the span a small block is in, knows both.
  *
  * The library is C and links no C++ runtime: a C program under the preload
  * must not load one, and which one a program uses (libstdc++, libc++) is its

@@ -2,13 +2,14 @@
  * hooks_libc.c - the malloc family, exported for LD_PRELOAD.
  *
  * Every hook has the same shape: decide (ap__charge, which is the whole fast
- * path), get a block (from the thread's small-block cache or the backend),
- * write the header, or undo the charge when the backend fails. Frees read the
- * header, credit the instance named in it, then keep the block in the cache or
- * give it to the backend. The entry points all funnel into alloc_block() and
- * release_block(), so alignment and failure handling live in one place; the
- * C++ family (hooks_cxx.c) reaches them through ap__alloc_for() and
- * ap__release().
+ * path), get a block (up to 256 bytes from the thread's spans, spans.h; else
+ * from the thread's small-block cache or the backend, with a header), or undo
+ * the charge when the backend fails. Frees of span blocks credit the span's
+ * instance; other frees read the header, credit the instance named in it, then
+ * keep the block in the cache or give it to the backend. The entry points all
+ * funnel into alloc_block() and release_block(), so alignment and failure
+ * handling live in one place; the C++ family (hooks_cxx.c) reaches them
+ * through ap__alloc_for() and ap__release().
  *
  * Semantics follow glibc where the standards leave room: realloc(p, 0) frees
  * and returns NULL; memalign/aligned_alloc round an alignment that is not a
@@ -21,6 +22,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "spans.h"
 
 /* The hot path is spread over small helpers for reading; they must still
  * compile into one function per hook (the compiler's size heuristics would
@@ -93,7 +95,8 @@ static size_t usable_size(void *p) {
 static AP__INLINE void *cache_pop(ap__tls_t *t, uint64_t size) {
     uint32_t cls = ap__cache_class(size);
     char *base = t->cache[cls];
-    if (!base)
+    /* A cached block's header holds its capacity (see cache_push). */
+    if (!base || (((ap__header *)base)->size_tag & AP__SIZE_MASK) < size)
         return NULL;
     t->cache[cls] = *(void **)(base + AP__HEADER_SIZE);
     t->cached[cls]--;
@@ -107,7 +110,9 @@ static AP__INLINE int cache_push(ap__tls_t *t, ap__header *h, void *base, uint64
     uint32_t cls = ap__cache_class(size);
     if (t->cached[cls] >= AP__CACHE_DEPTH)
         return 0;
-    h->size_tag = (uint64_t)AP__CACHED_TAG << 48;
+    /* The capacity it was allocated with, for cache_pop: a block's size
+     * class capacity up to 256 bytes, its size above. */
+    h->size_tag = (uint64_t)AP__CACHED_TAG << 48 | ap__capacity(size);
     *(void **)((char *)base + AP__HEADER_SIZE) = t->cache[cls];
     t->cache[cls] = base;
     t->cached[cls]++;
@@ -193,6 +198,14 @@ static AP__INLINE void *backend_block(uint64_t size, size_t align, int zero, uin
 static AP__INLINE void *alloc_block(uint64_t size, size_t align, int zero) {
     if (AP__UNLIKELY(!ap__charge(size, AP_DOMAIN_LIBC)))
         return refuse();
+    if (AP__LIKELY(size <= AP__SPAN_MAX && align <= AP__HEADER_SIZE)) {
+        void *b = ap__span_alloc(&ap__tls, size);
+        if (AP__LIKELY(b != NULL)) {
+            if (zero)
+                memset(b, 0, size);
+            return b;
+        }
+    }
     uint64_t offset;
     void *user = backend_block(size, align, zero, &offset);
     if (AP__UNLIKELY(!user)) {
@@ -231,6 +244,11 @@ static AP__NOINLINE void release_foreign(void *p) {
 }
 
 static AP__INLINE void release_block(void *p) {
+    /* Spans first: nothing in front of a span block may be read as a header. */
+    if (AP__LIKELY(ap__span_owns(p))) {
+        ap__span_free(&ap__tls, p);
+        return;
+    }
     if (AP__UNLIKELY(!is_ours(p))) {
         /* Not handed out by us (e.g. allocated before an interposer chain
          * changed): give it to the backend untouched. Or one of ours with a
@@ -431,6 +449,37 @@ static AP__NOINLINE void *move_block(void *p, size_t size) {
 }
 
 /*
+ * realloc of a span block: in place while the size stays in its class and
+ * the caller's instance is the span's (only the difference is charged or
+ * credited); otherwise a malloc, a copy and a free, which charge and credit
+ * exactly as those calls would. On a refusal the old block is untouched.
+ */
+static AP__NOINLINE void *realloc_span_block(void *p, size_t size) {
+    ap__span *s = ap__span_of(p);
+    uint32_t idx = ap__span_block(s, p);
+    uint64_t old = ap__span_block_size(s, idx);
+    uint32_t owner = atomic_load_explicit(&s->instance, memory_order_relaxed);
+    if (size <= AP__SPAN_MAX && ((uint64_t)size + 15) >> 4 == ((uint64_t)s->capacity >> 4) &&
+        owner == ap__tls.cur) {
+        if (size > old && !ap__charge(size - old, AP_DOMAIN_LIBC))
+            return refuse();
+        ap__span_sizes(s)[idx] = (uint8_t)((int64_t)size - s->base_size);
+        if (old > size)
+            ap__credit(owner, old - size, AP_DOMAIN_LIBC);
+        return p;
+    }
+    /* All the caller may have written: the block's capacity (what
+     * malloc_usable_size reports), as glibc's realloc copies. */
+    size_t keep = s->capacity;
+    void *q = malloc(size);
+    if (q) {
+        memcpy(q, p, keep < size ? keep : size);
+        free(p);
+    }
+    return q;
+}
+
+/*
  * realloc: decide first, then let the backend move the block. When the block
  * belongs to the calling thread's instance only the growth is charged;
  * otherwise the new block is charged in full to the caller's instance and the
@@ -444,6 +493,8 @@ static void *realloc_block(void *p, size_t size) {
         free(p);
         return NULL;
     }
+    if (ap__span_owns(p))
+        return realloc_span_block(p, size);
     if (AP__UNLIKELY(!is_ours(p)))
         return is_far(p) ? move_block(p, size) : ap__next.realloc(p, size);
     ap__header *h = ap__header_of(p);
@@ -455,8 +506,8 @@ static void *realloc_block(void *p, size_t size) {
     uint64_t charged = same ? (size > old ? size - old : 0) : size;
     if (charged && !ap__charge(charged, AP_DOMAIN_LIBC))
         return refuse();
-    /* Small blocks keep their class's full capacity, so that the block can
-     * go to the cache when freed. */
+    /* Small blocks keep their class's full capacity (larger ones their size),
+     * so that the block can go to the cache when freed. */
     void *nb = ap__next.realloc((char *)p - AP__HEADER_SIZE,
                                 ap__capacity(size) + AP__HEADER_SIZE);
     if (AP__UNLIKELY(!nb)) {
@@ -500,6 +551,11 @@ AP__EXPORT void *reallocarray(void *p, size_t n, size_t m) {
 AP__EXPORT size_t malloc_usable_size(void *p) {
     if (!p)
         return 0;
+    if (ap__span_owns(p)) {
+        ap__span *s = ap__span_of(p);
+        ap__span_block(s, p);
+        return s->capacity;
+    }
     if (!is_ours(p) && !is_far(p))
         return ap__next.malloc_usable_size(p);
     return usable_size(p);

@@ -36,8 +36,10 @@
 
 /* ---- Block header ---------------------------------------------------------
  *
- * Every block the runtime hands out is preceded by this header, so a free knows
- * its size and the instance to credit (semantics 2) without a lookup table.
+ * Every block the runtime takes from the backend is preceded by this header,
+ * so a free knows its size and the instance to credit (semantics 2) without a
+ * lookup table. (Blocks of up to 256 bytes come from spans instead, over
+ * glibc, and carry none: spans.h.)
  * 16 bytes keep glibc's 16-byte alignment for plain malloc; aligned blocks put
  * the header in the padding in front of the aligned address. On glibc a
  * smaller header would cost the same memory: chunks grow in 16-byte steps,
@@ -72,11 +74,16 @@ static inline ap__header *ap__header_of(void *user) {
  * cache stops at 1032-byte requests, and the header would push requests of
  * 1009 to 1024 bytes past it, onto glibc's slow path, on every call.
  *
- * The 8-byte steps matter for memory: every block is allocated with its
- * class's full capacity, and every backend rounds to 8 bytes or more itself,
- * so below 256 bytes the class costs nothing beyond the header. With 16-byte
- * classes, a 24-byte block (32 with the header rounded up, 48 with it) took a
- * 64-byte glibc chunk instead of 48 (docs/internals.rst, "Block layout").
+ * The 8-byte steps matter for memory: every block of up to 256 bytes is
+ * allocated with its class's full capacity, and every backend rounds to 8
+ * bytes or more itself, so there the class costs nothing beyond the header.
+ * With 16-byte classes, a 24-byte block (32 with the header rounded up, 48
+ * with it) took a 64-byte glibc chunk instead of 48 (docs/internals.rst,
+ * "Block layout"). Above 256 bytes a class's full capacity would cost up to
+ * 63 bytes a block (a 1000-byte block took a 1056-byte glibc chunk for 1024):
+ * those blocks are allocated with their own size, a cached block keeps its
+ * capacity in its header, and it serves a request of its class only if that
+ * fits.
  *
  * Cached blocks carry AP__CACHED_TAG, so a second free of one is recognised.
  * At most AP__CACHE_DEPTH blocks per class (98 KiB in all) stay with a
@@ -96,11 +103,19 @@ static inline uint64_t ap__class_capacity(uint32_t cls) {
     return cls < 32 ? ((uint64_t)cls + 1) << 3 : 256 + (((uint64_t)cls - 31) << 6);
 }
 
-/* What a block of `size` user bytes is allocated with: cacheable blocks get
- * the full capacity of their class, so any block of the class can serve them. */
+/* What a block of `size` user bytes is allocated with: blocks of up to 256
+ * bytes get the full capacity of their class, so any block of the class can
+ * serve them; larger ones their own size (see above). */
 static inline uint64_t ap__capacity(uint64_t size) {
-    return size <= AP__CACHE_MAX ? ap__class_capacity(ap__cache_class(size)) : size;
+    return size <= 256 ? ap__class_capacity(ap__cache_class(size)) : size;
 }
+
+/* Blocks of up to 256 bytes come from spans, without a header (spans.h):
+ * classes 16 bytes apart, two spans per class and thread. */
+#define AP__SPAN_MAX 256
+#define AP__SPAN_CLASSES 16
+#define AP__SPAN_WAYS 2
+struct ap__span;
 
 /* ---- Scopes and instances -------------------------------------------------- */
 
@@ -245,6 +260,10 @@ typedef struct {
     uint8_t cached[AP__CACHE_CLASSES];   /* blocks in each class's list */
     void *cache[AP__CACHE_CLASSES];      /* backend pointers, linked through
                                             the first word of the user area */
+    /* The thread's spans (way 0 is tried first) and the token that marks
+     * them as its own (0 until it takes one). */
+    struct ap__span *spans[AP__SPAN_CLASSES][AP__SPAN_WAYS];
+    uint64_t span_token;
     ap_violation last;       /* last violation on this thread */
     /* The thread's violation number (last.seq) before each level's entry,
      * and that of the level left most recently: a boundary reads them
@@ -429,6 +448,7 @@ AP__HIDDEN void ap__write_all(int fd, const char *p, size_t len);
 /* The same, with `note` (e.g. why a raise-mode refusal aborts) in the line. */
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_noted(const ap_violation *v, const char *note);
 __attribute__((noreturn)) AP__HIDDEN void ap__abort_double_free(const void *p);
+__attribute__((noreturn)) AP__HIDDEN void ap__abort_invalid_free(const void *p);
 
 /* ---- Policy (policy.c) ----------------------------------------------------------- */
 
@@ -459,6 +479,9 @@ extern ap__backend_t ap__next;
 extern _Atomic int ap__ready;
 
 AP__HIDDEN void ap__bootstrap(void);
+/* Spans serve small blocks only over glibc (spans.c): over another backend
+ * the blocks stay that allocator's, as whoever preloaded it asked. */
+AP__HIDDEN void ap__spans_configure(void *backend_malloc);
 AP__HIDDEN void *ap__pool_alloc(size_t size, size_t align);
 
 /* The bootstrap pool (see bootstrap.c). Blocks carved from it carry this bit

@@ -12,7 +12,7 @@
  *   every enclosing budget still applies. Such instances are created lazily,
  *   one per (current instance, library scope) and thread, cached here, and end
  *   when the thread leaves the instance they are nested in (ap_exit, thread
- *   exit). Frees need no lookup: the block header names the instance.
+ *   exit). Frees need no lookup: the block header (or the span) names the instance.
  *
  * Caller lookup
  *   Hit path: a per-thread direct-mapped cache of 64 code pages -> object

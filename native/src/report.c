@@ -123,18 +123,30 @@ static void report_denial(const ap_violation *v, const char *action) {
     emit(&l);
 }
 
-void ap__abort_double_free(const void *p) {
+/* "<what><p in hex><why>", then abort; async-signal-safe like every report. */
+__attribute__((noreturn)) static void abort_about_block(const char *what, const void *p,
+                                                        const char *why) {
     line l = {.len = 0};
-    put(&l, "allocpolicy: double free of the block at 0x");
+    put(&l, what);
     char hex[17];
     uintptr_t a = (uintptr_t)p;
     for (int i = 15; i >= 0; i--, a >>= 4)
         hex[i] = "0123456789abcdef"[a & 15];
     hex[16] = '\0';
     put(&l, hex);
-    put(&l, " (it was freed already); aborting\n");
+    put(&l, why);
     emit(&l);
     abort();
+}
+
+void ap__abort_double_free(const void *p) {
+    abort_about_block("allocpolicy: double free of the block at 0x", p,
+                      " (it was freed already); aborting\n");
+}
+
+void ap__abort_invalid_free(const void *p) {
+    abort_about_block("allocpolicy: free of 0x", p,
+                      ", which is not the start of a block; aborting\n");
 }
 
 void ap__abort_with(const ap_violation *v) { ap__abort_noted(v, "mode=abort, aborting"); }

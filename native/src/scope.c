@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "spans.h"
 
 #define AP__SLACK_MAX ((int64_t)256 * 1024)
 #define AP__SLACK_MIN ((int64_t)4 * 1024)
@@ -247,6 +248,7 @@ static void thread_exit(void *unused) {
      * Until then frees bypass the cache (it only fills while registered). */
     t->registered = 0;
     ap__cache_flush(t);
+    ap__spans_detach(t);
     reset_allow(t, 0);
 }
 

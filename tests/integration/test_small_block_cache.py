@@ -22,6 +22,14 @@ def test_cached_blocks_are_served_correctly(build_c, run_preloaded, mode, word):
     assert proc.stdout.strip() == word
 
 
+def test_blocks_above_256_bytes_are_allocated_with_their_own_size(build_c, run_preloaded):
+    # Their class's full capacity cost up to 63 bytes a block; a cached block
+    # then only serves the requests of its class that fit it.
+    proc = run_preloaded([build_c("small_cache"), "capacity"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "capacity"
+
+
 def test_cached_blocks_go_back_when_threads_exit(build_c, run_preloaded):
     # 800 threads each cache up to 64 small blocks; memcheck sees every one
     # of them freed, since an exiting thread hands its cache to the backend.

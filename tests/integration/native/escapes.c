@@ -40,6 +40,9 @@
 
 #include "allocpolicy.h"
 
+#define CHECKS_PROGRAM "escapes"
+#include "checks.h"
+
 #define KEPT_SIZE 600
 
 static struct {
@@ -52,22 +55,8 @@ static struct {
     ap_status (*process_stats)(ap_process_stats *);
 } ap;
 
-static int failures;
-
-static void expect(const char *what, long long got, long long want) {
-    int ok = got == want;
-    printf("check %s %lld expected %lld %s\n", what, got, want, ok ? "ok" : "MISMATCH");
-    if (!ok)
-        failures++;
-}
-
 static int bind_runtime(void) {
-#define BIND(field, sym)                                                           \
-    if (!(*(void **)&ap.field = dlsym(RTLD_DEFAULT, sym))) {                       \
-        fprintf(stderr, "escapes: %s not found; run with the runtime preloaded\n", \
-                sym);                                                              \
-        return 0;                                                                  \
-    }
+#define BIND(field, sym) CHECKS_BIND(ap.field, sym)
     BIND(scope_find, "ap_scope_find");
     BIND(enter, "ap_enter");
     BIND(exit, "ap_exit");
@@ -91,18 +80,6 @@ static int64_t process_live(void) {
     ap.flush();
     ap.process_stats(&s);
     return s.live;
-}
-
-typedef struct {
-    void **blocks;
-    long n;
-} batch;
-
-static void *free_all(void *arg) {
-    batch *b = arg;
-    for (long i = 0; i < b->n; i++)
-        free(b->blocks[i]);
-    return NULL;
 }
 
 /* N requests keeping one block each; 0 on an entry failure. */
@@ -139,10 +116,7 @@ static int run_keep(long n) {
         expect("root request live", rs.live, 0);
         expect("root request active", (long long)rs.active, 0);
         expect("root process live", process_live() - base, (long long)n * KEPT_SIZE);
-        pthread_t th;
-        batch b = {blocks, n};
-        pthread_create(&th, NULL, free_all, &b);
-        pthread_join(th, NULL);
+        free_on_thread(blocks, n);
         expect("root process live after free", process_live() - base, 0);
     }
 
@@ -168,10 +142,7 @@ static int run_keep(long n) {
         ap_scope_stats rs = scope_stats(request);
         expect("server request escaped", rs.escaped - before.escaped, (long long)n * KEPT_SIZE);
         expect("server request live", rs.live, 0);
-        pthread_t th;
-        batch b = {blocks, n};
-        pthread_create(&th, NULL, free_all, &b);
-        pthread_join(th, NULL);
+        free_on_thread(blocks, n);
         ap.flush();
         ap.instance_stats(sid, &is);
         snprintf(what, sizeof what, "server instance live after free");
@@ -262,10 +233,7 @@ static int run_nested(long n, int depth, int fanout) {
     memset(own, 1, KEPT_SIZE);
     __asm__ volatile("" : : "r"(own) : "memory"); /* kept: the compiler may not drop it */
     ap.flush();
-    pthread_t th;
-    batch b = {blocks, made};
-    pthread_create(&th, NULL, free_all, &b);
-    pthread_join(th, NULL);
+    free_on_thread(blocks, made);
     ap.flush();
     for (int l = 0; l < entered; l++) {
         ap_instance_stats is = {.size = sizeof is};

@@ -5,7 +5,11 @@
  *   small_cache calloc        calloc of a class whose cached block is dirty
  *   small_cache shrink        blocks shrunk by realloc serve their class fully
  *   small_cache threads       blocks cached by threads that then exit
+ *   small_cache capacity      blocks above 256 bytes: allocated with their own
+ *                             size, and a cached one never serves a larger
+ *                             request of its class
  */
+#include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +63,34 @@ static int shrink(void) {
     return 0;
 }
 
+static int capacity(void) {
+    /* Over glibc a 1000-byte block is a 1016-byte request with the header
+     * (a 1024-byte chunk), not its class's 1024 + 16 (1056). */
+    void *p = malloc(1000);
+    size_t usable = malloc_usable_size(p);
+    free(p);
+    if (usable < 1000 || usable >= 1016) {
+        printf("malloc(1000) has %zu usable bytes\n", usable);
+        return 1;
+    }
+    /* The smallest and the largest request of each class above 256 bytes
+     * (classes 64 bytes apart). */
+    for (size_t small = 257; small <= 1024; small += 64) {
+        size_t larger = small + 63;
+        free(malloc(small)); /* cached, with `small` bytes of room */
+        unsigned char *q = malloc(larger);
+        if (malloc_usable_size(q) < larger) {
+            printf("malloc(%zu) after a free of %zu bytes has %zu usable\n", larger, small,
+                   malloc_usable_size(q));
+            return 1;
+        }
+        memset(q, 0x77, larger);
+        free(q);
+    }
+    puts("capacity");
+    return 0;
+}
+
 static void *churn(void *arg) {
     (void)arg;
     void *keep[64];
@@ -91,6 +123,8 @@ int main(int argc, char **argv) {
         return shrink();
     if (!strcmp(mode, "threads"))
         return threads();
+    if (!strcmp(mode, "capacity"))
+        return capacity();
     fprintf(stderr, "unknown mode %s\n", mode);
     return 2;
 }
