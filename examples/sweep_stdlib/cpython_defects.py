@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import weakref
 
@@ -32,7 +34,12 @@ def outer():
 
 def check_function_creation() -> str:
     """A failed MAKE_FUNCTION gives up a reference to the code object it was
-    handed, which the enclosing function's constants still hold."""
+    handed, which the enclosing function's constants still hold. Run in a
+    child process: the interpreter's exit would free that object again."""
+    return in_child(function_creation)
+
+
+def function_creation() -> str:
     for _ in range(3):
         outer()  # warm: the next allocation of outer() is the function object
     code = next(c for c in outer.__code__.co_consts if getattr(c, "co_name", None) == "inner")
@@ -60,54 +67,102 @@ def check_function_creation() -> str:
     return f"absent (MemoryError; inner's code object kept its {after} reference(s))"
 
 
-DOC = {"name": "widget", "tags": ["a", "b"] * 5, "sizes": list(range(30)), "price": 2.5}
+# Like a small API response (the one test_pytest_plugin.py sweeps).
+DOC = {
+    "users": [
+        {"id": n, "name": f"user {n}", "email": f"user{n}@example.org",
+         "roles": ["reader", "writer"][: 1 + n % 2], "bio": "lorem ipsum " * 60}
+        for n in range(12)
+    ],
+    "next": None,
+    "price": 2.5,
+}
+
+
+def in_child(job) -> str:
+    """What ``job()`` says, run in a forked child (a crash ends only the child)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            said = job()
+        finally:
+            os.write(wfd, said.encode())
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        said = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"the process died of {signal.Signals(os.WTERMSIG(status)).name}"
+    return said
+
+
+def failing(call, k: int) -> str:
+    """What ``call()`` does when its (k+1)th allocation fails, only that one."""
+    _testcapi.set_nomemory(k, k + 1)
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - told to the parent
+        _testcapi.remove_mem_hooks()
+        cause = f", caused by {type(exc.__cause__).__name__}" if exc.__cause__ else ""
+        return f"{type(exc).__name__}: {exc}{cause}"
+    _testcapi.remove_mem_hooks()
+    return "passed"
+
+
+def fail_each(call) -> list[tuple[int, str]]:
+    """What ``call()`` does when its first, second, ... allocation fails, each
+    in a child process of its own, so that failures do not add up: (n, what
+    it did), up to its last allocation."""
+    for _ in range(3):
+        call()  # warm: caches filled, as in a long-running process
+    outcomes = []
+    for k in range(100_000):
+        said = in_child(lambda: failing(call, k))  # noqa: B023 - called at once
+        if said == "passed":
+            return outcomes  # past the call's last allocation
+        outcomes.append((k + 1, said))
+    raise AssertionError("the call never passed")
+
+
+def wrong(outcomes: list[tuple[int, str]]) -> str:
+    """present/absent, with the first allocation of each wrong outcome."""
+    firsts: dict[str, int] = {}
+    for n, said in outcomes:
+        if not said.startswith("MemoryError"):
+            firsts.setdefault(re.sub(r" at 0x[0-9a-f]+", "", said), n)
+    if firsts:
+        return f"present ({len(outcomes)} allocations; " + "; ".join(
+            f"allocation {n} failed: {said}" for said, n in firsts.items()) + ")"
+    return f"absent (each of its {len(outcomes)} allocations failed in turn raised MemoryError)"
 
 
 def check_json_encoder() -> str:
     """The C encoder of json.dumps returns a result with the MemoryError of
-    its last allocation still set. Each allocation of one call is failed in a
-    child process of its own, so that the failures do not add up."""
+    its last allocation still set (called here without json.dumps' Python
+    code, which a failed function creation would break first)."""
     encode = json.encoder.c_make_encoder(
         None, None, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
     )
-    for _ in range(3):
-        encode(DOC, 0)
-    outcomes = []
-    for k in range(1000):
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(rfd)
-            _testcapi.set_nomemory(k, k + 1)
-            try:
-                encode(DOC, 0)
-            except BaseException as exc:  # noqa: BLE001 - told to the parent
-                _testcapi.remove_mem_hooks()
-                cause = type(exc.__cause__).__name__ if exc.__cause__ else "nothing"
-                said = f"{type(exc).__name__}: {exc}, caused by {cause}"
-            else:
-                _testcapi.remove_mem_hooks()
-                said = "passed"
-            os.write(wfd, said.encode())
-            os._exit(0)
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as pipe:
-            said = pipe.read().decode()
-        os.waitpid(pid, 0)
-        if said == "passed":
-            break  # k is past the call's last allocation
-        outcomes.append((k + 1, said))
-    wrong = [(n, said) for n, said in outcomes if not said.startswith("MemoryError")]
-    if wrong:
-        n, said = wrong[0]
-        return f"present (allocation {n} of {len(outcomes)} failed: {said})"
-    return f"absent (each of its {len(outcomes)} allocations failed in turn raised MemoryError)"
+    return wrong(fail_each(lambda: encode(DOC, 0)))
+
+
+def check_json_decoder() -> str:
+    """json.loads' C scanner on 3.13: a failure while it grows the
+    dictionary of the keys it has seen leaves that dictionary broken, and
+    its next insertion crashes; another returns a result with MemoryError
+    set."""
+    text = json.dumps(DOC)
+    return wrong(fail_each(lambda: json.loads(text)))
 
 
 def main() -> None:
     print(f"CPython {sys.version.split()[0]}")
     print("function creation:", check_function_creation())
     print("json encoder:", check_json_encoder())
+    print("json decoder:", check_json_decoder())
 
 
 if __name__ == "__main__":
