@@ -359,11 +359,18 @@ class Runtime:
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
         # A scope's entry and exit, on every task boundary, cross ctypes the
-        # same way as a task's steps (below) and take no out-parameters:
-        # enter_seq(scope_id) returns the violation number before the entry,
-        # or a negative status (ap_enter_seq); the exit returns a status.
-        self.enter_seq = gil_handle.ap_enter_seq
-        self.enter_seq.restype = ctypes.c_int64
+        # same way as a task's steps (below) and take no out-parameters, and
+        # their results are small statuses, which ctypes converts to ints
+        # without allocating: the entry's, because whatever is allocated
+        # after it is the new instance's and may be refused, with the
+        # instance entered and nobody to leave it. The violation number from
+        # before the entry is read when a boundary needs it: entry_seq()
+        # while the instance is innermost, exited_seq() right after its exit.
+        self.enter_marked = gil_handle.ap_enter_marked
+        self.entry_seq = gil_handle.ap_entry_seq
+        self.entry_seq.restype = ctypes.c_int64
+        self.exited_seq = gil_handle.ap_exited_seq
+        self.exited_seq.restype = ctypes.c_int64
         self._exit = gil_handle.ap_exit
         # Every step of a task in a scope crosses ctypes twice (see
         # _core/stepping.py): through the handle that keeps the GIL (releasing and
@@ -405,8 +412,18 @@ class Runtime:
     def enter(self, scope_id: int) -> int:
         out = ctypes.c_uint32()
         status = self._lib.ap_enter(scope_id, ctypes.byref(out))
-        check(status, "ap_enter", scope_id)
-        return out.value
+        if status:
+            check(status, "ap_enter", scope_id)
+        return self._entered(out)
+
+    def _entered(self, result):
+        """``result.value``, read inside the instance just entered: if that
+        is refused, the entry is undone before the MemoryError goes on."""
+        try:
+            return result.value
+        except BaseException:
+            self.exit()
+            raise
 
     def exit(self) -> int:
         """Leave the innermost instance; :data:`EXIT_REGION` if it was of a
@@ -424,11 +441,15 @@ class Runtime:
 
     def enter_noting(self, scope_id: int) -> int:
         """:meth:`enter`, returning the thread's violation number from just
-        before the entry (what a task boundary notes) in the same call."""
-        seq = self.enter_seq(scope_id)
-        if seq < 0:
-            check(seq, "ap_enter", scope_id)
-        return seq
+        before the entry (what a task boundary notes) instead of the instance."""
+        status = self.enter_marked(scope_id)
+        if status:
+            check(status, "ap_enter", scope_id)
+        try:
+            return self.entry_seq()
+        except BaseException:
+            self.exit()  # as in _entered()
+            raise
 
     def set_budget(self, instance: int, budget: int) -> None:
         """Give ``instance``, just entered on this thread, a budget of its own (0: none)."""
@@ -820,8 +841,8 @@ class InprocessRuntime(Runtime):
         self.before_enter = None
         self.settle = None
         # The entry of a boundary runs the checks of in-process mode too
-        # (enter_noting below raises instead of returning a status).
-        self.enter_seq = self.enter_noting
+        # (_enter_checked raises instead of returning a status).
+        self.enter_marked = self._enter_checked
 
     # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
 
@@ -839,14 +860,13 @@ class InprocessRuntime(Runtime):
             # Enter whatever settle() managed: a domain it could not put back
             # has been reported and must not block every entry.
             status = self._lib.ap_enter(scope_id, ctypes.byref(out))
-        check(status, "ap_enter", scope_id)
-        return out.value
+        if status:
+            check(status, "ap_enter", scope_id)
+        return self._entered(out)
 
-    def enter_noting(self, scope_id: int) -> int:
-        # The checks of in-process mode come first (enter()), so two calls.
-        seq = self.last_violation().seq
+    def _enter_checked(self, scope_id: int) -> int:
         self.enter(scope_id)
-        return seq
+        return OK
 
     def attach(self, instance: int) -> None:
         before = self.before_enter

@@ -38,7 +38,8 @@ _EXIT_REGION = _native.EXIT_REGION
 #
 # A thread's record is a flat list, two slots per entry (no object is made
 # per entry): the scope object, then the thread's violation number at entry
-# (``None``: nothing was entered, no runtime). An entry whose exit came while
+# (``None``: nothing was entered, no runtime; _SEQ_AT_EXIT: the runtime keeps
+# it, and the exit reads it when it needs it). An entry whose exit came while
 # scopes entered after it were still active has its first slot replaced by
 # _ABANDONED: the exit was reported, and its instance is left when theirs are.
 #
@@ -51,6 +52,7 @@ _stacks: dict[int, list[Any]] = {}
 _get_ident = _thread.get_ident
 _forgetters = threading.local()
 _ABANDONED = object()
+_SEQ_AT_EXIT = object()
 
 
 class _Forget:
@@ -193,15 +195,17 @@ class scope:
         if stack is None:
             stack = _new_stack()
         stack.append(self)
-        stack.append(0)
+        stack.append(_SEQ_AT_EXIT)
         try:
-            seq = rt.enter_seq(sid)
-            if seq < 0:
-                _native.check(seq, "ap_enter", sid)
+            # A status, which comes back without allocating: a MemoryError
+            # here was raised before the entry (see Runtime.enter_marked).
+            status = rt.enter_marked(sid)
         except BaseException:
             del stack[-2:]
             raise
-        stack[-1] = seq
+        if status:
+            del stack[-2:]
+            _native.check(status, "ap_enter", sid)
         return self
 
     def _enter(self) -> "scope":
@@ -237,13 +241,19 @@ class scope:
                     left_region = rt._exit() == _EXIT_REGION
                 except MemoryError:  # see Runtime.exit
                     left_region = rt._exit() == _EXIT_REGION
-                # Popped after leaving: shrinking the list may allocate (a
-                # forbid scope would refuse it).
+                if exc is None and not left_region:
+                    # The common case: nothing to report. Popped after
+                    # leaving: shrinking the list may allocate (a forbid
+                    # scope would refuse it).
+                    del stack[-2:]
+                    if stack and stack[-2] is _ABANDONED:
+                        _leave_abandoned(rt, stack)
+                    return False
+                if seq is _SEQ_AT_EXIT:
+                    seq = rt.exited_seq()  # before any other exit
                 del stack[-2:]
                 if stack and stack[-2] is _ABANDONED:
                     _leave_abandoned(rt, stack)
-                if exc is None and not left_region:
-                    return False  # the common case: nothing to report
                 return self._after_exit(rt, left_region, seq, exc, tb)
         return self._exit(exc, tb)
 
@@ -270,6 +280,8 @@ class scope:
             return False
         rt = _native.runtime()
         left_region = rt.exit() == _EXIT_REGION
+        if seq is _SEQ_AT_EXIT and (exc is not None or left_region):
+            seq = rt.exited_seq()  # as in __exit__
         del stack[-2:]  # after leaving, as in __exit__
         if stack and stack[-2] is _ABANDONED:
             _leave_abandoned(rt, stack)

@@ -244,15 +244,22 @@ def enter(rt: _native.Runtime, stepper: "TaskStepper", owner: Any, target: int) 
     frame = Frame(rt, parent, owner, rt.last_violation().seq, stepper)
     token = _frames.set(frame)
     try:
-        instance = owner._open(rt, target)
+        instance = owner._open(rt, target)  # undone there if it fails once entered
     except BaseException:
         _frames.reset(token)
         raise
-    frame.instance = instance
-    frame.chain[frame.levels - 1] = instance
-    # The frame's own hold: the instance outlives this thread's exit for as
-    # long as some context still refers to the frame.
-    frame.held = rt.hold(instance)
+    try:
+        frame.instance = instance
+        frame.chain[frame.levels - 1] = instance
+        # The frame's own hold: the instance outlives this thread's exit for
+        # as long as some context still refers to the frame.
+        frame.held = rt.hold(instance)
+    except BaseException:
+        # Refused inside the new instance (the hold's call, say): the entry
+        # is undone, as if it had failed.
+        rt.exit()
+        _frames.reset(token)
+        raise
     return frame
 
 
@@ -307,7 +314,7 @@ class TaskStepper:
     def send(self, value):
         attached = _get() is not None
         if attached:
-            failed = self._enter_step()
+            failed = self._attach_or_error()
             if failed is not None:
                 return self._resume_failed(failed)
         # Outside any scope this is the whole cost: one context-variable read
@@ -321,7 +328,7 @@ class TaskStepper:
     def throw(self, *args):
         attached = _get() is not None
         if attached:
-            failed = self._enter_step()
+            failed = self._attach_or_error()
             if failed is not None:
                 return self._resume_failed(failed)
         try:
@@ -346,14 +353,23 @@ class TaskStepper:
         since its start, so _seq holds the violation count of that start;
         else the innermost frame was entered during the step)."""
         end = _get()
-        if not attached:
-            # Entered during the step: what the thread recorded since that
-            # entry is the step's.
-            if self._seq_ref is None:
-                self._seq = ctypes.c_uint64()
-                self._seq_ref = ctypes.byref(self._seq)
-            self._seq.value = end.seq
-        status = end.rt.step_leave(end.instance, end.levels, self._seq_ref)
+        try:
+            if not attached:
+                # Entered during the step: what the thread recorded since
+                # that entry is the step's.
+                if self._seq_ref is None:
+                    self._seq = ctypes.c_uint64()
+                    self._seq_ref = ctypes.byref(self._seq)
+                self._seq.value = end.seq
+            status = end.rt.step_leave(end.instance, end.levels, self._seq_ref)
+        except MemoryError:
+            # Refused before the call ran (its buffer, its arguments; its
+            # result is a small status, made without allocating): the
+            # instances are still attached, and the step's result must not
+            # be lost to the runtime's own bookkeeping. Left one level at a
+            # time by calls that take no arguments, so allocate nothing.
+            _leave_levels(end.rt._exit, end.levels)
+            status = _native.OK
         if status == _native.STEP_REFUSED:
             # Kept on every frame of the chain: the MemoryError may reach the
             # boundary in a later step, when the thread's record is another's.
@@ -367,6 +383,16 @@ class TaskStepper:
                 f"allocpolicy: a step of {self._coro!r} left this thread's scope stack "
                 "unbalanced (a scope entered without its exit, or exited twice)"
             )
+
+    def _attach_or_error(self) -> BaseException | None:
+        """:meth:`_enter_step`, a refusal of its own allocations included in
+        what it returns: nothing is attached then (step_enter attaches all
+        or nothing, and its status comes back without allocating), and the
+        MemoryError is the task's, where it awaited."""
+        try:
+            return self._enter_step()
+        except MemoryError as exc:
+            return exc
 
     def _enter_step(self) -> BaseException | None:
         frame = _get()
@@ -399,6 +425,14 @@ class TaskStepper:
 
     def __repr__(self) -> str:
         return repr(self._coro)
+
+
+def _leave_levels(exit_one, levels: int) -> None:
+    """Call ``exit_one()`` ``levels`` times, allocating nothing (no range,
+    no argument tuples: small ints and a call without arguments)."""
+    while levels:
+        exit_one()
+        levels -= 1
 
 
 class SpawnedStepper(TaskStepper):

@@ -222,6 +222,19 @@ AP_API ap_status ap_enter_noting(uint32_t scope_id, uint32_t *instance_id, uint6
  * otherwise. The one function that breaks the out-parameter convention. */
 AP_API int64_t ap_enter_seq(uint32_t scope_id);
 
+/*
+ * ap_enter() with nothing to take but the status (AP_OK or a negative
+ * ap_status), for callers that would allocate to take more (Python through
+ * ctypes): whatever they allocate after the entry is the new instance's, and
+ * may be refused. The violation number from just before the entry is then
+ * ap_entry_seq() while the instance is innermost, and ap_exited_seq() right
+ * after its ap_exit() (the level this thread left most recently); both are
+ * 0 or more, AP_ESTATE for ap_entry_seq() outside every instance.
+ */
+AP_API ap_status ap_enter_marked(uint32_t scope_id);
+AP_API int64_t ap_entry_seq(void);
+AP_API int64_t ap_exited_seq(void);
+
 /* Enter an existing, active instance on the calling thread (bind()). */
 AP_API ap_status ap_attach(uint32_t instance_id);
 

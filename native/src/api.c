@@ -57,6 +57,30 @@ int64_t ap_enter_seq(uint32_t scope_id) {
     return st == AP_OK ? (int64_t)(seq & INT64_MAX) : (int64_t)st;
 }
 
+/* ap_enter() whose result a caller can take without making anything: a
+ * status in the small range every Python build keeps ready-made ints for
+ * (-6..0), so ctypes converts it without allocating. A caller that
+ * allocates after a successful entry (an out-parameter's value, a large
+ * violation number) is inside the new instance then, and a refusal there
+ * would leave it entered with nobody to exit it; the violation number is
+ * read afterwards instead, with ap_entry_seq() or, after the exit,
+ * ap_exited_seq(). */
+ap_status ap_enter_marked(uint32_t scope_id) {
+    uint32_t instance;
+    return ap_enter(scope_id, &instance);
+}
+
+int64_t ap_entry_seq(void) {
+    ap__tls_t *t = &ap__tls;
+    if (t->depth == 0)
+        return AP_ESTATE;
+    return (int64_t)(t->entry_seq[t->depth - 1] & INT64_MAX);
+}
+
+int64_t ap_exited_seq(void) {
+    return (int64_t)(ap__tls.exited_seq & INT64_MAX);
+}
+
 /* Copy `full` into the caller's struct, no further than the size it knows. */
 static ap_status copy_out(void *out, const void *full, size_t full_size) {
     uint32_t size;

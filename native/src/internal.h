@@ -251,6 +251,12 @@ typedef struct {
     void *cache[AP__CACHE_CLASSES];      /* backend pointers, linked through
                                             the first word of the user area */
     ap_violation last;       /* last violation on this thread */
+    /* The thread's violation number (last.seq) before each level's entry,
+     * and that of the level left most recently: a boundary reads them
+     * after its native call instead of receiving them from it (see
+     * ap_enter_marked). */
+    uint64_t entry_seq[AP_MAX_DEPTH];
+    uint64_t exited_seq;
     /* Rarely touched: after the fast-path fields so those share lines. */
     ap_reservation res[AP_MAX_RESERVATIONS]; /* innermost last */
     ap_region regions[AP_MAX_REGIONS];        /* innermost last */

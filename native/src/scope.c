@@ -938,6 +938,7 @@ ap_status ap_enter(uint32_t scope_id, uint32_t *instance_id) {
         return AP_EFULL;
     ap__scope *sc = &ap__scopes[scope_id];
     register_thread(t);
+    t->entry_seq[t->depth] = t->last.seq;
     t->stack[t->depth++] = parent;
     switch_to(t, id);
     if (AP__UNLIKELY(atomic_load_explicit(&sc->forbid, memory_order_relaxed)))
@@ -996,6 +997,7 @@ ap_status ap_attach(uint32_t id) {
     if (st != AP_OK)
         return st;
     register_thread(t);
+    t->entry_seq[t->depth] = t->last.seq;
     t->stack[t->depth++] = t->cur;
     switch_to(t, id);
     if (AP__UNLIKELY(atomic_load_explicit(&ap__scopes[ap__inst(id)->scope].forbid,
@@ -1015,6 +1017,7 @@ ap_status ap_exit(void) {
     while (t->nres && t->res[t->nres - 1].instance == left)
         release_reservation(t);
     int had_region = t->nregions && ap__regions_leave_instance(t, left);
+    t->exited_seq = t->entry_seq[t->depth - 1];
     switch_to(t, t->stack[--t->depth]);
     if (t->grace_inst == left)
         t->grace_inst = AP__NO_INSTANCE;

@@ -784,15 +784,7 @@ ASYNC = """
 """
 
 
-# In-process, since the task stepping moved into the runtime (ap_step_enter,
-# ap_step_leave), a failure injected into an allocation at a step boundary
-# leaves the task unscheduled: the loop waits forever, and the sweep reports
-# those runs of test_clean as hung. Preloaded, the same sweep is clean.
-ASYNC_WAYS = pytest.mark.parametrize("preload", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="in-process, a failed allocation at a task's step boundary hangs its loop")),
-], ids=["preloaded", "in-process"])
+ASYNC_WAYS = pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "in-process"])
 
 
 @ASYNC_WAYS
