@@ -651,6 +651,46 @@ def test_sweep_reports_a_segfaulting_extension_and_pytest_carries_on(tmp_path, b
     assert "PASSED test_crashing.py::test_sweep_afterwards" in proc.stdout
 
 
+BROKEN_AFTER = """
+    import ctypes
+    import gc
+    import pytest
+
+    def use_what_was_freed(phase, info):
+        ctypes.string_at(0)  # the pointer the error path left behind
+
+    @pytest.mark.oom_sweep
+    def test_error_path_leaves_a_dangling_pointer():
+        try:
+            rows = [bytearray(100) for _ in range(3)]
+        except MemoryError:
+            # BUG: the next collection, whoever makes it, crashes.
+            gc.callbacks.append(use_what_was_freed)
+            raise
+        assert len(rows) == 3
+"""
+
+
+def test_a_crash_after_the_body_is_told_as_one(tmp_path):
+    # GIVEN a body whose error path leaves the process broken for later
+    # code: the next garbage collection crashes
+    write(tmp_path, "test_broken.py", BROKEN_AFTER)
+    # WHEN it is swept
+    proc = pytest_in(tmp_path, "-rA")
+    # THEN the runs that failed an allocation of the list die of SIGSEGV in
+    # the sweep's own collection after the body: each is told as a crash
+    # after the body raised, with the allocation that caused it
+    assert outcome(proc) == "1 failed", explain(proc)
+    test = "test_broken.py::test_error_path_leaves_a_dangling_pointer"
+    found = findings(proc.stdout, test)
+    after = [index for index, problem in found if re.fullmatch(
+        r"\(\d+ bytes from \S+\) failed: crashed with SIGSEGV after the body raised \S*(MemoryError|AllocError): "
+        r"the failure left the process broken, and the code that ran next \(the sweep's own\) crashed on it",
+        problem)]
+    assert after and len(after) == len(found), explain(proc)
+    assert "in use_what_was_freed" in proc.stdout, explain(proc)  # faulthandler's report
+
+
 # --- ordinary Python code, with or without the preload -------------------------------------------
 
 
