@@ -487,13 +487,14 @@ def cpythons_defects_found(proc: subprocess.CompletedProcess, test: str) -> set[
 
 
 @pytest.mark.slow
-def test_sweep_over_json_on_real_inputs_finds_only_cpythons_defects(tmp_path):
+@BOTH_WAYS
+def test_sweep_over_json_on_real_inputs_finds_only_cpythons_defects(tmp_path, preload):
     # GIVEN a test that dumps and parses a JSON document (re.compile, beside
     # it, is not clean: CPython 3.11's re raises SystemError at a few indices)
     write(tmp_path, "test_stdlib.py", STDLIB)
     # WHEN it is swept: every allocation of its body (hundreds, from
     # Python's domains) failed in turn
-    proc = pytest_in(tmp_path, "-k", "json")
+    proc = pytest_in(tmp_path, "-k", "json", preload=preload)
     test = "test_stdlib.py::test_json_round_trip"
     lines = sweep_lines(proc, test)
     counted = re.fullmatch(rf"\[oom_sweep\] {test}: (\d+) allocations in the test body; "
