@@ -723,7 +723,7 @@ class _Run:
 
     __slots__ = ("index", "status", "outcome", "exc_type", "message", "frames", "allowed", "seen",
                  "injected", "objects", "blocks", "net_bytes", "output", "seconds", "first_size",
-                 "first_domain")
+                 "first_domain", "ended")
 
     def __init__(self, index: int | None) -> None:
         self.index = index
@@ -734,6 +734,7 @@ class _Run:
         self.allowed = False
         self.seen = self.injected = self.objects = self.blocks = self.net_bytes = self.first_size = 0
         self.first_domain = ""  # the allocator domain the failed allocation came through
+        self.ended = ""  # how the body ended (raised | returned), once the child said so
         self.output = ""
         self.seconds = 0.0
 
@@ -971,7 +972,12 @@ class _Sweeper:
             return f"hung: killed after {run.seconds:.0f} s"
         sig = run.signal
         if sig is not None:
-            return f"crashed with {signal.Signals(sig).name}"
+            crashed = f"crashed with {signal.Signals(sig).name}"
+            if not run.ended:
+                return crashed
+            how = f"raised {run.exc_type}" if run.outcome == "raised" else run.ended
+            return (f"{crashed} after the body {how}: the failure left the process broken, and "
+                    "the code that ran next (the sweep's own) crashed on it")
         if run.outcome == "none":
             code = os.WEXITSTATUS(run.status) if os.WIFEXITED(run.status) else run.status
             return f"the process exited (status {code}) before the body returned"
@@ -1124,6 +1130,25 @@ class _Sweeper:
 
     # -- child side --
 
+    def say_ended(self, index: int | None, wfd: int, how: bytes) -> None:
+        """The child's first words after the body: how it ended, and which
+        allocation failed.
+
+        Said before anything else runs, with bytes formatting and no other
+        Python code: the body's failure can leave the interpreter broken for
+        whatever runs next (on CPython 3.12 and 3.13 a failed function
+        creation frees a code object still in use, docs/testing.rst), and the
+        next code is this module's, which then crashes. The parent tells such
+        a crash as one after the body ended, with the allocation that did it.
+        """
+        line = b'{"ended": "%s"' % how
+        if index is not None:
+            v = self.rt.last_violation()
+            if v.index == index:
+                line += b', "first_size": %d, "first_domain": "%s"' % (
+                    v.requested, _native.DOMAINS[v.domain].encode())
+        os.write(wfd, line + b"}\n")
+
     def child(self, index: int | None, wfd: int, out: Any) -> None:
         """Run the body once in this forked child and write what happened to ``wfd``."""
         rt = self.rt
@@ -1146,15 +1171,13 @@ class _Sweeper:
         try:
             _run_body(rt, self.plan, stats, self.item, config)
         except BaseException as exc:  # noqa: BLE001 - judged by the parent
+            self.say_ended(index, wfd, b"raised")
             record = _describe(exc, sweep.allow, self.item.obj)
             del exc
+        else:
+            self.say_ended(index, wfd, b"returned")
         s = rt.inject_stats()
         record.update(seen=s.seen, injected=s.injected)
-        if index is not None:
-            v = rt.last_violation()
-            if v.index == index:
-                record["first_size"] = v.requested
-                record["first_domain"] = _native.DOMAINS[v.domain]
         # Written now, so that a crash while measuring still reports it.
         line = json.dumps(record).encode() + b"\n"
         del record
