@@ -134,10 +134,10 @@ def _match(module: str) -> _Binding | None:
 
 class _Thread(_thread._local):
     def __init__(self) -> None:
-        # (key, binding, the thread's violation number when it entered the
-        # instance, None for a nested activation) per activation of bound code;
-        # key is the code object (3.12+) or None (3.11 wrappers).
-        self.stack: list[tuple[object, _Binding, int]] = []
+        # (key, binding, True if the activation entered the instance, None
+        # for a nested one) per activation of bound code; key is the code
+        # object (3.12+) or None (3.11 wrappers).
+        self.stack: list[tuple[object, _Binding, bool | None]] = []
         # scope id -> activations of it on the stack
         self.depth: dict[int, int] = {}
 
