@@ -96,7 +96,7 @@ static int regions_alloc(ap__tls_t *t, uint64_t size, ap_domain domain, int laye
     uint32_t action = regions_see(t, size, domain, layered, 0, &first);
     if (action == AP_ACTION_ABORT) {
         ap__record_forbidden(t, size, domain);
-        ap__abort_with(&t->last);
+        ap__abort_noted(&t->last, "an allocation in a no-allocation region (action=abort), aborting");
     }
     if (action == AP_ACTION_RAISE && first) {
         ap__record_forbidden(t, size, domain);
@@ -113,7 +113,7 @@ static void regions_free(ap__tls_t *t, uint64_t size, ap_domain domain, int laye
     uint32_t action = regions_see(t, size, domain, layered, 1, &first);
     if (action == AP_ACTION_ABORT) {
         ap__record_forbidden(t, size, domain);
-        ap__abort_with(&t->last);
+        ap__abort_noted(&t->last, "a free in a no-allocation region (action=abort), aborting");
     }
 }
 

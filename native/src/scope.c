@@ -450,7 +450,7 @@ static int overdraw(ap__tls_t *t, ap_reservation *res, uint64_t size, ap_domain 
                               .budget = res->reserved, .live = res->reserved - res->left};
             record(t, AP_REASON_BUDGET, domain, size, &r);
             if (res->action == AP_ACTION_ABORT)
-                ap__abort_with(&t->last);
+                ap__abort_noted(&t->last, "an overdraft of the reservation (overdraft=abort), aborting");
             res->refused++;
             open_grace(t);
         }

@@ -136,6 +136,9 @@ def test_overdraft_abort_dies_with_the_diagnostic(tmp_path):
     assert proc.returncode == -signal.SIGABRT, proc.stderr
     assert "reservation of scope 'batch'=52428800" in proc.stderr
     assert f"requested={80 * MiB + 1}" in proc.stderr
+    # the reservation's rule aborted, not the scope's mode (fallible)
+    assert "; an overdraft of the reservation (overdraft=abort), aborting" in proc.stderr
+    assert "mode=abort" not in proc.stderr
 
 
 def test_reservation_respects_every_enclosing_budget_and_returns_on_scope_exit(tmp_path):
