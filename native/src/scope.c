@@ -661,14 +661,32 @@ static uint32_t new_slot(void) {
  * the parent's pid there and takes the lock over (that thread does not exist
  * in the child) instead of waiting forever. */
 
+/* This process's pid, for the lock words: read once at load and again in
+ * every forked child before it runs anything, so that taking a lock writes
+ * the holder's pid in its one atomic step (a word meaning "held, holder not
+ * yet known" would be a window in which a fork leaves the child waiting for
+ * ever). 0 until the constructor ran (an allocation made before it). */
+static _Atomic int32_t lock_pid;
+
+static void lock_pid_in_child(void) {
+    atomic_store_explicit(&lock_pid, (int32_t)getpid(), memory_order_relaxed);
+}
+
+/* From a constructor, not from the bootstrap inside the first malloc:
+ * pthread_atfork may allocate. */
+__attribute__((constructor)) static void lock_pid_at_load(void) {
+    lock_pid_in_child();
+    pthread_atfork(NULL, NULL, lock_pid_in_child);
+}
+
 static void scope_lock(ap__scope *sc) {
-    int32_t me = 0;
+    int32_t me = atomic_load_explicit(&lock_pid, memory_order_relaxed);
+    if (!me)
+        me = (int32_t)getpid();
     int32_t expect = 0;
-    while (!atomic_compare_exchange_weak_explicit(&sc->ended_lock, &expect, me ? me : -1,
+    while (!atomic_compare_exchange_weak_explicit(&sc->ended_lock, &expect, me,
                                                   memory_order_acquire, memory_order_relaxed)) {
-        if (!me)
-            me = (int32_t)getpid();
-        if (expect > 0 && expect != me) {
+        if (expect != 0 && expect != me) {
             /* Held by a thread of the process we were forked from. */
             if (atomic_compare_exchange_strong(&sc->ended_lock, &expect, me))
                 return;
@@ -676,10 +694,6 @@ static void scope_lock(ap__scope *sc) {
             sched_yield();
         }
         expect = 0;
-    }
-    if (!me) {
-        /* Record who holds it (the fast acquisition above wrote -1). */
-        atomic_store_explicit(&sc->ended_lock, (int32_t)getpid(), memory_order_relaxed);
     }
 }
 
