@@ -180,6 +180,20 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         t.depth[sid] = n
         return
     del t.depth[sid]
+    if exc is None:
+        try:  # _leave(), inline for the common case
+            _rt._exit()
+        except MemoryError:
+            _rt._exit()
+    else:
+        _leave(binding, exc)
+    if _release_pending and not _inflight:
+        _release_monitoring()
+
+
+def _leave(binding: _Binding, exc: BaseException | None) -> None:
+    """Leave the instance an activation of bound code entered; an exception
+    the runtime caused there leaves as AllocError (a raise-mode scope)."""
     rt = _rt
     refused = False
     if exc is not None and binding.convert and isinstance(exc, Exception) and not isinstance(exc, AllocError):
@@ -190,9 +204,10 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         # before leaving: an instance that ends may be reused at once.
         stats = rt.instance_stats(rt.current()[0])
         refused = stats is not None and stats.violations > 0
-    rt.exit()
-    if _release_pending and not _inflight:
-        _release_monitoring()
+    try:
+        rt._exit()
+    except MemoryError:  # the call itself, refused before it ran (see Runtime.exit)
+        rt._exit()
     if not refused:
         return  # no error, or a MemoryError the runtime did not cause: leave it alone
     err = refusal.convert(exc, rt, rt.exited_seq(), binding.name)
@@ -246,9 +261,13 @@ def _on_start(code, offset):
     if n:
         depth[binding.sid] = n + 1
         t.stack.append((code, binding, None))
-        _inflight += 1
     else:
-        _push(code, binding)
+        status = _rt.enter_plain(binding.sid)  # see _push
+        if status:
+            _native.check(status, "ap_enter", binding.sid)
+        depth[binding.sid] = 1
+        t.stack.append((code, binding, True))
+    _inflight += 1
 
 
 def _on_throw(code, offset, exc):
@@ -367,16 +386,35 @@ def _wrap_function(fn: FunctionType, module: str) -> FunctionType | None:
     else:
 
         def bound(*args, **kwargs):
+            # _push and _pop, inline: a call returns before its caller does,
+            # so the activation needs no entry on the thread's stack, only
+            # its count (the stack is for the generators' and coroutines'
+            # steps, which do not nest that way).
             binding = _match(module)
             if binding is None:
                 return fn(*args, **kwargs)
-            _push(None, binding)
+            depth = _tls.depth
+            sid = binding.sid
+            n = depth.get(sid)
+            if n:
+                # Bound code calling bound code: in the instance already.
+                depth[sid] = n + 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    depth[sid] -= 1
+            status = _rt.enter_plain(sid)  # see _push
+            if status:
+                _native.check(status, "ap_enter", sid)
+            depth[sid] = 1
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
-                _pop(_tls, exc)
+                del depth[sid]
+                _leave(binding, exc)
                 raise
-            _pop(_tls, None)
+            del depth[sid]
+            _leave(binding, None)
             return result
 
     functools.update_wrapper(bound, fn)
