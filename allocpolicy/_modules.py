@@ -181,10 +181,7 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         return
     del t.depth[sid]
     if exc is None:
-        try:  # _leave(), inline for the common case
-            _rt._exit()
-        except MemoryError:
-            _rt._exit()
+        _rt.exit()  # _leave(), without an exception to judge
     else:
         _leave(binding, exc)
     if _release_pending and not _inflight:
@@ -204,10 +201,7 @@ def _leave(binding: _Binding, exc: BaseException | None) -> None:
         # before leaving: an instance that ends may be reused at once.
         stats = rt.instance_stats(rt.current()[0])
         refused = stats is not None and stats.violations > 0
-    try:
-        rt._exit()
-    except MemoryError:  # the call itself, refused before it ran (see Runtime.exit)
-        rt._exit()
+    rt.exit()
     if not refused:
         return  # no error, or a MemoryError the runtime did not cause: leave it alone
     err = refusal.convert(exc, rt, rt.exited_seq(), binding.name)
@@ -414,7 +408,7 @@ def _wrap_function(fn: FunctionType, module: str) -> FunctionType | None:
                 _leave(binding, exc)
                 raise
             del depth[sid]
-            _leave(binding, None)
+            _rt.exit()  # as in _pop
             return result
 
     functools.update_wrapper(bound, fn)

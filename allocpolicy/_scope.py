@@ -29,9 +29,6 @@ _ESCALATE = 2.0
 
 # Ids of the scopes entered by name, filled by scope_id() (ids never change).
 _ids = names.scope_ids
-# The task frame of the running context (_core/stepping.py), read on every
-# exit: a scope entered in a task is left there, not on the thread's stack.
-_task_frame = stepping._frames.get
 _OK = _native.OK
 _EXIT_REGION = _native.EXIT_REGION
 _NOT_INNERMOST = _native.EXIT_NOT_INNERMOST
