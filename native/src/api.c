@@ -61,14 +61,8 @@ ap_status ap_enter_plain(uint32_t scope_id) {
 }
 
 ap_status ap_enter_marked(uint32_t scope_id, uint32_t tag) {
-    ap__tls_t *t = &ap__tls;
-    uint32_t instance;
-    ap_status st = ap_enter(scope_id, &instance);
-    if (st == AP_OK) {
-        t->marked |= 1u << (t->depth - 1);
-        t->tags[t->depth - 1] = tag;
-    }
-    return st;
+    ap_status st = ap_enter_plain(scope_id);
+    return st == AP_OK ? ap_mark_innermost(tag) : st;
 }
 
 /* 1 if level `d` (0-based) of the thread's stack is the marked entry `tag`. */
