@@ -268,7 +268,7 @@ class scope:
         if not stack or stack[-2] is not self:
             if stack and self in stack[::2]:
                 self._out_of_order(stack)
-            return self._not_innermost()
+            return self._not_innermost(bool(stack))
         seq = stack[-1]
         if seq is None:
             del stack[-2:]
@@ -289,14 +289,20 @@ class scope:
             return False
         return self._after_exit(rt, left_region, seq, exc, tb)
 
-    def _not_innermost(self) -> bool:
-        """The exit of a `with` entry that is not the thread's innermost
+    def _not_innermost(self, recorded: bool) -> bool:
+        """The exit of a block whose entry is not the thread's innermost
         level: a scope entered after it is still active (its level is then
-        left with that scope's), or it was never entered on this thread."""
+        left with that scope's), or it was never entered on this thread
+        (``recorded``: the thread has entries recorded here)."""
         rt = _native.runtime()
         tag = getattr(self, "_tag", None)
         if rt is not None and tag is not None and rt.abandon(tag, 1) == _native.OK:
             raise self._mismatch(rt)
+        if tag is None and not recorded:
+            # Entered in a task whose coroutine is being finalized elsewhere
+            # (garbage collection, another task closing an async generator):
+            # the instance was never attached here, and goes with the context.
+            return False
         raise ScopeMismatchError(
             f"{self._func}({self.name!r}) exited on a thread where it is not active "
             "(exited twice, or entered on another thread)"
