@@ -572,6 +572,14 @@ class _Retried:
         scope._enter(self)
         _set_attempt_budget(self, budget)
 
+    def __reduce__(self):
+        # Made again by its constructor: the class itself is made at run time.
+        return _remade, (type(self).__bases__[1], self.name, self.retries, self.escalate)
+
+
+def _remade(cls: type, name: str, retries: int, escalate: float) -> "task":
+    return cls(name, retries=retries, escalate=escalate)
+
 
 _retried_classes: dict[type, type] = {}
 

@@ -93,3 +93,18 @@ def test_task_retries_are_checked_and_need_a_callable_form():
     with pytest.raises(TypeError, match="a with block cannot be run again"):
         with allocpolicy.task("job", retries=1):
             pass
+
+
+def test_tasks_pickle_with_their_settings():
+    import pickle
+
+    import pytest
+
+    plain = pickle.loads(pickle.dumps(allocpolicy.task("job")))
+    assert isinstance(plain, allocpolicy.task) and plain.name == "job" and plain.retries == 0
+    retried = pickle.loads(pickle.dumps(allocpolicy.task("job", retries=2, escalate=3.0)))
+    assert isinstance(retried, allocpolicy.task)
+    assert (retried.name, retried.retries, retried.escalate) == ("job", 2, 3.0)
+    with pytest.raises(TypeError, match="a with block cannot be run again"):
+        with retried:
+            pass
