@@ -18,9 +18,10 @@ import _thread
 from typing import Any
 
 from . import _atfork, _checkout
+from ._fastcalls import FastCalls
 from ._errors import RuntimeLoadError, ScopeCapacityError
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 ENV_LIBRARY = "ALLOCPOLICY_LIBRARY"
 LIBRARY_NAME = "liballocpolicy.so"
 SCOPE_NAME_MAX = 64
@@ -374,39 +375,37 @@ class Runtime:
         self._install_arena = install
         self.preloaded = bool(handle.ap_is_preloaded())
         # Bound once: the exit path must not look anything up (see exit()).
-        # A scope's entry and exit, on every task boundary, cross ctypes the
-        # same way as a task's steps (below) and take no out-parameters, and
-        # their results are small statuses, which ctypes converts to ints
-        # without allocating: the entry's, because whatever is allocated
-        # after it is the new instance's and may be refused, with the
-        # instance entered and nobody to leave it. The violation number from
-        # before the entry is read when a boundary needs it: entry_seq()
-        # while the instance is innermost, exited_seq() right after its exit.
-        self.enter_marked = gil_handle.ap_enter_marked
-        self.enter_plain = gil_handle.ap_enter_plain
-        self.entry_seq = gil_handle.ap_entry_seq
-        self.entry_seq.restype = ctypes.c_int64
-        self.exited_seq = gil_handle.ap_exited_seq
-        self.exited_seq.restype = ctypes.c_int64
-        # The level a `with` block entered (ap_enter_marked) is left by the
-        # block's tag, which the runtime checks against the innermost level:
-        # the pairing of entries with exits, kept there instead of in a
-        # record per thread here (see _scope.py). exit_marked() is the same
-        # without the check, for when the argument itself cannot be
-        # allocated; exit_unmarked() leaves a level entered otherwise.
-        self.exit_tagged = gil_handle.ap_exit_tagged
-        self.exit_marked = gil_handle.ap_exit_marked
-        self.exit_unmarked = gil_handle.ap_exit_unmarked
+        # A scope's entry and exit, on every task boundary, and a task's
+        # steps (_core/stepping.py) call the runtime through built-in
+        # functions (_fastcalls.py), a tenth of a ctypes call's cost, which
+        # make no object: the entry's result must not allocate, because
+        # whatever is allocated after it is the new instance's and may be
+        # refused, with the instance entered and nobody to leave it. The
+        # violation number from before the entry is read when a boundary
+        # needs it: entry_seq() while the instance is innermost, exited_seq()
+        # right after its exit.
+        calls = FastCalls(gil_handle, check)
+        # enter_marked(scope_id, block) and exit_tagged(block) name the level
+        # by the `with` block's object (its tag is the low 32 bits of the
+        # object's address, its id()): the runtime checks it against the
+        # innermost level, which pairs entries with exits there instead of in
+        # a record per thread here (see _scope.py). exit_marked() leaves the
+        # innermost level if any block entered it, exit_unmarked() a level
+        # entered otherwise.
+        self.enter_marked = calls.make("ap_enter_marked", "s_uo")
+        self.enter_plain = calls.make("ap_enter_plain", "s_u")
+        self.entry_seq = calls.make("ap_entry_seq", "q")
+        self.exited_seq = calls.make("ap_exited_seq", "q")
+        self.exit_tagged = calls.make("ap_exit_tagged", "s_o")
+        self.exit_marked = calls.make("ap_exit_marked", "s")
+        self.exit_unmarked = calls.make("ap_exit_unmarked", "s")
         self.abandon = gil_handle.ap_abandon
-        self._exit = gil_handle.ap_exit
-        # Every step of a task in a scope crosses ctypes twice (see
-        # _core/stepping.py): through the handle that keeps the GIL (releasing and
-        # taking it back would cost more than the call, and let other threads
-        # in between), and without argtypes, whose conversions cost as much
-        # again; instance ids and levels are small ints, the third argument
-        # of step_enter and step_leave a byref() made once per task.
-        self.step_enter = gil_handle.ap_step_enter
-        self.step_leave = gil_handle.ap_step_leave
+        self._exit = calls.make("ap_exit", "s")
+        # step_enter(chain, levels, seq) and step_leave(instance, levels,
+        # seq) take their pointers as addresses (ctypes.addressof).
+        self.step_enter = calls.make("ap_step_enter", "s_pup")
+        self.step_leave = calls.make("ap_step_leave", "s_uup")
+        self._fastcalls = calls
         self._local = _thread._local()
 
     # -- policy ---------------------------------------------------------------
@@ -888,7 +887,7 @@ class InprocessRuntime(Runtime):
         # (_enter_checked raises instead of returning a status).
         self.enter_marked = self._enter_checked
         self.enter_plain = self._enter_checked_plain
-        self._mark_innermost = gil.ap_mark_innermost
+        self._mark_innermost = self._fastcalls.make("ap_mark_innermost", "s_o")
 
     # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
 

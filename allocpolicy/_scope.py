@@ -116,9 +116,10 @@ class scope:
     :class:`AllocPolicyWarning` is issued once.
     """
 
-    # Made for every unit of work: no instance dict to make. _tag is set by
-    # the fast entry (see __enter__).
-    __slots__ = ("name", "_tag", "__weakref__")
+    # Made for every unit of work: no instance dict to make. _on_thread is
+    # set by every entry on a thread, by the fast path or not (see
+    # _not_innermost()).
+    __slots__ = ("name", "_on_thread", "__weakref__")
 
     _func = "scope"
     # Whether __enter__ may take its fast path: entered by name, no retries.
@@ -189,13 +190,12 @@ class scope:
             sid = _ids[self.name]
         except KeyError:
             return self._enter()
-        # The block's tag: what its exit names the level by (the runtime
-        # keeps the low 32 bits). The same for every thread that enters
-        # this object.
-        self._tag = tag = id(self)
-        # A status, which comes back without allocating: a MemoryError here
-        # was raised before the entry (see Runtime.enter_marked).
-        status = rt.enter_marked(sid, tag)
+        # The level is marked with this object (the low 32 bits of its
+        # address, the same for every thread that enters it), by which its
+        # exit names it. The call makes nothing, and its status comes back
+        # without allocating: a MemoryError cannot follow the entry here.
+        self._on_thread = True
+        status = rt.enter_marked(sid, self)
         if status:
             _native.check(status, "ap_enter", sid)
         return self
@@ -213,8 +213,8 @@ class scope:
             stepping.enter(rt, stepper, self, target)
             return self
         if self._fast:
-            self._tag = tag = id(self)  # as in __enter__
-            status = rt.enter_marked(target, tag)
+            self._on_thread = True  # as in __enter__
+            status = rt.enter_marked(target, self)
             if status:
                 _native.check(status, "ap_enter", target)
             return self
@@ -237,16 +237,9 @@ class scope:
         # what it entered is left by _exit().
         rt = _native._runtime
         if rt is not None:
-            try:
-                tag = self._tag
-            except AttributeError:
-                return self._exit(exc, tb)  # never entered by the fast path
-            try:
-                status = rt.exit_tagged(tag)
-            except MemoryError:
-                # The call's argument tuple, refused before the call: the
-                # level is left by a call that takes none.
-                status = rt.exit_marked()
+            # Leaves the innermost level only if this block's entry marked
+            # it; the call, like the entry's, makes nothing.
+            status = rt.exit_tagged(self)
             if status == _OK:
                 if exc is None:
                     return False  # the common case: nothing to report
@@ -295,10 +288,10 @@ class scope:
         left with that scope's), or it was never entered on this thread
         (``recorded``: the thread has entries recorded here)."""
         rt = _native.runtime()
-        tag = getattr(self, "_tag", None)
-        if rt is not None and tag is not None and rt.abandon(tag, 1) == _native.OK:
+        on_thread = getattr(self, "_on_thread", False)
+        if rt is not None and on_thread and rt.abandon(id(self), 1) == _native.OK:
             raise self._mismatch(rt)
-        if tag is None and not recorded:
+        if not on_thread and not recorded:
             # Entered in a task whose coroutine is being finalized elsewhere
             # (garbage collection, another task closing an async generator):
             # the instance was never attached here, and goes with the context.

@@ -140,7 +140,7 @@ class Frame:
     """
 
     __slots__ = (
-        "rt", "instance", "parent", "levels", "chain", "owner", "seq", "stepper", "thread",
+        "rt", "instance", "parent", "levels", "chain", "chain_at", "owner", "seq", "stepper", "thread",
         "held", "closed", "users", "refusal",
     )
 
@@ -154,6 +154,7 @@ class Frame:
                 f"cannot enter another scope: nesting is limited to {_native.MAX_DEPTH} per task"
             )
         self.chain = (ctypes.c_uint32 * self.levels)(*(parent.chain if parent is not None else ()))
+        self.chain_at = ctypes.addressof(self.chain)  # what step_enter takes
         self.owner = owner
         self.seq = seq
         self.stepper: TaskStepper | None = stepper
@@ -359,7 +360,7 @@ class TaskStepper:
                 # that entry is the step's.
                 if self._seq_ref is None:
                     self._seq = ctypes.c_uint64()
-                    self._seq_ref = ctypes.byref(self._seq)
+                    self._seq_ref = ctypes.addressof(self._seq)
                 self._seq.value = end.seq
             status = end.rt.step_leave(end.instance, end.levels, self._seq_ref)
         except MemoryError:
@@ -403,8 +404,8 @@ class TaskStepper:
         ref = self._seq_ref
         if ref is None:
             self._seq = ctypes.c_uint64()
-            ref = self._seq_ref = ctypes.byref(self._seq)
-        status = frame.rt.step_enter(frame.chain, frame.levels, ref)
+            ref = self._seq_ref = ctypes.addressof(self._seq)
+        status = frame.rt.step_enter(frame.chain_at, frame.levels, ref)
         if status == _native.OK:
             return None
         if status == _native.EFULL:

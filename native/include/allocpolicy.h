@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define AP_ABI_VERSION 4
+#define AP_ABI_VERSION 5
 
 #if defined(__GNUC__)
 #define AP_API __attribute__((visibility("default")))
@@ -348,6 +348,50 @@ AP_API ap_status ap_set_frame_probe(const ap_frame_probe *probe);
  * refusal would (*code, *instr; 0 when there is none): for checking a
  * description against a frame the caller knows before setting it. */
 AP_API ap_status ap_frame_here(const ap_frame_probe *probe, uint64_t *code, uint64_t *instr);
+
+/*
+ * Python built-in functions for the calls made on every scope entry and exit.
+ *
+ * A ctypes call costs about 1,400 instructions whatever the C function does
+ * (an argument tuple, libffi's call description made again on each call, the
+ * result's conversion); a built-in function with CPython's "fast call"
+ * convention costs a tenth of that. The Python package makes such functions
+ * (PyCFunction_NewEx, through ctypes) whose C function is one of the adapters
+ * below and whose `self` is a Python int holding the address of the ap_
+ * function to call. An adapter's name gives that function's signature: after
+ * ap_pycall_, its result (s: an ap_status, q: an int64_t), then one letter per
+ * argument (u: a uint32_t from a Python int, its low 32 bits; o: any object,
+ * passed as the low 32 bits of its address, as Python's id() gives it, a block
+ * tag; p: a pointer from a Python int). An adapter converts with the
+ * functions of `ap_pyapi`, the only Python it calls: its arguments never
+ * allocate, and a status is a small int, which CPython never allocates either.
+ * The library still has no Python.h: a Python object is an opaque pointer.
+ */
+typedef struct {
+    uint32_t size;                                  /* sizeof(ap_pyapi) */
+    void *(*long_from_long)(long);                  /* PyLong_FromLong */
+    void *(*long_from_long_long)(long long);        /* PyLong_FromLongLong */
+    unsigned long (*long_as_mask)(void *);          /* PyLong_AsUnsignedLongMask */
+    void *(*err_occurred)(void);                    /* PyErr_Occurred */
+    void (*err_set_string)(void *, const char *);   /* PyErr_SetString */
+    void *type_error;                               /* PyExc_TypeError */
+} ap_pyapi;
+
+/* Set the functions the adapters convert with (before any adapter is called;
+ * once set, only the same functions may be set again: AP_ESTATE). */
+AP_API ap_status ap_set_pyapi(const ap_pyapi *api);
+
+/* The adapters, as METH_FASTCALL functions (PyObject *self, PyObject *const
+ * *args, Py_ssize_t nargs); a wrong number of arguments raises TypeError. */
+typedef void *(*ap_pyfastcall)(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_s(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_q(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_s_u(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_s_o(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_s_uo(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_s_uup(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_pycall_s_pup(void *self, void *const *args, ptrdiff_t nargs);
+
 AP_API ap_status ap_get_scope_stats(uint32_t scope_id, ap_scope_stats *out);
 AP_API ap_status ap_get_instance_stats(uint32_t instance_id, ap_instance_stats *out);
 AP_API ap_status ap_get_process_stats(ap_process_stats *out);

@@ -19,7 +19,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "allocpolicy"
 LAYERS = [
     (
         "base",
-        {"allocpolicy._atfork", "allocpolicy._checkout", "allocpolicy._errors", "allocpolicy._machine", "allocpolicy._sizes"},
+        {
+            "allocpolicy._atfork", "allocpolicy._checkout", "allocpolicy._errors", "allocpolicy._fastcalls",
+            "allocpolicy._machine", "allocpolicy._sizes",
+        },
     ),
     ("native", {"allocpolicy._native"}),
     ("core", {"allocpolicy._core", "allocpolicy._core.*"}),
