@@ -42,6 +42,10 @@ class _PyApiC(ctypes.Structure):
         ("err_occurred", ctypes.c_void_p),
         ("err_set_string", ctypes.c_void_p),
         ("type_error", ctypes.c_void_p),
+        ("incref", ctypes.c_void_p),
+        ("decref", ctypes.c_void_p),
+        ("call_objargs", ctypes.c_void_p),
+        ("none", ctypes.c_void_p),
     ]
 
 
@@ -68,6 +72,10 @@ class FastCalls:
             _address(api.PyErr_Occurred),
             _address(api.PyErr_SetString),
             ctypes.c_void_p.in_dll(api, "PyExc_TypeError").value,
+            _address(api.Py_IncRef),
+            _address(api.Py_DecRef),
+            _address(api.PyObject_CallFunctionObjArgs),
+            id(None),
         )
         setup = gil_handle.ap_set_pyapi
         setup.argtypes = [ctypes.POINTER(_PyApiC)]
@@ -82,10 +90,16 @@ class FastCalls:
     def make(self, name: str, adapter: str) -> Callable[..., int]:
         """A built-in function calling ``name`` of the library through the
         adapter ``ap_pycall_<adapter>``, which must match its signature."""
+        # `self` of the function object: the address of the function to call.
+        return self._function(name, "ap_pycall_" + adapter, _address(getattr(self._handle, name)))
+
+    def fastcall(self, name: str) -> Callable[..., Any]:
+        """The library's own METH_FASTCALL function ``name`` as a built-in function."""
+        return self._function(name, name, None)
+
+    def _function(self, name: str, meth: str, self_: object) -> Callable[..., Any]:
         definition = _PyMethodDef(
-            name.encode("ascii"), _address(getattr(self._handle, "ap_pycall_" + adapter)),
-            _METH_FASTCALL, None,
+            name.encode("ascii"), _address(getattr(self._handle, meth)), _METH_FASTCALL, None
         )
         _definitions.append(definition)
-        # `self` of the function object: the address of the function to call.
-        return self._new(ctypes.addressof(definition), _address(getattr(self._handle, name)), None)
+        return self._new(ctypes.addressof(definition), self_, None)

@@ -144,11 +144,9 @@ class _Thread(_thread._local):
 
 _tls = _Thread()
 _rt: _native.Runtime | None = None
-_inflight = 0  # entries on all threads' stacks (3.12+: when the tool may be released)
 
 
 def _push(key: object, binding: _Binding) -> None:
-    global _inflight
     t = _tls
     sid = binding.sid
     n = t.depth.get(sid, 0)
@@ -167,13 +165,10 @@ def _push(key: object, binding: _Binding) -> None:
             _native.check(status, "ap_enter", sid)
         t.depth[sid] = 1
         t.stack.append((key, binding, True))  # True: this activation entered it
-    _inflight += 1
 
 
 def _pop(t: _Thread, exc: BaseException | None) -> None:
-    global _inflight
     _key, binding, _ = t.stack.pop()
-    _inflight -= 1
     sid = binding.sid
     n = t.depth[sid] - 1
     if n:
@@ -184,8 +179,6 @@ def _pop(t: _Thread, exc: BaseException | None) -> None:
         _rt.exit()  # _leave(), without an exception to judge
     else:
         _leave(binding, exc)
-    if _release_pending and not _inflight:
-        _release_monitoring()
 
 
 def _leave(binding: _Binding, exc: BaseException | None) -> None:
@@ -215,108 +208,72 @@ def _leave(binding: _Binding, exc: BaseException | None) -> None:
 
 
 # --- Python 3.12+: sys.monitoring --------------------------------------------------
+#
+# The callbacks are the runtime library's own (native/src/pymonitor.c): each
+# thread's activations are kept there, and a call into bound code costs two C
+# calls instead of two Python functions around it. The library asks
+# _classify() about a code object it has not seen, and hands back the frames
+# that an exception leaves (_leave_raising) and the entries it could not make
+# (_entry_failed).
 
-# Code objects of bound modules, by identity: code objects compare equal by
-# content, and two modules may well hold equal functions. _alive keeps them,
-# so that their ids stay theirs.
-_codes: dict[int, _Binding] = {}
+# Code objects of bound modules, kept alive while the library's table holds
+# their addresses (so that an address stays theirs), and each scope's binding
+# by its id, for the exits that judge an exception (old ones too: frames of a
+# replaced policy may still be running).
 _alive: list[object] = []
+_by_sid: dict[int, _Binding] = {}
 _tool: int | None = None
-_release_pending = False
+_table_full_warned = False
 
 
-def _classify(code, frame) -> _Binding | None:
+def _classify(code) -> int | None:
+    """The scope id of a code object seen first (the library's ``classify``),
+    or None: not bound (its events are disabled then)."""
+    global _table_full_warned
     # Module and class bodies run once, at import: their objects live as long
     # as the module, and charging them to a short-lived instance would pin
     # that instance forever. Functions, methods, lambdas, generators and
     # coroutines have optimized locals.
     if not code.co_flags & _CO_OPTIMIZED:
         return None
-    name = frame.f_globals.get("__name__")
+    # The frame of the event: the library calls this from its callback,
+    # which has no Python frame of its own.
+    name = sys._getframe(1).f_globals.get("__name__")
     binding = _match(name) if isinstance(name, str) else None
-    if binding is not None:
-        _codes[id(code)] = binding
-        _alive.append(code)
-    return binding
-
-
-def _on_start(code, offset):
-    """PY_START, PY_RESUME: a frame starts or resumes."""
-    global _inflight
-    binding = _codes.get(id(code))
     if binding is None:
-        binding = _classify(code, sys._getframe(1))
-        if binding is None:
-            return _DISABLE
-    # _push, with its most frequent case inline: bound code calling bound code.
-    t = _tls
-    depth = t.depth
-    n = depth.get(binding.sid)
-    if n:
-        depth[binding.sid] = n + 1
-        t.stack.append((code, binding, None))
+        return None
+    if not _rt.monitoring_bind(code, binding.sid):
+        if not _table_full_warned:
+            _table_full_warned = True
+            _warn(f"{code.co_qualname} and further code of bound modules run unbound: "
+                  "the runtime's table of bound code objects is full")
+        return None
+    _alive.append(code)
+    return binding.sid
+
+
+def _entry_failed(status: int, sid: int) -> None:
+    _native.check(status, "ap_enter", sid)
+
+
+def _leave_raising(sid: int, exc: BaseException) -> None:
+    binding = _by_sid.get(sid)
+    if binding is None:
+        _rt.exit()
     else:
-        status = _rt.enter_plain(binding.sid)  # see _push
-        if status:
-            _native.check(status, "ap_enter", binding.sid)
-        depth[binding.sid] = 1
-        t.stack.append((code, binding, True))
-    _inflight += 1
+        _leave(binding, exc)
 
 
-def _on_throw(code, offset, exc):
-    """PY_THROW: a generator or coroutine resumes by throw() (cannot be disabled)."""
-    binding = _codes.get(id(code))
-    if binding is None:
-        binding = _classify(code, sys._getframe(1))
-        if binding is None:
-            return
-    _push(code, binding)
-
-
-def _on_leave(code, offset, value):
-    """PY_RETURN, PY_YIELD: a frame returns or suspends."""
-    global _inflight
-    t = _tls
-    stack = t.stack
-    if stack and stack[-1][0] is code:
-        if stack[-1][2] is not None:
-            _pop(t, None)
-        else:  # _pop of a nested activation, inline: it leaves no instance
-            depth = t.depth
-            sid = stack.pop()[1].sid
-            depth[sid] -= 1
-            _inflight -= 1
-    elif id(code) not in _codes and _classify(code, sys._getframe(1)) is None:
-        return _DISABLE
-    # A bound frame that started before the binding was applied has no entry:
-    # nothing to leave.
-
-
-def _on_unwind(code, offset, exc):
-    """PY_UNWIND: an exception leaves a frame (cannot be disabled)."""
-    t = _tls
-    stack = t.stack
-    if stack and stack[-1][0] is code:
-        _pop(t, exc)
-
-
-if _MONITORING:
-    _DISABLE = sys.monitoring.DISABLE
-    _EVENTS = sys.monitoring.events
-    _CALLBACKS = (
-        (_EVENTS.PY_START, _on_start),
-        (_EVENTS.PY_RESUME, _on_start),
-        (_EVENTS.PY_THROW, _on_throw),
-        (_EVENTS.PY_RETURN, _on_leave),
-        (_EVENTS.PY_YIELD, _on_leave),
-        (_EVENTS.PY_UNWIND, _on_unwind),
-    )
+def _released() -> None:
+    # The last activation ended after a policy without bound modules was
+    # applied (called with the GIL, from the callback that ended it).
+    if not _patterns:
+        _release_monitoring()
 
 
 def _install_monitoring() -> bool:
-    global _tool, _release_pending
-    _release_pending = False
+    global _tool
+    _rt.monitoring_release_pending(False)
     mon = sys.monitoring
     if _tool is None:
         for tool in _TOOL_IDS:
@@ -330,11 +287,19 @@ def _install_monitoring() -> bool:
                 f"{', '.join(map(str, _TOOL_IDS))} are all taken by other tools"
             )
             return False
-        events = 0
-        for event, callback in _CALLBACKS:
-            mon.register_callback(_tool, event, callback)
-            events |= event
-        mon.set_events(_tool, events)
+        callbacks = _rt.monitoring_callbacks(
+            _classify, _entry_failed, _leave_raising, _released, mon.DISABLE
+        )
+        events = mon.events
+        registered = (
+            (events.PY_START, "start"), (events.PY_RESUME, "start"), (events.PY_THROW, "throw"),
+            (events.PY_RETURN, "leave"), (events.PY_YIELD, "leave"), (events.PY_UNWIND, "unwind"),
+        )
+        mask = 0
+        for event, name in registered:
+            mon.register_callback(_tool, event, callbacks[name])
+            mask |= event
+        mon.set_events(_tool, mask)
     else:
         # Code that an earlier binding disabled may be bound now.
         mon.restart_events()
@@ -342,13 +307,15 @@ def _install_monitoring() -> bool:
 
 
 def _release_monitoring() -> None:
-    global _tool, _release_pending
-    _release_pending = False
+    global _tool
+    _rt.monitoring_release_pending(False)
     if _tool is None:
         return
     mon = sys.monitoring
     mon.set_events(_tool, 0)
-    for event, _ in _CALLBACKS:
+    events = mon.events
+    for event in (events.PY_START, events.PY_RESUME, events.PY_THROW, events.PY_RETURN,
+                  events.PY_YIELD, events.PY_UNWIND):
         mon.register_callback(_tool, event, None)
     mon.free_tool_id(_tool)
     _tool = None
@@ -558,7 +525,7 @@ def apply(policy, rt: _native.Runtime | None = None) -> None:
     Called whenever a policy is applied (startup, :func:`allocpolicy.configure`).
     Without a preloaded runtime there is nothing to enter and nothing is bound.
     """
-    global _rt, _patterns, _cache, _firsts, _release_pending
+    global _rt, _patterns, _cache, _firsts
     rt = rt or _native.runtime()
     if rt is None:
         return
@@ -578,14 +545,18 @@ def apply(policy, rt: _native.Runtime | None = None) -> None:
         _firsts = None if "*" in firsts else frozenset(firsts)
         _cache = {}
         if _MONITORING:
-            _codes.clear()
+            for _, _, binding in patterns:
+                _by_sid[binding.sid] = binding
+            # The table first: then no address in it names a freed code object.
+            rt.monitoring_clear()
             _alive.clear()
             if patterns:
                 _install_monitoring()
-            elif _inflight:
+            elif _tool is not None and rt.monitoring_inflight():
                 # Threads are inside bound code: keep the tool until they
-                # leave it, so that their entries are popped.
-                _release_pending = True
+                # leave it, so that their entries are popped (the library
+                # calls _released() after the last one).
+                rt.monitoring_release_pending(True)
             else:
                 _release_monitoring()
         elif patterns:

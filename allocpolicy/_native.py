@@ -108,6 +108,18 @@ class FrameProbeC(ctypes.Structure):
     ]
 
 
+class MonHooksC(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("classify", ctypes.c_void_p),
+        ("entry_failed", ctypes.c_void_p),
+        ("leave_raising", ctypes.c_void_p),
+        ("released", ctypes.c_void_p),
+        ("disable", ctypes.c_void_p),
+        ("enter", ctypes.c_void_p),
+    ]
+
+
 class ScopeStatsC(ctypes.Structure):
     _fields_ = [
         ("size", ctypes.c_uint32),
@@ -497,6 +509,57 @@ class Runtime:
 
     def flush(self) -> None:
         self._lib.ap_flush()
+
+    # -- module-bound scopes on 3.12+ (native/src/pymonitor.c) ---------------------
+
+    def monitoring_callbacks(self, classify, entry_failed, leave_raising, released, disable) -> dict[str, Any]:
+        """The sys.monitoring callbacks of module-bound scopes, built-in
+        functions of the library, after handing it the package's functions
+        (their references are the caller's to keep). An instance is entered
+        by the library itself, or by :meth:`monitoring_enter` where that
+        needs Python (the in-process library's checks)."""
+        lib = self._gil_lib
+        if not hasattr(self, "_mon_bind"):
+            lib.ap_mon_set.argtypes = [ctypes.POINTER(MonHooksC)]
+            lib.ap_mon_set.restype = ctypes.c_int
+            lib.ap_mon_bind.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+            lib.ap_mon_bind.restype = ctypes.c_int
+            lib.ap_mon_clear.argtypes = []
+            lib.ap_mon_clear.restype = None
+            lib.ap_mon_inflight.argtypes = []
+            lib.ap_mon_inflight.restype = ctypes.c_uint64
+            lib.ap_mon_release_pending.argtypes = [ctypes.c_uint32]
+            lib.ap_mon_release_pending.restype = None
+            self._mon_bind = lib.ap_mon_bind
+        enter = self.monitoring_enter
+        hooks = MonHooksC(ctypes.sizeof(MonHooksC), id(classify), id(entry_failed), id(leave_raising),
+                          id(released), id(disable), id(enter) if enter is not None else None)
+        self._mon_keep = enter  # the library holds no reference
+        check(lib.ap_mon_set(ctypes.byref(hooks)), "ap_mon_set")
+        make = self._fastcalls.fastcall
+        return {name: make("ap_mon_" + name) for name in ("start", "throw", "leave", "unwind")}
+
+    #: Set by the in-process library: its entries take the checks of enter().
+    monitoring_enter = None
+
+    def monitoring_bind(self, code: object, scope_id: int) -> bool:
+        """Bind the code object ``code`` (kept alive by the caller) to the
+        scope; False when the library's table of bound code is full."""
+        status = self._mon_bind(id(code), scope_id)
+        if status == EFULL:
+            return False
+        check(status, "ap_mon_bind", scope_id)
+        return True
+
+    def monitoring_clear(self) -> None:
+        self._gil_lib.ap_mon_clear()
+
+    def monitoring_inflight(self) -> int:
+        """Activations of bound code on every thread."""
+        return self._gil_lib.ap_mon_inflight()
+
+    def monitoring_release_pending(self, pending: bool) -> None:
+        self._gil_lib.ap_mon_release_pending(int(pending))
 
     # -- violations and statistics --------------------------------------------------
 
@@ -888,6 +951,7 @@ class InprocessRuntime(Runtime):
         self.enter_marked = self._enter_checked
         self.enter_plain = self._enter_checked_plain
         self._mark_innermost = self._fastcalls.make("ap_mark_innermost", "s_o")
+        self.monitoring_enter = self.enter
 
     # -- scope entry: the same as Runtime's, plus the checks of in-process mode -----
 

@@ -375,6 +375,10 @@ typedef struct {
     void *(*err_occurred)(void);                    /* PyErr_Occurred */
     void (*err_set_string)(void *, const char *);   /* PyErr_SetString */
     void *type_error;                               /* PyExc_TypeError */
+    void (*incref)(void *);                         /* Py_IncRef */
+    void (*decref)(void *);                         /* Py_DecRef */
+    void *(*call_objargs)(void *, ...);             /* PyObject_CallFunctionObjArgs */
+    void *none;                                     /* Py_None */
 } ap_pyapi;
 
 /* Set the functions the adapters convert with (before any adapter is called;
@@ -391,6 +395,42 @@ AP_API void *ap_pycall_s_o(void *self, void *const *args, ptrdiff_t nargs);
 AP_API void *ap_pycall_s_uo(void *self, void *const *args, ptrdiff_t nargs);
 AP_API void *ap_pycall_s_uup(void *self, void *const *args, ptrdiff_t nargs);
 AP_API void *ap_pycall_s_pup(void *self, void *const *args, ptrdiff_t nargs);
+
+/*
+ * Scopes bound to Python modules on Python 3.12+: the sys.monitoring
+ * callbacks themselves, as METH_FASTCALL functions (pymonitor.c). Each thread
+ * keeps its activations of bound code here, and the code objects of bound
+ * modules are found in a table of their addresses that the package fills
+ * (ap_mon_bind) when `classify` has matched one. All of it runs with the GIL
+ * held, which is what orders the table's writes before its reads.
+ */
+typedef struct {
+    uint32_t size;          /* sizeof(ap_mon_hooks) */
+    void *classify;         /* classify(code) -> scope id, or None: not bound */
+    void *entry_failed;     /* entry_failed(status, scope id): raises */
+    void *leave_raising;    /* leave_raising(scope id, exc): leaves the instance */
+    void *released;         /* released(): the last activation ended after ap_mon_release() */
+    void *disable;          /* sys.monitoring.DISABLE */
+    void *enter;            /* NULL, or enter(scope id): enters the instance
+                               instead of ap_enter_plain (raises on failure) */
+} ap_mon_hooks;
+
+/* Set the package's functions (a reference to each is the caller's to keep). */
+AP_API ap_status ap_mon_set(const ap_mon_hooks *hooks);
+/* The code object at `code` belongs to scope `scope_id` (AP_EFULL: the table
+ * is full; the code stays unbound). */
+AP_API ap_status ap_mon_bind(const void *code, uint32_t scope_id);
+/* Forget every bound code object (a new policy is applied). */
+AP_API void ap_mon_clear(void);
+/* Activations of bound code on every thread. */
+AP_API uint64_t ap_mon_inflight(void);
+/* Call `released` when the last activation ends (1), or not (0). */
+AP_API void ap_mon_release_pending(uint32_t pending);
+/* PY_START and PY_RESUME; PY_THROW; PY_RETURN and PY_YIELD; PY_UNWIND. */
+AP_API void *ap_mon_start(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_mon_throw(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_mon_leave(void *self, void *const *args, ptrdiff_t nargs);
+AP_API void *ap_mon_unwind(void *self, void *const *args, ptrdiff_t nargs);
 
 AP_API ap_status ap_get_scope_stats(uint32_t scope_id, ap_scope_stats *out);
 AP_API ap_status ap_get_instance_stats(uint32_t instance_id, ap_instance_stats *out);

@@ -391,6 +391,8 @@ AP__HIDDEN void ap__regions_enter_instance(ap__tls_t *t, uint32_t instance);
 /* 1 if the instance had a region (its record is then the thread's last). */
 AP__HIDDEN int ap__regions_leave_instance(ap__tls_t *t, uint32_t instance);
 AP__HIDDEN void ap__threads_init(void);
+/* Python's functions, as the package handed them over (pycall.c). */
+AP__HIDDEN extern ap_pyapi ap__py;
 
 /* ---- Library scopes and the libraries report (libscope.c) -------------------
  *

@@ -24,32 +24,33 @@
 
 #include "internal.h"
 
-static ap_pyapi py;
-/* Set once `py` is written; adapters are only reachable after that (the
+ap_pyapi ap__py;
+/* Set once `ap__py` is written; adapters are only reachable after that (the
  * package makes the function objects once ap_set_pyapi returned). */
 static _Atomic int py_set;
 
 ap_status ap_set_pyapi(const ap_pyapi *api) {
     if (!api || api->size < sizeof *api || !api->long_from_long || !api->long_from_long_long ||
-        !api->long_as_mask || !api->err_occurred || !api->err_set_string || !api->type_error)
+        !api->long_as_mask || !api->err_occurred || !api->err_set_string || !api->type_error ||
+        !api->incref || !api->decref || !api->call_objargs || !api->none)
         return AP_EINVAL;
     int expect = 0;
     if (atomic_compare_exchange_strong(&py_set, &expect, 1)) {
-        py = *api;
-        py.size = sizeof py;
+        ap__py = *api;
+        ap__py.size = sizeof ap__py;
         return AP_OK;
     }
     /* A second interpreter's package (or a reload) may only confirm it. */
-    return memcmp(&py.long_from_long, &api->long_from_long,
-                  sizeof py - offsetof(ap_pyapi, long_from_long))
+    return memcmp(&ap__py.long_from_long, &api->long_from_long,
+                  sizeof ap__py - offsetof(ap_pyapi, long_from_long))
                ? AP_ESTATE
                : AP_OK;
 }
 
 /* Python's (unsigned long)-1 with an exception set is a failed conversion. */
 static int to_ulong(void *obj, unsigned long *out) {
-    unsigned long v = py.long_as_mask(obj);
-    if (v == (unsigned long)-1 && py.err_occurred())
+    unsigned long v = ap__py.long_as_mask(obj);
+    if (v == (unsigned long)-1 && ap__py.err_occurred())
         return 0;
     *out = v;
     return 1;
@@ -58,7 +59,7 @@ static int to_ulong(void *obj, unsigned long *out) {
 static int arity(ptrdiff_t nargs, ptrdiff_t expected) {
     if (nargs == expected)
         return 1;
-    py.err_set_string(py.type_error, "wrong number of arguments to an allocpolicy runtime call");
+    ap__py.err_set_string(ap__py.type_error, "wrong number of arguments to an allocpolicy runtime call");
     return 0;
 }
 
@@ -85,14 +86,14 @@ void *ap_pycall_s(void *self, void *const *args, ptrdiff_t nargs) {
     TARGET(fn_s, self, fn);
     if (!arity(nargs, 0))
         return NULL;
-    return py.long_from_long(fn());
+    return ap__py.long_from_long(fn());
 }
 
 void *ap_pycall_q(void *self, void *const *args, ptrdiff_t nargs) {
     TARGET(fn_q, self, fn);
     if (!arity(nargs, 0))
         return NULL;
-    return py.long_from_long_long(fn());
+    return ap__py.long_from_long_long(fn());
 }
 
 void *ap_pycall_s_u(void *self, void *const *args, ptrdiff_t nargs) {
@@ -100,14 +101,14 @@ void *ap_pycall_s_u(void *self, void *const *args, ptrdiff_t nargs) {
     unsigned long a;
     if (!arity(nargs, 1) || !to_ulong(args[0], &a))
         return NULL;
-    return py.long_from_long(fn((uint32_t)a));
+    return ap__py.long_from_long(fn((uint32_t)a));
 }
 
 void *ap_pycall_s_o(void *self, void *const *args, ptrdiff_t nargs) {
     TARGET(fn_s_u, self, fn);
     if (!arity(nargs, 1))
         return NULL;
-    return py.long_from_long(fn(TAG(args[0])));
+    return ap__py.long_from_long(fn(TAG(args[0])));
 }
 
 void *ap_pycall_s_uo(void *self, void *const *args, ptrdiff_t nargs) {
@@ -115,7 +116,7 @@ void *ap_pycall_s_uo(void *self, void *const *args, ptrdiff_t nargs) {
     unsigned long a;
     if (!arity(nargs, 2) || !to_ulong(args[0], &a))
         return NULL;
-    return py.long_from_long(fn((uint32_t)a, TAG(args[1])));
+    return ap__py.long_from_long(fn((uint32_t)a, TAG(args[1])));
 }
 
 void *ap_pycall_s_uup(void *self, void *const *args, ptrdiff_t nargs) {
@@ -124,7 +125,7 @@ void *ap_pycall_s_uup(void *self, void *const *args, ptrdiff_t nargs) {
     if (!arity(nargs, 3) || !to_ulong(args[0], &a) || !to_ulong(args[1], &b) ||
         !to_ulong(args[2], &c))
         return NULL;
-    return py.long_from_long(fn((uint32_t)a, (uint32_t)b, (void *)(uintptr_t)c));
+    return ap__py.long_from_long(fn((uint32_t)a, (uint32_t)b, (void *)(uintptr_t)c));
 }
 
 void *ap_pycall_s_pup(void *self, void *const *args, ptrdiff_t nargs) {
@@ -133,5 +134,5 @@ void *ap_pycall_s_pup(void *self, void *const *args, ptrdiff_t nargs) {
     if (!arity(nargs, 3) || !to_ulong(args[0], &a) || !to_ulong(args[1], &b) ||
         !to_ulong(args[2], &c))
         return NULL;
-    return py.long_from_long(fn((void *)(uintptr_t)a, (uint32_t)b, (void *)(uintptr_t)c));
+    return ap__py.long_from_long(fn((void *)(uintptr_t)a, (uint32_t)b, (void *)(uintptr_t)c));
 }
