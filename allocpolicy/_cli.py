@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import _stats_client
 from ._budget_checks import budget_warnings
-from ._errors import PolicyError, RuntimeLoadError
+from ._errors import PolicyError, RuntimeLoadError, did_you_mean
 from ._inject import ENV_INJECT
 from ._offenders import advice, found_in_environment, uncovered
 from ._policy import (
@@ -304,7 +304,7 @@ def _with_injection(policy: Policy, text: str) -> Policy:
         declared = ", ".join(policy.scopes) or "none"
         raise UserError(
             f"run: injection setting {text!r}: scope {settings.scope!r} is not declared in the "
-            f"policy (declared scopes: {declared})"
+            f"policy{did_you_mean(settings.scope, policy.scopes)} (declared scopes: {declared})"
         )
     policy = dataclasses.replace(policy, inject=settings)
     if settings.probability is not None and "seed" not in text:

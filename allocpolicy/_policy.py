@@ -707,7 +707,8 @@ def _inject_scope_problem(scope: str | None, scopes: Mapping[str, ScopePolicy]) 
         return None
     declared = ", ".join(scopes) or "none"
     return (
-        f"scope {scope!r} is not declared in this policy (declared scopes: {declared}; "
+        f"scope {scope!r} is not declared in this policy{_did_you_mean(scope, scopes)} "
+        f"(declared scopes: {declared}; "
         "'process' stands for every allocation)"
     )
 

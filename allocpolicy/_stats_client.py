@@ -46,6 +46,14 @@ def _runs_the_runtime(pid: int) -> bool | None:
         return None
 
 
+def _owner(pid: int) -> int | None:
+    """The user id ``pid`` runs as; None if it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def _other_network_namespace(pid: int) -> bool:
     """Whether ``pid`` is in a network namespace other than ours (False if unknown)."""
     try:
@@ -93,9 +101,15 @@ def _why_not(pid: int, who: str, setting: str | None, address: str, exc: StatsUn
             f"but {exc} (only Python programs serve them, from when allocpolicy is imported)"
         )
     if runs is None:
+        owner = _owner(pid)
+        if owner is not None and owner != os.geteuid() and os.geteuid() != 0:
+            return (
+                f"{who} serves no stats at {address}; it belongs to another user, so whether it runs "
+                "under allocpolicy cannot be seen: run this as that user or root"
+            )
         return (
-            f"{who} serves no stats at {address}; it belongs to another user, so whether it runs "
-            "under allocpolicy cannot be seen: run this as that user or root"
+            f"{who} serves no stats at {address}; its memory map cannot be read (the kernel "
+            "protects it), so whether it runs under allocpolicy cannot be seen"
         )
     return f"{who} runs under allocpolicy but does not serve its stats: {_ASK}"
 

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from opentelemetry import metrics as _otel_metrics
-from opentelemetry.metrics import CallbackOptions, Instrument, MeterProvider, Observation
+try:
+    from opentelemetry import metrics as _otel_metrics
+    from opentelemetry.metrics import CallbackOptions, Instrument, MeterProvider, Observation
+except ImportError as exc:
+    raise type(exc)(
+        f"allocpolicy.metrics.otel needs opentelemetry-api ({exc}): pip install 'allocpolicy[otel]'",
+        name=exc.name,
+    ) from exc
 
 from .. import Stats, __version__
 from .. import stats as _take_stats

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from prometheus_client.core import REGISTRY, CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+try:
+    from prometheus_client.core import REGISTRY, CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as exc:
+    raise type(exc)(
+        f"allocpolicy.metrics.prometheus needs prometheus_client ({exc}): "
+        "pip install 'allocpolicy[prometheus]'; allocpolicy.metrics.prometheus_text() needs nothing",
+        name=exc.name,
+    ) from exc
 
 from .. import Stats
 from .. import stats as _take_stats

@@ -123,3 +123,22 @@ def test_libs_output_error_names_the_libs_option(tmp_path):
     proc = run_cli("libs", "-o", str(tmp_path / "missing" / "x"), "--", "true")
     assert proc.returncode == 2
     assert proc.stderr == f"allocpolicy: error: libs: --output {tmp_path / 'missing' / 'x'}: No such file or directory\n"
+
+
+def test_a_misspelled_injection_scope_gets_a_suggestion(tmp_path):
+    # in the policy's [inject] table, as `check` reports it
+    path = write(tmp_path, 'version = 1\n[scopes.request]\n[inject]\nscope = "reqeust"\nnth = 1\n')
+    proc = run_cli("check", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"allocpolicy: error: {path}: [inject] key 'scope': scope 'reqeust' is not declared in this "
+        "policy (did you mean 'request'?) (declared scopes: request; 'process' stands for every allocation)\n"
+    )
+    # and in `run --inject`, before the command starts
+    path.write_text("version = 1\n[scopes.request]\n")
+    proc = run_cli("run", "--policy", str(path), "--inject", "scope=reqeust,nth=1", "--", "true")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "allocpolicy: error: run: injection setting 'scope=reqeust,nth=1': scope 'reqeust' is not "
+        "declared in the policy (did you mean 'request'?) (declared scopes: request)\n"
+    )

@@ -145,3 +145,20 @@ def test_the_table_says_why_allocations_were_refused():
         "process: live 1000 B, peak 1.95 KiB, budget -, 70 allocations, 3 refused (budget 2, injected 1)"
     )
     assert lines[2].split() == ["task", "raise", "256", "MiB", "10", "B", "15", "B", "5", "3", "64", "B"]
+
+
+@pytest.mark.parametrize("module, missing, extra", [
+    ("prometheus", "prometheus_client", "prometheus"),
+    ("otel", "opentelemetry", "otel"),
+])
+def test_an_exporter_without_its_package_says_what_to_install(monkeypatch, module, missing, extra):
+    import importlib
+
+    for name in [missing, *(n for n in sys.modules if n.startswith(missing + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, f"allocpolicy.metrics.{module}", raising=False)
+    with pytest.raises(ModuleNotFoundError) as info:
+        importlib.import_module(f"allocpolicy.metrics.{module}")
+    assert info.value.name.split(".")[0] == missing
+    assert f"allocpolicy.metrics.{module} needs " in str(info.value)
+    assert f"pip install 'allocpolicy[{extra}]'" in str(info.value)
