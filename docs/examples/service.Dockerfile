@@ -1,5 +1,9 @@
 FROM python:3.12-slim
-RUN python -m pip install --no-cache-dir allocpolicy
+# The runtime is a C library that the install builds: a compiler for this
+# step only (slim images have none), removed again in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev make \
+    && python -m pip install --no-cache-dir allocpolicy \
+    && apt-get purge -y --auto-remove gcc libc6-dev make && rm -rf /var/lib/apt/lists/*
 # A fixed path for the library of this installation: ENV cannot run
 # `allocpolicy lib`, so link it once at build time.
 RUN ln -s "$(allocpolicy lib)" /usr/local/lib/liballocpolicy.so
