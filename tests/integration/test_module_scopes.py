@@ -40,6 +40,13 @@ def rec(k):
 def call(fn):
     return fn()
 
+def ping(k, last):
+    # Calls that alternate between two functions: a record per activation.
+    return last() if k == 0 else pong(k - 1, last)
+
+def pong(k, last):
+    return last() if k == 0 else ping(k - 1, last)
+
 def fail(depth):
     if depth == 0:
         raise ValueError("bad input")
@@ -170,6 +177,33 @@ def test_decompression_bomb_in_pil_fails_alone_with_the_bound_scope(tmp_path):
     assert lines[1] == f"refused images budget {256 << 20} images"
     # AND the thread is out of the scope, and the rest of the program goes on
     assert lines[2:] == ["depth 0", f"outside {512 << 20}", "small 7"]
+
+
+def test_deep_alternating_calls_stay_in_one_instance_and_leave_it(tmp_path):
+    # GIVEN bound functions calling each other 300 deep: more activations of
+    # different functions than a thread keeps records of (64, on 3.12+)
+    code = """
+        import allocpolicy, sys
+        import mylib
+        from allocpolicy import _native
+        rt = _native.runtime()
+        sys.setrecursionlimit(5000)
+        before = allocpolicy.stats().scopes["wor" + "k"].instances
+        # WHEN the innermost call reports where it is, and then allocates too much
+        print("depth", mylib.ping(300, mylib.where))
+        print("instances", allocpolicy.stats().scopes["wor" + "k"].instances - before)
+        try:
+            mylib.ping(301, lambda: mylib.big(64 << 20))
+        except allocpolicy.AllocError as err:
+            print("refused", err.reason)
+        # THEN the thread is outside the scope again after each
+        print("after", rt.current()[1])
+        print("again", mylib.ping(3, mylib.where), rt.current()[1])
+        """
+    out = check(run_with_mylib(code, work_policy(), tmp_path))
+    # every call ran in the one instance the outermost entered; the refusal
+    # at the bottom left as AllocError from the outermost bound frame
+    assert out.splitlines() == ["depth 1", "instances 1", "refused budget", "after 0", "again 1 0"], out
 
 
 # --- What is bound ------------------------------------------------------------------
