@@ -19,7 +19,11 @@ Python 3.12 and later: ``sys.monitoring``
     returns ``DISABLE``, so CPython stops calling us for it and unbound code
     pays nothing after its first call. PY_THROW and PY_UNWIND cannot be
     disabled; they cost a callback where a generator is thrown into or an
-    exception leaves a frame.
+    exception leaves a frame. The callbacks are the runtime library's own C
+    functions (native/src/pymonitor.c), which keep each thread's activations
+    and call back into this module only to classify a code object seen first,
+    to report an entry the runtime refused and to judge an exception leaving
+    a frame that entered an instance.
 
 Python 3.11: wrapping functions
     3.11 has no ``sys.monitoring``. ``sys.setprofile`` would call a Python
@@ -33,7 +37,8 @@ Python 3.11: wrapping functions
     160 ns per call). References taken before the wrapping (decorator
     registries, ``from m import f`` done earlier) keep the unwrapped function.
 
-Each thread keeps a stack of the activations of bound code it is in. An entry
+Each thread keeps a stack of the activations of bound code it is in (on
+3.12+ in the library, on 3.11 here). An entry
 that starts a scope's outermost activation entered an instance; the matching
 end leaves it. Activations on one thread are strictly nested (a generator that
 yields ends its activation, its resumption starts a new one), so the end event
@@ -135,8 +140,8 @@ def _match(module: str) -> _Binding | None:
 class _Thread(_thread._local):
     def __init__(self) -> None:
         # (key, binding, True if the activation entered the instance, None
-        # for a nested one) per activation of bound code; key is the code
-        # object (3.12+) or None (3.11 wrappers).
+        # for a nested one) per step of a bound generator or coroutine
+        # (3.11; key None).
         self.stack: list[tuple[object, _Binding, bool | None]] = []
         # scope id -> activations of it on the stack
         self.depth: dict[int, int] = {}
