@@ -756,16 +756,29 @@ class Runtime:
 _lock = _atfork.lock()
 _runtime: Runtime | None = None
 _probed = False
+#: The runtime's entry and exit of a `with` block (Runtime.enter_marked and
+#: exit_tagged), or None without a runtime: what a scope's fast path calls,
+#: found with one lookup each (an attribute of the Runtime object costs
+#: several times that on every entry and exit).
+enter_marked = None
+exit_tagged = None
+
+
+def _set_runtime(rt: Runtime | None) -> None:
+    global _runtime, enter_marked, exit_tagged
+    _runtime = rt
+    enter_marked = rt.enter_marked if rt is not None else None
+    exit_tagged = rt.exit_tagged if rt is not None else None
 
 
 def runtime() -> Runtime | None:
     """The preloaded runtime, or ``None`` when the library is not preloaded."""
-    global _runtime, _probed
+    global _probed
     if _probed:
         return _runtime
     with _lock:
         if not _probed:
-            _runtime = _load_preloaded()
+            _set_runtime(_load_preloaded())
             _probed = True
     return _runtime
 
@@ -1080,8 +1093,8 @@ _inprocess: InprocessRuntime | None = None
 
 def use_runtime(rt: Runtime | None) -> None:
     """Make :func:`runtime` return ``rt`` (in-process mode), or None again."""
-    global _runtime, _probed
+    global _probed
     runtime()  # settle the preload probe first, so it cannot overwrite this
     with _lock:
-        _runtime = rt
+        _set_runtime(rt)
         _probed = True

@@ -182,9 +182,9 @@ class scope:
         # scope's `with` entry, and the exit pairs with it there (see
         # _exit()); no record is kept here. The rest is _enter(), which
         # decides the same things step by step.
-        rt = _native._runtime
+        enter = _native.enter_marked
         running_loop = stepping._running_loop
-        if rt is None or not self._fast or (running_loop is not None and running_loop() is not None):
+        if enter is None or not self._fast or (running_loop is not None and running_loop() is not None):
             return self._enter()
         try:
             sid = _ids[self.name]
@@ -195,7 +195,7 @@ class scope:
         # exit names it. The call makes nothing, and its status comes back
         # without allocating: a MemoryError cannot follow the entry here.
         self._on_thread = True
-        status = rt.enter_marked(sid, self)
+        status = enter(sid, self)
         if status:
             _native.check(status, "ap_enter", sid)
         return self
@@ -235,16 +235,18 @@ class scope:
         # (the runtime checks its tag, and leaves it only then). A task's
         # scope is never that: its levels are attached for each step, and
         # what it entered is left by _exit().
-        rt = _native._runtime
-        if rt is not None:
+        leave = _native.exit_tagged
+        if leave is not None:
             # Leaves the innermost level only if this block's entry marked
             # it; the call, like the entry's, makes nothing.
-            status = rt.exit_tagged(self)
+            status = leave(self)
             if status == _OK:
                 if exc is None:
                     return False  # the common case: nothing to report
+                rt = _native._runtime
                 return self._after_exit(rt, False, rt.exited_seq(), exc, tb)
             if status == _EXIT_REGION:
+                rt = _native._runtime
                 return self._after_exit(rt, True, rt.exited_seq(), exc, tb)
         return self._exit(exc, tb)
 
