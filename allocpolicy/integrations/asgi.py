@@ -19,9 +19,12 @@ same event loop.
   middleware logs the refusal and returns without finishing the response, so
   the server closes the connection (the client sees a truncated response,
   never a complete-looking one). Once a refusal was recorded in the
-  request's instance, the final body message waits for the application's
-  outcome: a framework that ends the body on the failure before raising it
-  (Starlette's BaseHTTPMiddleware) cannot make the response look complete.
+  request's instance, the response's start and its final body message wait
+  for the application's outcome: a framework that answers the failure before
+  raising it (Starlette's ServerErrorMiddleware, in an application wrapped
+  whole) cannot turn the 507 into its 500, and one that ends the body on the
+  failure (Starlette's BaseHTTPMiddleware) cannot make the response look
+  complete.
 - A request whose ``Content-Length`` is over the scope's budget is answered
   ``413`` before its body is received.
 
@@ -77,31 +80,45 @@ class AllocPolicyMiddleware:
         # The request's instance and its violation count at entry; see
         # send_and_note().
         instance: tuple[Any, int, int] | None = None
-        withheld: dict | None = None
+        held: list[dict] = []
 
         async def send_and_note(message: dict) -> None:
-            nonlocal started, withheld
-            if message["type"] == "http.response.start":
-                started = True
-            elif (
-                message["type"] == "http.response.body"
-                and not message.get("more_body", False)
-                and _refused_since(instance)
-            ):
+            nonlocal started
+            kind = message["type"]
+            if (
+                kind == "http.response.start"
+                or (kind == "http.response.body" and not message.get("more_body", False))
+            ) and _refused_since(instance):
                 # The request was refused memory, and the response is about to
-                # look complete. That may be a framework ending a streamed body
-                # on the failure and raising it only afterwards
-                # (BaseHTTPMiddleware relays the body through a stream of its
-                # own): the final message waits for the application's outcome.
-                withheld = message
+                # start or to look complete. That may be a framework answering
+                # the failure before it raises it: Starlette's
+                # ServerErrorMiddleware sends its 500 page (an application
+                # wrapped whole), BaseHTTPMiddleware ends the stream it relays
+                # the body through. The message waits for the application's
+                # outcome.
+                held.append(message)
                 return
+            if held:
+                # A body goes on after them: the application handled the
+                # refusal and streams its response.
+                await _send_held(held)
+            started = started or kind == "http.response.start"
             await send(message)
+
+        async def _send_held(messages: list[dict]) -> None:
+            nonlocal started
+            for m in messages:
+                started = started or m["type"] == "http.response.start"
+                await send(m)
+            messages.clear()
 
         try:
             async with allocpolicy.task(guard.scope):
                 instance = _instance()
                 await self.app(scope, receive, send_and_note)
         except allocpolicy.AllocError as err:
+            # What a framework sent for the failure is dropped.
+            held.clear()
             if started:
                 # Not re-raised: the server would log it again as a crash of
                 # the application. Returning with the response unfinished
@@ -110,10 +127,10 @@ class AllocPolicyMiddleware:
                 return
             await _respond(send, guard.status, guard.refused(err, method, path))
             return
-        if withheld is not None:
+        if held:
             # The application returned: whoever caught the refusal handled it,
             # and the response is the one it meant to send.
-            await send(withheld)
+            await _send_held(held)
 
 
 def _instance() -> tuple[Any, int, int] | None:

@@ -74,7 +74,7 @@ class AllocPolicyMiddleware:
         if limit is not None:
             # Answered without touching wsgi.input: the body is never read.
             body = guard.rejected(length, limit, environ.get("REQUEST_METHOD", ""), _path(environ))
-            start_response(guard.too_large_line, _headers(body, close=True))
+            start_response(guard.too_large_line, _headers(body))
             return [body]
         try:
             with allocpolicy.task(guard.scope):
@@ -141,12 +141,11 @@ class _ScopedBody:
             close()
 
 
-def _headers(body: bytes, close: bool = False) -> list[tuple[str, str]]:
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    if close:
-        # The unread body is still on the connection.
-        headers.append(("Connection", "close"))
-    return headers
+def _headers(body: bytes) -> list[tuple[str, str]]:
+    # No "Connection: close" for the unread body of a 413: PEP 3333 forbids
+    # hop-by-hop headers to applications (waitress answers 500 instead,
+    # gunicorn drops the header); the server discards or closes on its own.
+    return [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
 
 
 def _path(environ: dict[str, Any]) -> str:

@@ -126,6 +126,7 @@ def test_every_policy_file_in_the_examples_is_used_or_checked():
         "web_fastapi.py",
         "web_django.py",
         "task_runners.py",
+        "task_retries.py",
         "observe_refusals.py",
     ],
 )
