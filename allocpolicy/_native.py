@@ -401,15 +401,13 @@ class Runtime:
         # by the `with` block's object (its tag is the low 32 bits of the
         # object's address, its id()): the runtime checks it against the
         # innermost level, which pairs entries with exits there instead of in
-        # a record per thread here (see _scope.py). exit_marked() leaves the
-        # innermost level if any block entered it, exit_unmarked() a level
-        # entered otherwise.
+        # a record per thread here (see _scope.py). exit_unmarked() leaves a
+        # level entered otherwise.
         self.enter_marked = calls.make("ap_enter_marked", "s_uo")
         self.enter_plain = calls.make("ap_enter_plain", "s_u")
         self.entry_seq = calls.make("ap_entry_seq", "q")
         self.exited_seq = calls.make("ap_exited_seq", "q")
         self.exit_tagged = calls.make("ap_exit_tagged", "s_o")
-        self.exit_marked = calls.make("ap_exit_marked", "s")
         self.exit_unmarked = calls.make("ap_exit_unmarked", "s")
         self.abandon = gil_handle.ap_abandon
         self._exit = calls.make("ap_exit", "s")

@@ -393,6 +393,7 @@ AP__HIDDEN int ap__regions_leave_instance(ap__tls_t *t, uint32_t instance);
 AP__HIDDEN void ap__threads_init(void);
 /* Python's functions, as the package handed them over (pycall.c). */
 AP__HIDDEN extern ap_pyapi ap__py;
+AP__HIDDEN int ap__py_arity(ptrdiff_t nargs, ptrdiff_t expected, const char *what);
 
 /* ---- Library scopes and the libraries report (libscope.c) -------------------
  *

@@ -56,11 +56,17 @@ static int to_ulong(void *obj, unsigned long *out) {
     return 1;
 }
 
-static int arity(ptrdiff_t nargs, ptrdiff_t expected) {
+/* 1 if a call of `what` has the `expected` number of arguments, else 0
+ * with TypeError set. */
+int ap__py_arity(ptrdiff_t nargs, ptrdiff_t expected, const char *what) {
     if (nargs == expected)
         return 1;
-    ap__py.err_set_string(ap__py.type_error, "wrong number of arguments to an allocpolicy runtime call");
+    ap__py.err_set_string(ap__py.type_error, what);
     return 0;
+}
+
+static int arity(ptrdiff_t nargs, ptrdiff_t expected) {
+    return ap__py_arity(nargs, expected, "wrong number of arguments to an allocpolicy runtime call");
 }
 
 /* The signatures of the ap_ functions called (the pointer arguments of

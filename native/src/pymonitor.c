@@ -274,10 +274,7 @@ static int end(void *code, int *entered, uint32_t *scope) {
 }
 
 static int callback_args(ptrdiff_t nargs, ptrdiff_t expected) {
-    if (nargs == expected)
-        return 1;
-    ap__py.err_set_string(ap__py.type_error, "wrong number of arguments to an allocpolicy monitoring callback");
-    return 0;
+    return ap__py_arity(nargs, expected, "wrong number of arguments to an allocpolicy monitoring callback");
 }
 
 /* PY_START, PY_RESUME (code, offset). */
