@@ -117,8 +117,8 @@ class scope:
     """
 
     # Made for every unit of work: no instance dict to make. _on_thread is
-    # set by every entry on a thread, by the fast path or not (see
-    # _not_innermost()).
+    # set by every entry that marks a level on a thread, the fast path's or
+    # _enter()'s (see _not_innermost()).
     __slots__ = ("name", "_on_thread", "__weakref__")
 
     _func = "scope"

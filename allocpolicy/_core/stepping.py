@@ -364,8 +364,8 @@ class TaskStepper:
                 self._seq.value = end.seq
             status = end.rt.step_leave(end.instance, end.levels, self._seq_ref)
         except MemoryError:
-            # Refused before the call ran (its buffer, its arguments; its
-            # result is a small status, made without allocating): the
+            # Refused before the call ran (its buffer, made on first use,
+            # or its address; the call itself and its status make nothing): the
             # instances are still attached, and the step's result must not
             # be lost to the runtime's own bookkeeping. Left one level at a
             # time by calls that take no arguments, so allocate nothing.
